@@ -1,0 +1,25 @@
+# Two commands on a fresh machine:  `make demo`  (the main job)  and  `make test`  (the test suite).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+$(BIN)/edge-qmul: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+.PHONY: install demo test test-all lint
+install: $(BIN)/edge-qmul
+
+demo: install
+	$(BIN)/edge-qmul demo
+
+lint: install
+	$(BIN)/ruff check edge_qmul export federated devices tests bench
+
+test: lint
+	$(BIN)/pytest -q -m "not slow and not federated and not arm"
+
+test-all: lint
+	$(BIN)/pytest -q

@@ -1,0 +1,203 @@
+"""``edge-qmul`` command line: a thin layer over edge_qmul.pipeline.
+
+Heavy imports (torch, sklearn) happen inside the commands so ``edge-qmul --help`` is instant. Options
+come from a TOML file (``--config``) and flags; flags win. Errors print one message with the fix and
+exit with the code of their area (see ``edge_qmul.errors.EXIT_CODES``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from edge_qmul.errors import EXIT_CODES, ConfigError, EdgeQmulError
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--ids must be integers separated by commas, got {text!r}") from err
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", help="digits (default), fashion-mnist, mnist, cifar10, cifar100, synthetic")
+    g.add_argument("--data-root", dest="root", help="dataset directory (fashion-mnist defaults to the Debian package)")
+    g.add_argument("--seed", type=int, help="seed for the split, training and forget selection (default 0)")
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training recipe")
+    g.add_argument("--model", help="small_cnn (default), resnet8, resnet20, resnet18")
+    g.add_argument("--width", type=int, help="channel width (0 = the model's default)")
+    g.add_argument("--epochs", type=int, help="training epochs")
+    g.add_argument("--lr", type=float, help="training learning rate")
+    g.add_argument("--batch-size", type=int, help="training batch size")
+
+
+def _add_quant_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("quantization")
+    g.add_argument("--backend", help="x86 (default) or qnnpack (ARM)")
+    g.add_argument("--calibration-size", type=int, help="calibration samples (default 1024)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    codes = "\n".join(f"  {c}  {h}" for c, h in EXIT_CODES.items())
+    parser = argparse.ArgumentParser(
+        prog="edge-qmul",
+        description="Unlearning for int8 models on edge devices: quantize, forget, unlearn, evaluate.",
+        epilog=f"exit codes:\n{codes}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def cmd(name: str, help_: str, needs_run: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--run", type=Path, required=needs_run, help="run directory")
+        p.add_argument("--config", type=Path, help="TOML file with [data] [train] [quant] [unlearn] tables")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        return p
+
+    p = cmd("demo", "the whole slice on one dataset: train, quantize, forget, unlearn with every method, evaluate",
+            needs_run=False)
+    _add_data_flags(p)
+    _add_train_flags(p)
+    _add_quant_flags(p)
+    p.add_argument("--forget-fraction", type=float, default=0.1, help="fraction of training samples to forget")
+    p.add_argument("--methods", help="comma-separated methods (default: retrain,qmul,finetune,random_label,"
+                   "grad_ascent,famr)")
+
+    p = cmd("train", "split the dataset and train the float model")
+    _add_data_flags(p)
+    _add_train_flags(p)
+
+    p = cmd("quantize", "PTQ to the deployed int8 model and build its QAT copy")
+    _add_quant_flags(p)
+
+    p = cmd("forget", "file a deletion request in the run's ledger")
+    sel = p.add_mutually_exclusive_group(required=True)
+    sel.add_argument("--ids", type=_ids, help="training-sample ids, e.g. 3,17,42")
+    sel.add_argument("--class", dest="klass", type=int, help="forget every training sample of this class")
+    sel.add_argument("--count", type=int, help="forget this many random training samples")
+    sel.add_argument("--fraction", type=float, help="forget this fraction of the training samples")
+    p.add_argument("--request-id", help="request id (default: derived from the selection; re-filing is a no-op)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --count / --fraction")
+
+    p = cmd("unlearn", "unlearn every request in the ledger with one method")
+    p.add_argument("--method", required=True, help="qmul, retrain, finetune, random_label, grad_ascent, famr")
+    g = p.add_argument_group("unlearning (override the method's defaults)")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--update", choices=["sequential", "mixed"])
+    g.add_argument("--label-variant", choices=["faithful", "paper_code"])
+    g.add_argument("--retain-batches", type=int, help="random retain batches per epoch (0 = all)")
+    g.add_argument("--repair-batches", type=int, help="retain-only repair batches after unlearning")
+
+    p = cmd("evaluate", "metrics of the deployed model and every unlearning result; writes report.json")
+    p.add_argument("--methods", help="comma-separated subset (default: all results in the run)")
+    return parser
+
+
+def _overrides(args: argparse.Namespace, keys: Sequence[str]) -> dict[str, Any]:
+    return {k: getattr(args, k, None) for k in keys}
+
+
+def _methods(text: str | None) -> list[str] | None:
+    return None if text is None else [m.strip() for m in text.split(",") if m.strip()]
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from edge_qmul import config, pipeline
+
+    toml = config.load_toml(args.config)
+    data_keys = ("dataset", "root", "seed")
+    train_keys = ("model", "width", "epochs", "lr", "batch_size")
+    quant_keys = ("backend", "calibration_size")
+    train_overrides = {**_overrides(args, train_keys), "seed": getattr(args, "seed", None)}
+
+    if args.command == "demo":
+        run_dir = args.run or pipeline.new_run_dir()
+        methods = _methods(args.methods)
+        unlearn_toml = toml.get("unlearn", {})
+        report = pipeline.demo(
+            run_dir,
+            config.resolve("data", toml, _overrides(args, data_keys)),
+            config.resolve("train", toml, train_overrides),
+            config.resolve("quant", toml, _overrides(args, quant_keys)),
+            forget_fraction=args.forget_fraction,
+            methods=tuple(methods) if methods else pipeline.DEMO_METHODS,
+            unlearn_overrides=unlearn_toml,
+            quiet=args.quiet,
+        )
+        print(f"report: {run_dir / 'report.json'}")
+        return 0 if report else 1
+    if args.command == "train":
+        log = pipeline.train(
+            args.run,
+            config.resolve("data", toml, _overrides(args, data_keys)),
+            config.resolve("train", toml, train_overrides),
+            quiet=args.quiet,
+        )
+        print(f"trained: final train acc {log['epochs'][-1]['train_acc']:.2f}% ({log['seconds']:.1f}s) -> {args.run}")
+        return 0
+    if args.command == "quantize":
+        info = pipeline.quantize(args.run, config.resolve("quant", toml, _overrides(args, quant_keys)))
+        print(json.dumps(info, indent=2))
+        return 0
+    if args.command == "forget":
+        if args.seed is None:
+            raise ConfigError("--seed needs a value", "pass --seed N")
+        out = pipeline.forget(
+            args.run, ids=args.ids, klass=args.klass, count=args.count, fraction=args.fraction,
+            request_id=args.request_id, seed=args.seed,
+        )
+        state = "recorded" if out["added"] else "already recorded (no change)"
+        print(f"request {out['request_id']}: {out['samples']} samples {state}; {out['forget_total']} to forget in all")
+        return 0
+    if args.command == "unlearn":
+        keys = ("epochs", "lr", "batch_size", "update", "label_variant", "retain_batches", "repair_batches")
+        overrides = {**toml.get("unlearn", {}), **{k: v for k, v in _overrides(args, keys).items() if v is not None}}
+        overrides.pop("method", None)
+        cfg = config.build(config.UnlearnConfig, {**pipeline.method_config(args.method).__dict__, **overrides},
+                           "[unlearn]")
+        meta = pipeline.run_unlearn(args.run, cfg, quiet=args.quiet)
+        print(f"{args.method}: unlearned {meta['forget_count']} samples in {meta['seconds']:.1f}s "
+              f"-> {args.run / 'unlearn' / args.method}")
+        return 0
+    if args.command == "evaluate":
+        report = pipeline.evaluate(args.run, _methods(args.methods))
+        print(pipeline.format_table(report))
+        return 0
+    raise ConfigError(f"unknown command {args.command!r}", "see `edge-qmul --help`")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from edge_qmul import __version__
+
+        print(__version__)
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return run_command(args)
+    except EdgeQmulError as err:
+        print(f"edge-qmul {args.command}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

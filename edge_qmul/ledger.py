@@ -1,0 +1,130 @@
+"""The forget ledger: a SQLite database (WAL mode) of deletion requests, idempotent by request id.
+
+A request is durable once ``add`` returns: it is committed before anyone is told it was accepted.
+Rows hold request ids and sample indices only, never sample contents.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from edge_qmul.errors import LedgerError
+
+SCHEMA_VERSION = 1
+KINDS = ("samples", "class", "count", "fraction", "client")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS requests (
+    request_id  TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL,
+    spec        TEXT NOT NULL,      -- the selection as filed (JSON)
+    sample_ids  TEXT NOT NULL,      -- resolved training-sample indices (JSON list, sorted)
+    source      TEXT NOT NULL,      -- 'cli', 'api', or a device id
+    created_at  TEXT NOT NULL,
+    honoured_by TEXT                -- model version that first honours it; NULL while pending
+);
+"""
+
+
+@dataclass(frozen=True)
+class Request:
+    request_id: str
+    kind: str
+    spec: dict[str, object]
+    sample_ids: list[int]
+    source: str
+    created_at: str
+    honoured_by: str | None
+
+
+class Ledger:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self._conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.executescript(_SCHEMA)
+            self._conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+        except sqlite3.DatabaseError as err:
+            raise LedgerError(
+                f"cannot open the forget ledger {self.path}: {err}",
+                "check the file is an edge-qmul ledger (SQLite) and the directory is writable",
+            ) from err
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            yield self._conn
+            self._conn.execute("COMMIT")
+        except sqlite3.DatabaseError as err:
+            self._conn.execute("ROLLBACK")
+            raise LedgerError(f"ledger {self.path}: {err}", "retry; if it persists, restore the ledger file") from err
+
+    def add(
+        self, request_id: str, kind: str, spec: dict[str, object], sample_ids: Sequence[int], source: str = "cli"
+    ) -> bool:
+        """Record a request; returns False if this request id is already recorded with the same content."""
+        if kind not in KINDS:
+            raise LedgerError(f"unknown request kind {kind!r}", f"use one of {KINDS}")
+        ids = sorted({int(i) for i in sample_ids})
+        with self._tx() as conn:
+            row = conn.execute(
+                "SELECT sample_ids FROM requests WHERE request_id = ?", (request_id,)
+            ).fetchone()
+            if row is not None:
+                if json.loads(row[0]) != ids:
+                    raise LedgerError(
+                        f"request id {request_id!r} is already recorded with different samples",
+                        "use a new request id for a new request",
+                    )
+                return False
+            conn.execute(
+                "INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, NULL)",
+                (
+                    request_id,
+                    kind,
+                    json.dumps(spec, sort_keys=True),
+                    json.dumps(ids),
+                    source,
+                    datetime.now(UTC).isoformat(timespec="seconds"),
+                ),
+            )
+        return True
+
+    def requests(self) -> list[Request]:
+        rows = self._conn.execute(
+            "SELECT request_id, kind, spec, sample_ids, source, created_at, honoured_by "
+            "FROM requests ORDER BY created_at, request_id"
+        ).fetchall()
+        return [Request(r[0], r[1], json.loads(r[2]), json.loads(r[3]), r[4], r[5], r[6]) for r in rows]
+
+    def forget_ids(self) -> list[int]:
+        """The union of every recorded request's samples (honoured ones stay forgotten)."""
+        return sorted({i for r in self.requests() for i in r.sample_ids})
+
+    def mark_honoured(self, request_ids: Sequence[str], model_version: str) -> None:
+        with self._tx() as conn:
+            conn.executemany(
+                "UPDATE requests SET honoured_by = ? WHERE request_id = ? AND honoured_by IS NULL",
+                [(model_version, rid) for rid in request_ids],
+            )

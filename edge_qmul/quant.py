@@ -1,0 +1,185 @@
+"""The one module that talks to torch.ao.quantization (FX graph mode).
+
+PyTorch has announced that torch.ao.quantization will give way to torchao's pt2e flow; keeping every
+call here means a backend swap touches one file.
+
+Two artefacts come out of a float model:
+
+* the **deployed int8 model**: post-training quantization (prepare_fx → calibrate → convert_fx);
+* the **QAT copy**: prepare_qat_fx with fake-quant modules, calibrated on the same batches so that,
+  before any unlearning, ``convert(qat)`` is the same int8 model. Unlearning trains this copy.
+
+Both use the same observer family (min/max for activations, per-channel or per-tensor min/max for
+weights), which is what makes the two int8 models agree. Presets:
+
+* ``x86``: uint8 activations with range reduced to 7 bits (fbgemm/onednn accumulate in 16 bits on
+  CPUs without VNNI), int8 per-channel symmetric weights — the combination onnxruntime fuses into
+  QLinearConv / integer kernels.
+* ``qnnpack`` (ARM boards): uint8 activations, full 8-bit range, int8 per-tensor symmetric weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.ao.quantization import (
+    FakeQuantize,
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    MovingAveragePerChannelMinMaxObserver,
+    PerChannelMinMaxObserver,
+    QConfig,
+    QConfigMapping,
+)
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
+
+from edge_qmul.errors import CheckpointError, ConfigError
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    engine: str  # torch.backends.quantized.engine
+    act_quant_max: int  # uint8 activations: 127 = reduced range, 255 = full range
+    per_channel: bool
+
+
+BACKENDS: dict[str, Backend] = {
+    "x86": Backend("x86", "x86", act_quant_max=127, per_channel=True),
+    "qnnpack": Backend("qnnpack", "qnnpack", act_quant_max=255, per_channel=False),
+}
+
+
+def get_backend(name: str) -> Backend:
+    if name not in BACKENDS:
+        raise ConfigError(
+            f"unknown quantization backend {name!r}", f"choose one of: {', '.join(BACKENDS)}"
+        )
+    return BACKENDS[name]
+
+
+def _qconfig(backend: Backend, qat: bool) -> QConfig:
+    act_args: dict[str, Any] = dict(
+        dtype=torch.quint8, qscheme=torch.per_tensor_affine, quant_min=0, quant_max=backend.act_quant_max
+    )
+    if backend.per_channel:
+        w_args: dict[str, Any] = dict(
+            dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=-128, quant_max=127, ch_axis=0
+        )
+        w_ptq, w_qat = PerChannelMinMaxObserver, MovingAveragePerChannelMinMaxObserver
+    else:
+        w_args = dict(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, quant_min=-128, quant_max=127)
+        w_ptq, w_qat = MinMaxObserver, MovingAverageMinMaxObserver
+    if not qat:
+        return QConfig(activation=MinMaxObserver.with_args(**act_args), weight=w_ptq.with_args(**w_args))
+    # Activation ranges come from calibration and are then frozen (see set_trainable); weights keep
+    # a moving-average range so the grid follows them while they are trained.
+    return QConfig(
+        activation=FakeQuantize.with_args(observer=MinMaxObserver, **act_args),
+        weight=FakeQuantize.with_args(observer=w_qat, **w_args),
+    )
+
+
+def _mapping(backend: Backend, qat: bool) -> QConfigMapping:
+    # The normalisation layer stays in float: the graph quantizes right after it.
+    return QConfigMapping().set_global(_qconfig(backend, qat)).set_module_name("normalize", None)
+
+
+def _set_engine(backend: Backend) -> None:
+    if backend.engine not in torch.backends.quantized.supported_engines:
+        raise ConfigError(
+            f"quantization engine {backend.engine!r} is not available in this torch build",
+            f"use one of: {', '.join(torch.backends.quantized.supported_engines)}",
+        )
+    torch.backends.quantized.engine = backend.engine
+
+
+@torch.no_grad()
+def _calibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    for x in batches:
+        model(x)
+
+
+def quantize_ptq(float_model: nn.Module, calib: Iterable[torch.Tensor], backend_name: str) -> nn.Module:
+    """Post-training quantization: returns a converted int8 GraphModule; ``float_model`` is untouched."""
+    backend = get_backend(backend_name)
+    _set_engine(backend)
+    calib = list(calib)
+    model = copy.deepcopy(float_model).eval()
+    observed = prepare_fx(model, _mapping(backend, qat=False), example_inputs=(calib[0][:1],))
+    _calibrate(observed, calib)
+    return convert_fx(observed)
+
+
+def prepare_qat(float_model: nn.Module, backend_name: str, example: torch.Tensor) -> nn.Module:
+    """The QAT (fake-quant) copy, BatchNorm folded into its convs; observers not yet calibrated."""
+    backend = get_backend(backend_name)
+    _set_engine(backend)
+    model = copy.deepcopy(float_model).train()
+    return prepare_qat_fx(model, _mapping(backend, qat=True), example_inputs=(example[:1],))
+
+
+def calibrate_qat(qat: nn.Module, calib: Iterable[torch.Tensor]) -> None:
+    """Populate the QAT copy's observers on the PTQ calibration batches (eval mode: no BN update)."""
+    qat.eval()
+    _calibrate(qat, calib)
+
+
+def set_trainable(qat: nn.Module, *, observe_activations: bool = False, update_bn: bool = False) -> None:
+    """Put the QAT copy in training mode for unlearning.
+
+    By default activation ranges stay as calibrated (the deployed grid) and BatchNorm running
+    statistics are frozen, so small updates do not shift every layer's quantization.
+    """
+    qat.train()
+    for name, mod in qat.named_modules():
+        if isinstance(mod, FakeQuantize):
+            is_weight = name.endswith("weight_fake_quant")
+            if is_weight or observe_activations:
+                mod.enable_observer()
+            else:
+                mod.disable_observer()
+        if hasattr(mod, "freeze_bn_stats") and hasattr(mod, "update_bn_stats"):
+            (mod.update_bn_stats if update_bn else mod.freeze_bn_stats)()
+
+
+def convert(qat: nn.Module) -> nn.Module:
+    """Convert a copy of the QAT model to int8; the QAT model stays trainable."""
+    was_training = qat.training
+    model = copy.deepcopy(qat).eval()
+    for mod in model.modules():
+        if isinstance(mod, FakeQuantize):
+            mod.disable_observer()  # conversion must not re-observe
+    int8 = convert_fx(model)
+    qat.train(was_training)
+    return int8
+
+
+def save_qat_state(qat: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in qat.state_dict().items()}
+
+
+def restore_qat(
+    float_model: nn.Module, backend_name: str, example: torch.Tensor, state: dict[str, torch.Tensor]
+) -> nn.Module:
+    """Rebuild the QAT copy by re-preparing ``float_model`` and loading a saved state_dict exactly."""
+    qat = prepare_qat(float_model, backend_name, example)
+    # Observers register min/max buffers lazily with shape [0]; size them before loading.
+    own = qat.state_dict()
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            mod_name, _, buf = key.rpartition(".")
+            getattr(qat.get_submodule(mod_name), buf).resize_(value.shape)
+    try:
+        qat.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"QAT state does not match the model it is restored into: {str(err).splitlines()[0]}",
+            "the checkpoint was made with another model or backend; re-run `edge-qmul quantize`",
+        ) from err
+    return qat

@@ -1,0 +1,424 @@
+"""Unlearning methods: one training loop, methods registered by name.
+
+Every method works on the QAT (fake-quant) copy, so the optimiser sees the rounding that the int8
+model will have, and returns a re-converted int8 model plus a log. ``retrain`` is the exception that
+proves the rule: it trains a float model from scratch on the retain set with the original recipe and
+quantizes it exactly like the deployed model; it is the reference every gap is measured against.
+
+Q-MUL (DESIGN §4.1) = random-label unlearning with two changes, both computed at the start of each
+epoch in eval mode: *similar labels* (the wrong class closest in probability to the true one) and
+*adaptive gradient reweighting* (w_f = ḡ_r / (ḡ_f + ḡ_r), w_r = ḡ_f / (ḡ_f + ḡ_r), where ḡ is the mean
+over batches of the sum of per-tensor gradient L2 norms).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edge_qmul import quant
+from edge_qmul.errors import ConfigError, UnlearningError
+from edge_qmul.models import ModelConfig
+from edge_qmul.progress import Progress
+from edge_qmul.train import TrainConfig, batch_indices, cosine_lr, sgd, train_float
+
+SCHEDULES = ("cosine", "constant")
+UPDATES = ("sequential", "mixed")
+LABEL_VARIANTS = ("faithful", "paper_code")
+
+
+@dataclass(frozen=True)
+class UnlearnConfig:
+    """Hyper-parameters shared by all loop-based methods (defaults: the paper code's, 10 epochs aside)."""
+
+    method: str = "qmul"
+    epochs: int = 3
+    lr: float = 0.01
+    batch_size: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    update: str = "sequential"
+    label_variant: str = "faithful"  # "paper_code": the released code's logit-distance variant
+    reweight: bool = True  # False: w_f = w_r = 1 (ablation)
+    # Bounded retain sampling: k > 0 draws k random retain batches per epoch, used both for ḡ_r and
+    # for the retain update; 0 uses the whole retain set every epoch, as the paper's code does.
+    retain_batches: int = 0
+    # Retain-only repair pass after the unlearning epochs (0 = none), at repair_lr.
+    repair_batches: int = 0
+    repair_lr: float = 0.01
+    observe_activations: bool = False  # let activation ranges move (default: keep the deployed grid)
+    update_bn: bool = False  # let BatchNorm running statistics move
+    famr_lambda: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def bad(key: str, fix: str) -> ConfigError:
+            return ConfigError(f"unlearn.{key}={getattr(self, key)!r} is invalid", fix)
+
+        if self.epochs < 0:
+            raise bad("epochs", "use 0 or more epochs")
+        if not self.lr > 0:
+            raise bad("lr", "use a positive learning rate, e.g. 0.01")
+        if self.batch_size < 1:
+            raise bad("batch_size", "use e.g. 256")
+        if self.schedule not in SCHEDULES:
+            raise bad("schedule", f"choose one of {SCHEDULES}")
+        if self.update not in UPDATES:
+            raise bad("update", f"choose one of {UPDATES}")
+        if self.label_variant not in LABEL_VARIANTS:
+            raise bad("label_variant", f"choose one of {LABEL_VARIANTS}")
+        if self.retain_batches < 0 or self.repair_batches < 0:
+            raise ConfigError("unlearn.retain_batches / repair_batches must be >= 0", "use 0 to disable")
+        if not self.repair_lr > 0:
+            raise bad("repair_lr", "use a positive learning rate")
+        if self.famr_lambda < 0:
+            raise bad("famr_lambda", "use a non-negative anchor strength")
+
+
+@dataclass
+class UnlearnContext:
+    """Everything a method may use. Tensors are float32 images in [0, 1] and int64 labels."""
+
+    qat: nn.Module  # trained in place
+    forget_x: torch.Tensor
+    forget_y: torch.Tensor
+    retain_x: torch.Tensor
+    retain_y: torch.Tensor
+    num_classes: int
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig  # the original recipe (retrain)
+    backend: str
+    calib_size: int  # calibration samples for PTQ; retrain takes them from the retain set
+    quiet: bool = True
+
+
+@dataclass
+class UnlearnResult:
+    method: str
+    qat: nn.Module
+    int8: nn.Module
+    log: dict[str, Any]
+    float_model: nn.Module | None = None  # retrain only
+
+
+@dataclass
+class Step:
+    x: torch.Tensor
+    y: torch.Tensor
+    weight: torch.Tensor | float  # per-sample weights (mixed) or one weight for the batch
+    kind: str  # "forget" | "retain" | "mixed"
+
+
+class Method:
+    """Base class. Loop-based methods implement ``steps`` (and optionally ``begin_epoch`` / ``loss``)."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, cfg: UnlearnConfig) -> None:
+        self.cfg = cfg
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def begin_epoch(self, ctx: UnlearnContext, epoch: int) -> dict[str, float]:
+        return {}
+
+    def steps(self, ctx: UnlearnContext, epoch: int) -> Iterator[Step]:
+        raise NotImplementedError(f"{type(self).__name__} must implement steps() or run()")
+
+    def loss(self, ctx: UnlearnContext, logits: torch.Tensor, step: Step) -> torch.Tensor:
+        ce = F.cross_entropy(logits, step.y, reduction="none")
+        return (ce * step.weight).mean()
+
+    # -- shared helpers --------------------------------------------------------------------------
+    def retain_sample(self, ctx: UnlearnContext) -> torch.Tensor:
+        """This epoch's retain indices: all of them, or ``retain_batches`` random batches' worth."""
+        n = len(ctx.retain_x)
+        k = self.cfg.retain_batches * self.cfg.batch_size
+        perm = torch.randperm(n, generator=self.gen)
+        return perm if k == 0 or k >= n else perm[:k]
+
+    def batches(self, n: int) -> Iterator[torch.Tensor]:
+        return batch_indices(n, self.cfg.batch_size, self.gen)
+
+    # -- the one training loop -------------------------------------------------------------------
+    def run(self, ctx: UnlearnContext) -> UnlearnResult:
+        cfg, qat = self.cfg, ctx.qat
+        start = time.perf_counter()
+        opt = sgd(qat, cfg.lr, cfg.momentum, cfg.weight_decay)
+        log: dict[str, Any] = {"method": self.name, "config": asdict(cfg), "epochs": []}
+        with Progress(ctx.quiet) as progress:
+            task = progress.add(f"unlearn {self.name}", cfg.epochs)
+            for epoch in range(cfg.epochs):
+                t0 = time.perf_counter()
+                lr = cosine_lr(cfg.lr, epoch, cfg.epochs) if cfg.schedule == "cosine" else cfg.lr
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                info = self.begin_epoch(ctx, epoch)
+                losses = self._train_steps(ctx, opt, self.steps(ctx, epoch))
+                log["epochs"].append(
+                    {"epoch": epoch, "lr": lr, **info, **losses, "seconds": time.perf_counter() - t0}
+                )
+                progress.advance(task)
+        if cfg.repair_batches:
+            log["repair"] = self._repair(ctx, opt)
+        int8 = quant.convert(qat)
+        log["seconds"] = time.perf_counter() - start
+        return UnlearnResult(self.name, qat, int8, log)
+
+    def _train_steps(
+        self, ctx: UnlearnContext, opt: torch.optim.Optimizer, steps: Iterator[Step]
+    ) -> dict[str, float]:
+        quant.set_trainable(
+            ctx.qat, observe_activations=self.cfg.observe_activations, update_bn=self.cfg.update_bn
+        )
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for step in steps:
+            loss = self.loss(ctx, ctx.qat(step.x), step)
+            if not torch.isfinite(loss):
+                raise UnlearningError(
+                    f"{self.name}: loss became {loss.item()} ({step.kind} step)",
+                    "lower unlearn.lr or the number of epochs",
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sums[step.kind] = sums.get(step.kind, 0.0) + loss.item() * len(step.x)
+            counts[step.kind] = counts.get(step.kind, 0) + len(step.x)
+        return {f"loss_{k}": sums[k] / counts[k] for k in sums}
+
+    def _repair(self, ctx: UnlearnContext, opt: torch.optim.Optimizer) -> dict[str, float]:
+        """A short retain-only pass that restores utility after forgetting (cosine to zero)."""
+        t0 = time.perf_counter()
+        n, nb = self.cfg.repair_batches, 0
+        idx = torch.randperm(len(ctx.retain_x), generator=self.gen)[: n * self.cfg.batch_size]
+
+        def steps() -> Iterator[Step]:
+            nonlocal nb
+            for b in idx.split(self.cfg.batch_size):
+                for group in opt.param_groups:
+                    group["lr"] = cosine_lr(self.cfg.repair_lr, nb, n)
+                nb += 1
+                yield Step(ctx.retain_x[b], ctx.retain_y[b], 1.0, "retain")
+
+        losses = self._train_steps(ctx, opt, steps())
+        return {"batches": n, "lr": self.cfg.repair_lr, **losses, "seconds": time.perf_counter() - t0}
+
+
+REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_method(cfg: UnlearnConfig) -> Method:
+    if cfg.method not in REGISTRY:
+        raise UnlearningError(
+            f"unknown unlearning method {cfg.method!r}", f"choose one of: {', '.join(sorted(REGISTRY))}"
+        )
+    return REGISTRY[cfg.method](cfg)
+
+
+def unlearn(ctx: UnlearnContext, cfg: UnlearnConfig) -> UnlearnResult:
+    """Run ``cfg.method`` on ``ctx`` (the QAT copy in ``ctx.qat`` is changed in place)."""
+    if len(ctx.forget_x) == 0:
+        raise UnlearningError("the forget set is empty", "file a request first: `edge-qmul forget --run DIR ...`")
+    return get_method(cfg).run(ctx)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Q-MUL
+# ---------------------------------------------------------------------------------------------------
+
+
+def similar_labels(logits: torch.Tensor, y: torch.Tensor, variant: str = "faithful") -> torch.Tensor:
+    """ỹ = argmin_{c != y} |p_c - p_y|: the wrong class the model confuses most with the true one.
+
+    ``paper_code`` reproduces the released code: distances on logits, argmin over the vector with the
+    true class removed, but the index is used as a class id without shifting back, so it can return
+    the true label (when the nearest class sits just above it).
+    """
+    rows = torch.arange(len(y))
+    if variant == "faithful":
+        p = logits.softmax(1)  # (N, C)
+        dist = (p - p[rows, y].unsqueeze(1)).abs()
+        dist[rows, y] = math.inf
+        return dist.argmin(1)
+    dist = (logits - logits[rows, y].unsqueeze(1)).abs()  # (N, C)
+    keep = torch.ones_like(dist, dtype=torch.bool)
+    keep[rows, y] = False
+    shortened = dist[keep].view(len(y), -1)  # (N, C - 1): true class removed, others shift left
+    return shortened.argmin(1)
+
+
+def grad_norm_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """g(B) = Σ over parameter tensors of ‖∇ CE_mean(B)‖₂."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+    return float(sum(g.norm() for g in grads))
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    return torch.cat([model(b) for b in x.split(batch_size)]) if len(x) else torch.empty(0)
+
+
+@register
+class QMul(Method):
+    name = "qmul"
+
+    def __init__(self, cfg: UnlearnConfig) -> None:
+        super().__init__(cfg)
+        self.forget_labels = torch.empty(0, dtype=torch.long)
+        self.retain_idx = torch.empty(0, dtype=torch.long)
+        self.w_f = self.w_r = 1.0
+
+    def begin_epoch(self, ctx: UnlearnContext, epoch: int) -> dict[str, float]:
+        model = ctx.qat.eval()  # no BatchNorm statistics update while labels and norms are measured
+        logits = predict_logits(model, ctx.forget_x)
+        self.forget_labels = similar_labels(logits, ctx.forget_y, self.cfg.label_variant)
+        self.retain_idx = self.retain_sample(ctx)
+        info = {
+            "forget_acc": 100.0 * float((logits.argmax(1) == ctx.forget_y).float().mean()),
+            "similar_is_true": float((self.forget_labels == ctx.forget_y).sum()),
+        }
+        if not self.cfg.reweight:
+            self.w_f = self.w_r = 1.0
+            return {**info, "w_f": 1.0, "w_r": 1.0}
+        bs = self.cfg.batch_size
+        g_f = [
+            grad_norm_sum(model, ctx.forget_x[b], self.forget_labels[b])
+            for b in torch.arange(len(ctx.forget_x)).split(bs)
+        ]
+        g_r = [grad_norm_sum(model, ctx.retain_x[b], ctx.retain_y[b]) for b in self.retain_idx.split(bs)]
+        gf, gr = sum(g_f) / len(g_f), sum(g_r) / len(g_r)
+        self.w_f, self.w_r = gr / (gf + gr), gf / (gf + gr)
+        return {**info, "g_f": gf, "g_r": gr, "w_f": self.w_f, "w_r": self.w_r}
+
+    def steps(self, ctx: UnlearnContext, epoch: int) -> Iterator[Step]:
+        if self.cfg.update == "sequential":
+            for b in self.batches(len(ctx.forget_x)):
+                yield Step(ctx.forget_x[b], self.forget_labels[b], self.w_f, "forget")
+            for b in self.retain_idx[torch.randperm(len(self.retain_idx), generator=self.gen)].split(
+                self.cfg.batch_size
+            ):
+                yield Step(ctx.retain_x[b], ctx.retain_y[b], self.w_r, "retain")
+            return
+        # mixed: forget (similar labels) and retain samples shuffled together, per-sample weights
+        x = torch.cat([ctx.forget_x, ctx.retain_x[self.retain_idx]])
+        y = torch.cat([self.forget_labels, ctx.retain_y[self.retain_idx]])
+        w = torch.cat([torch.full((len(ctx.forget_x),), self.w_f), torch.full((len(self.retain_idx),), self.w_r)])
+        for b in self.batches(len(x)):
+            yield Step(x[b], y[b], w[b], "mixed")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Baselines
+# ---------------------------------------------------------------------------------------------------
+
+
+@register
+class Finetune(Method):
+    """FT: continue training on the retain set only."""
+
+    name = "finetune"
+
+    def steps(self, ctx: UnlearnContext, epoch: int) -> Iterator[Step]:
+        idx = self.retain_sample(ctx)
+        for b in idx.split(self.cfg.batch_size):
+            yield Step(ctx.retain_x[b], ctx.retain_y[b], 1.0, "retain")
+
+
+@register
+class RandomLabel(Method):
+    """RL: forget samples get a uniformly random wrong label each epoch, mixed with the retain set."""
+
+    name = "random_label"
+
+    def steps(self, ctx: UnlearnContext, epoch: int) -> Iterator[Step]:
+        n_f = len(ctx.forget_y)
+        shift = torch.randint(1, ctx.num_classes, (n_f,), generator=self.gen)
+        noisy = (ctx.forget_y + shift) % ctx.num_classes  # uniform over the C - 1 wrong classes
+        r = self.retain_sample(ctx)
+        x = torch.cat([ctx.forget_x, ctx.retain_x[r]])
+        y = torch.cat([noisy, ctx.retain_y[r]])
+        for b in self.batches(len(x)):
+            yield Step(x[b], y[b], 1.0, "mixed")
+
+
+@register
+class GradAscent(Method):
+    """GA: ascend the cross-entropy on the forget set."""
+
+    name = "grad_ascent"
+
+    def steps(self, ctx: UnlearnContext, epoch: int) -> Iterator[Step]:
+        for b in self.batches(len(ctx.forget_x)):
+            yield Step(ctx.forget_x[b], ctx.forget_y[b], -1.0, "forget")
+
+
+@register
+class Famr(Method):
+    """FAMR: push forget predictions to uniform, anchored to the parameters before unlearning.
+
+    loss = CE(uniform, p_θ(x)) on forget batches + (λ/2)‖θ − θ₀‖².
+    """
+
+    name = "famr"
+
+    def __init__(self, cfg: UnlearnConfig) -> None:
+        super().__init__(cfg)
+        self.anchor: list[torch.Tensor] = []
+
+    def begin_epoch(self, ctx: UnlearnContext, epoch: int) -> dict[str, float]:
+        if epoch == 0:
+            self.anchor = [p.detach().clone() for p in ctx.qat.parameters()]
+        return {}
+
+    def steps(self, ctx: UnlearnContext, epoch: int) -> Iterator[Step]:
+        for b in self.batches(len(ctx.forget_x)):
+            yield Step(ctx.forget_x[b], ctx.forget_y[b], 1.0, "forget")
+
+    def loss(self, ctx: UnlearnContext, logits: torch.Tensor, step: Step) -> torch.Tensor:
+        to_uniform = -logits.log_softmax(1).mean(1).mean()  # CE(uniform, p), averaged over the batch
+        drift = sum(((p - a) ** 2).sum() for p, a in zip(ctx.qat.parameters(), self.anchor, strict=True))
+        return to_uniform + 0.5 * self.cfg.famr_lambda * drift
+
+
+@register
+class Retrain(Method):
+    """The gold standard: float training from scratch on the retain set, then the same quantization."""
+
+    name = "retrain"
+
+    def run(self, ctx: UnlearnContext) -> UnlearnResult:
+        start = time.perf_counter()
+        float_model, train_log = train_float(
+            ctx.model_cfg, ctx.train_cfg, ctx.retain_x, ctx.retain_y, quiet=ctx.quiet, label="retrain"
+        )
+        calib = list(ctx.retain_x[: ctx.calib_size].split(256))
+        int8 = quant.quantize_ptq(float_model, calib, ctx.backend)
+        qat = quant.prepare_qat(float_model, ctx.backend, calib[0])
+        quant.calibrate_qat(qat, calib)
+        log = {
+            "method": self.name,
+            "config": {"train": asdict(ctx.train_cfg)},
+            "epochs": train_log["epochs"],
+            "seconds": time.perf_counter() - start,
+        }
+        return UnlearnResult(self.name, qat, int8, log, float_model=float_model)
+
+
+def config_keys() -> list[str]:
+    return [f.name for f in fields(UnlearnConfig)]
+

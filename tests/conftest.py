@@ -1,0 +1,45 @@
+"""Shared fixtures: a small CNN trained on scikit-learn digits in a few seconds."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from edge_qmul import data, quant
+from edge_qmul.models import ModelConfig
+from edge_qmul.train import TrainConfig, train_float
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+torch.set_num_threads(2)
+
+
+class Digits:
+    """Digits split, a trained float model, its PTQ int8 model and calibration batches."""
+
+    def __init__(self) -> None:
+        self.source = data.load_dataset("digits")
+        self.split = data.make_split(self.source, seed=0)
+        self.split.forget = data.select_forget(self.split, self.source.train.labels, fraction=0.1, seed=0)
+        mean, std = data.channel_stats(self.source.train, self.split.train)
+        self.model_cfg = ModelConfig("small_cnn", 1, 8, 10, tuple(mean), tuple(std), width=16)
+        self.train_cfg = TrainConfig(epochs=8, lr=0.05, batch_size=64)
+        pool = self.source.train
+        self.train_x, self.train_y = data.to_tensors(pool, self.split.train)
+        self.forget_x, self.forget_y = data.to_tensors(pool, self.split.forget)
+        self.retain_x, self.retain_y = data.to_tensors(pool, self.split.retain())
+        self.test_x, self.test_y = data.to_tensors(pool, self.split.test)
+        self.model, _ = train_float(self.model_cfg, self.train_cfg, self.train_x, self.train_y, quiet=True)
+        self.calib = list(self.train_x[:512].split(256))
+        self.int8 = quant.quantize_ptq(self.model, self.calib, "x86")
+
+    def qat(self) -> torch.nn.Module:
+        qat = quant.prepare_qat(self.model, "x86", self.calib[0])
+        quant.calibrate_qat(qat, self.calib)
+        return qat
+
+
+@pytest.fixture(scope="session")
+def digits() -> Digits:
+    return Digits()

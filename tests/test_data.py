@@ -1,0 +1,654 @@
+"""Tests for edge_qmul.data: loaders on tiny files in the real on-disk formats, split.json, forget selection."""
+
+from __future__ import annotations
+
+import builtins
+import gzip
+import json
+import os
+import pickle
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge_qmul.data import (
+    CIFAR10_CLASSES,
+    DATASETS,
+    FASHION_MNIST_CLASSES,
+    ArrayDataset,
+    DatasetSource,
+    Split,
+    channel_stats,
+    load_dataset,
+    make_split,
+    select_forget,
+    to_tensors,
+)
+from edge_qmul.errors import ConfigError, DataError, ForgetRequestError
+
+N_TRAIN, N_TEST = 20, 10
+
+# --------------------------------------------------------------------------------------------------
+# Writers for the real file formats
+# --------------------------------------------------------------------------------------------------
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """Encode a uint8 array in IDX format: magic 0x0000 08 <ndim>, big-endian int32 dims, raw data."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_file(path: Path, data: bytes, gz: bool) -> Path:
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def write_idx_dataset(root: Path, gz: bool, seed: int = 0) -> dict[str, np.ndarray]:
+    """Write tiny train/t10k IDX files; return the arrays written."""
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, size=(N_TRAIN, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, size=N_TRAIN, dtype=np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, size=(N_TEST, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, size=N_TEST, dtype=np.uint8),
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    for name, array in arrays.items():
+        write_file(root / name, idx_bytes(array), gz)
+    return arrays
+
+
+def pickle_to(path: Path, obj: Any, protocol: int) -> None:
+    with open(path, "wb") as fh:
+        pickle.dump(obj, fh, protocol=protocol)
+
+
+def cifar_batch(rng: np.random.Generator, n: int, label_key: bytes, num_classes: int) -> dict[bytes, Any]:
+    return {
+        b"batch_label": b"testing batch",
+        b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+        label_key: [int(v) for v in rng.integers(0, num_classes, size=n)],
+        b"filenames": [b"img_%d.png" % i for i in range(n)],
+    }
+
+
+def write_cifar10(root: Path, protocol: int, meta: bool = True) -> dict[str, dict[bytes, Any]]:
+    rng = np.random.default_rng(1)
+    root.mkdir(parents=True, exist_ok=True)
+    batches = {f"data_batch_{i}": cifar_batch(rng, 4, b"labels", 10) for i in range(1, 6)}
+    batches["test_batch"] = cifar_batch(rng, 3, b"labels", 10)
+    for name, batch in batches.items():
+        pickle_to(root / name, batch, protocol)
+    if meta:
+        names = [f"class{i}".encode() for i in range(10)]
+        pickle_to(root / "batches.meta", {b"label_names": names, b"num_vis": 3072}, protocol)
+    return batches
+
+
+def write_cifar100(root: Path, protocol: int, meta: bool = True) -> dict[str, dict[bytes, Any]]:
+    rng = np.random.default_rng(2)
+    root.mkdir(parents=True, exist_ok=True)
+    batches = {}
+    for name, n in (("train", 12), ("test", 5)):
+        batch = cifar_batch(rng, n, b"fine_labels", 100)
+        batch[b"coarse_labels"] = [int(v) for v in rng.integers(0, 20, size=n)]
+        batches[name] = batch
+        pickle_to(root / name, batch, protocol)
+    if meta:
+        names = [f"fine{i}".encode() for i in range(100)]
+        pickle_to(root / "meta", {b"fine_label_names": names, b"coarse_label_names": [b"c"] * 20}, protocol)
+    return batches
+
+
+# --------------------------------------------------------------------------------------------------
+# MNIST / Fashion-MNIST
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gz", [True, False], ids=["gzip", "plain"])
+@pytest.mark.parametrize("name", ["fashion-mnist", "mnist"])
+def test_idx_round_trip(tmp_path: Path, name: str, gz: bool) -> None:
+    arrays = write_idx_dataset(tmp_path, gz)
+    source = load_dataset(name, tmp_path)
+
+    assert source.name == name and source.root == str(tmp_path.resolve())
+    assert source.test is not None
+    assert source.train.images.shape == (N_TRAIN, 1, 28, 28)
+    assert source.test.images.shape == (N_TEST, 1, 28, 28)
+    assert source.train.images.dtype == np.uint8 and source.train.labels.dtype == np.int64
+    assert source.train.scale == 255.0 and len(source.train) == N_TRAIN
+    np.testing.assert_array_equal(source.train.images[:, 0], arrays["train-images-idx3-ubyte"])
+    np.testing.assert_array_equal(source.train.labels, arrays["train-labels-idx1-ubyte"])
+    np.testing.assert_array_equal(source.test.images[:, 0], arrays["t10k-images-idx3-ubyte"])
+    np.testing.assert_array_equal(source.test.labels, arrays["t10k-labels-idx1-ubyte"])
+    assert source.input_shape == (1, 28, 28) and source.num_classes == 10
+    assert source.classes[0] == ("T-shirt/top" if name == "fashion-mnist" else "0")
+
+
+def test_idx_gzip_content_is_sniffed(tmp_path: Path) -> None:
+    """A gzipped file without the .gz suffix still loads (content decides, not the name)."""
+    arrays = write_idx_dataset(tmp_path, gz=True)
+    (tmp_path / "train-images-idx3-ubyte.gz").rename(tmp_path / "train-images-idx3-ubyte")
+    source = load_dataset("mnist", tmp_path)
+    np.testing.assert_array_equal(source.train.images[:, 0], arrays["train-images-idx3-ubyte"])
+
+
+def _bad_magic(data: bytes) -> bytes:
+    return b"\x00\x00\x08\x02" + data[4:]
+
+
+def _truncate(data: bytes) -> bytes:
+    return data[:-7]
+
+
+def _header_only(data: bytes) -> bytes:
+    return data[:2]
+
+
+def _extra_bytes(data: bytes) -> bytes:
+    return data + b"\x00"
+
+
+@pytest.mark.parametrize("gz", [True, False], ids=["gzip", "plain"])
+@pytest.mark.parametrize(
+    ("target", "corrupt", "needle"),
+    [
+        ("train-images-idx3-ubyte", _bad_magic, "magic"),
+        ("train-labels-idx1-ubyte", _bad_magic, "magic"),
+        ("t10k-images-idx3-ubyte", _truncate, "truncated"),
+        ("t10k-labels-idx1-ubyte", _header_only, "truncated"),
+        ("train-images-idx3-ubyte", _extra_bytes, "longer"),
+    ],
+)
+def test_corrupt_idx_names_file(
+    tmp_path: Path, target: str, corrupt: Callable[[bytes], bytes], needle: str, gz: bool
+) -> None:
+    arrays = write_idx_dataset(tmp_path, gz)
+    write_file(tmp_path / target, corrupt(idx_bytes(arrays[target])), gz)
+    with pytest.raises(DataError, match=needle) as info:
+        load_dataset("fashion-mnist", tmp_path)
+    assert target in str(info.value)
+
+
+def test_idx_count_mismatch(tmp_path: Path) -> None:
+    write_idx_dataset(tmp_path, gz=False)
+    write_file(tmp_path / "train-labels-idx1-ubyte", idx_bytes(np.zeros(N_TRAIN - 1, np.uint8)), gz=False)
+    with pytest.raises(DataError, match="19 labels") as info:
+        load_dataset("mnist", tmp_path)
+    assert "train-images-idx3-ubyte" in str(info.value) and "train-labels-idx1-ubyte" in str(info.value)
+
+
+def test_idx_label_out_of_range(tmp_path: Path) -> None:
+    write_idx_dataset(tmp_path, gz=False)
+    write_file(tmp_path / "t10k-labels-idx1-ubyte", idx_bytes(np.full(N_TEST, 10, np.uint8)), gz=False)
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.*label 10"):
+        load_dataset("mnist", tmp_path)
+
+
+def test_idx_corrupt_gzip(tmp_path: Path) -> None:
+    write_idx_dataset(tmp_path, gz=True)
+    path = tmp_path / "train-labels-idx1-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:15])
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte.gz"):
+        load_dataset("mnist", tmp_path)
+
+
+@pytest.mark.parametrize("name", ["fashion-mnist", "mnist"])
+def test_idx_missing_file(tmp_path: Path, name: str) -> None:
+    write_idx_dataset(tmp_path, gz=True)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").unlink()
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte\[\.gz\]") as info:
+        load_dataset(name, tmp_path)
+    if name == "fashion-mnist":
+        assert "apt-get install -y dataset-fashion-mnist" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["fashion-mnist", "mnist", "cifar10", "cifar100"])
+def test_missing_directory(tmp_path: Path, name: str) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DataError, match="does not exist") as info:
+        load_dataset(name, missing)
+    assert str(missing) in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10", "cifar100"])
+def test_root_required(name: str) -> None:
+    with pytest.raises(ConfigError, match="--data-root"):
+        load_dataset(name)
+
+
+def test_unknown_dataset() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_dataset("imagenet")
+    assert all(name in str(info.value) for name in DATASETS)
+
+
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Fashion-MNIST not installed"
+)
+def test_real_fashion_mnist_default_root() -> None:
+    source = load_dataset("fashion-mnist")
+    assert source.test is not None
+    assert source.train.images.shape == (60000, 1, 28, 28) and source.test.images.shape == (10000, 1, 28, 28)
+    assert source.classes == FASHION_MNIST_CLASSES
+    assert np.bincount(source.train.labels).tolist() == [6000] * 10
+
+
+# --------------------------------------------------------------------------------------------------
+# CIFAR
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL, pickle.HIGHEST_PROTOCOL])
+@pytest.mark.parametrize("subdir", [False, True], ids=["flat", "subdir"])
+def test_cifar10(tmp_path: Path, protocol: int, subdir: bool) -> None:
+    batches = write_cifar10(tmp_path / "cifar-10-batches-py" if subdir else tmp_path, protocol)
+    source = load_dataset("cifar10", tmp_path)
+
+    assert source.test is not None
+    assert source.train.images.shape == (20, 3, 32, 32) and source.test.images.shape == (3, 3, 32, 32)
+    assert source.train.images.dtype == np.uint8 and source.train.scale == 255.0
+    expected = np.concatenate([batches[f"data_batch_{i}"][b"data"] for i in range(1, 6)])
+    np.testing.assert_array_equal(source.train.images.reshape(20, 3072), expected)
+    np.testing.assert_array_equal(source.test.labels, batches["test_batch"][b"labels"])
+    # Row layout is 1024 red values, then green, then blue.
+    np.testing.assert_array_equal(source.train.images[0, 1].ravel(), expected[0, 1024:2048])
+    assert source.classes == tuple(f"class{i}" for i in range(10))
+    assert source.input_shape == (3, 32, 32)
+
+
+def test_cifar10_numpy1_module_names(tmp_path: Path) -> None:
+    """Pickles written with numpy 1 (like the original files) name ``numpy.core.multiarray``."""
+    batches = write_cifar10(tmp_path, 2)
+    path = tmp_path / "data_batch_1"
+    raw = path.read_bytes()
+    assert b"numpy._core.multiarray" in raw
+    path.write_bytes(raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    source = load_dataset("cifar10", tmp_path)
+    np.testing.assert_array_equal(source.train.images[:4].reshape(4, 3072), batches["data_batch_1"][b"data"])
+
+
+def test_cifar10_default_names_without_meta(tmp_path: Path) -> None:
+    write_cifar10(tmp_path, 2, meta=False)
+    assert load_dataset("cifar10", tmp_path).classes == CIFAR10_CLASSES
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL])
+@pytest.mark.parametrize("meta", [True, False])
+def test_cifar100(tmp_path: Path, protocol: int, meta: bool) -> None:
+    batches = write_cifar100(tmp_path / "cifar-100-python", protocol, meta)
+    source = load_dataset("cifar100", tmp_path)
+
+    assert source.test is not None
+    assert source.train.images.shape == (12, 3, 32, 32) and source.test.images.shape == (5, 3, 32, 32)
+    np.testing.assert_array_equal(source.train.labels, batches["train"][b"fine_labels"])
+    assert source.num_classes == 100
+    assert source.classes[7] == ("fine7" if meta else "7")
+
+
+class _Evil:
+    """Unpickling this would call ``func(*args)``."""
+
+    def __init__(self, func: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.func, self.args = func, args
+
+    def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        return self.func, self.args
+
+
+@pytest.mark.parametrize(
+    ("make_payload", "global_name"),
+    [
+        (lambda marker: _Evil(os.system, (f"echo pwned > {marker}",)), "system"),
+        (lambda marker: _Evil(builtins.exec, (f"open({str(marker)!r}, 'w').write('pwned')",)), "exec"),
+        # Protocol 2 spells this global "commands.call" (its Python 2 name).
+        (lambda marker: _Evil(subprocess.call, (["touch", str(marker)],)), "call"),
+    ],
+    ids=["os.system", "exec", "subprocess"],
+)
+@pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL])
+def test_malicious_pickle_is_refused(
+    tmp_path: Path, make_payload: Callable[[Path], _Evil], global_name: str, protocol: int
+) -> None:
+    root = tmp_path / "cifar"
+    write_cifar10(root, protocol)
+    marker = tmp_path / "pwned"
+    batch = cifar_batch(np.random.default_rng(0), 4, b"labels", 10)
+    batch[b"labels"] = make_payload(marker)
+    pickle_to(root / "data_batch_3", batch, protocol)
+
+    with pytest.raises(DataError, match="forbidden global") as info:
+        load_dataset("cifar10", root)
+    assert global_name in str(info.value) and "data_batch_3" in str(info.value)
+    assert not marker.exists(), "the payload was executed"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "needle"),
+    [
+        (lambda b: b.pop(b"labels"), "'labels'"),
+        (lambda b: b.__setitem__(b"data", np.zeros((4, 100), np.uint8)), r"\(N, 3072\)"),
+        (lambda b: b.__setitem__(b"data", np.zeros((4, 3072), np.float32)), "uint8"),
+        (lambda b: b.__setitem__(b"labels", [0, 1]), "must be 3 integers"),
+        (lambda b: b.__setitem__(b"labels", [0, 1, 10]), r"0\.\.9"),
+    ],
+    ids=["no-labels", "bad-shape", "bad-dtype", "label-count", "label-range"],
+)
+def test_cifar_bad_batch(tmp_path: Path, mutate: Callable[[dict[bytes, Any]], Any], needle: str) -> None:
+    batches = write_cifar10(tmp_path, 2)
+    batch = batches["test_batch"]
+    mutate(batch)
+    pickle_to(tmp_path / "test_batch", batch, 2)
+    with pytest.raises(DataError, match=needle) as info:
+        load_dataset("cifar10", tmp_path)
+    assert "test_batch" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "content", [b"not a pickle at all", pickle.dumps([1, 2, 3], protocol=2)], ids=["garbage", "not-dict"]
+)
+def test_cifar_corrupt_pickle(tmp_path: Path, content: bytes) -> None:
+    write_cifar100(tmp_path, 2)
+    (tmp_path / "test").write_bytes(content)
+    with pytest.raises(DataError) as info:
+        load_dataset("cifar100", tmp_path)
+    assert str(tmp_path / "test") in str(info.value)
+
+
+@pytest.mark.parametrize(("name", "missing"), [("cifar10", "data_batch_4"), ("cifar100", "train")])
+def test_cifar_missing_file(tmp_path: Path, name: str, missing: str) -> None:
+    (write_cifar10 if name == "cifar10" else write_cifar100)(tmp_path, 2)
+    (tmp_path / missing).unlink()
+    with pytest.raises(DataError, match=f"expected {missing} in"):
+        load_dataset(name, tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Embedded and generated datasets
+# --------------------------------------------------------------------------------------------------
+
+
+def test_digits() -> None:
+    source = load_dataset("digits")
+    assert source.test is None and source.root is None and source.single_pool
+    assert source.train.images.shape == (1797, 1, 8, 8) and source.train.images.dtype == np.uint8
+    assert source.train.scale == 16.0 and int(source.train.images.max()) == 16
+    assert source.classes == tuple(str(i) for i in range(10))
+    assert source.pool("test") is source.train
+
+
+def test_synthetic_deterministic() -> None:
+    a, b = load_dataset("synthetic", seed=3), load_dataset("synthetic", seed=3)
+    c = load_dataset("synthetic", seed=4)
+    assert a.train.images.shape == (600, 1, 8, 8) and a.train.scale == 255.0 and a.num_classes == 4
+    np.testing.assert_array_equal(a.train.images, b.train.images)
+    np.testing.assert_array_equal(a.train.labels, b.train.labels)
+    assert not np.array_equal(a.train.images, c.train.images)
+    assert np.bincount(a.train.labels).tolist() == [150] * 4
+    assert len(load_dataset("synthetic", synthetic_size=40).train) == 40
+
+
+def test_synthetic_classes_are_separable() -> None:
+    """Nearest class mean on raw pixels should already be near-perfect, so a small CNN can learn it."""
+    source = load_dataset("synthetic", seed=0)
+    x = source.train.images.reshape(len(source.train), -1).astype(np.float64)
+    y = source.train.labels
+    means = np.stack([x[:300][y[:300] == k].mean(axis=0) for k in range(4)])  # (4, 64)
+    predicted = np.argmin(((x[300:, None, :] - means[None]) ** 2).sum(axis=2), axis=1)
+    assert (predicted == y[300:]).mean() > 0.9
+
+
+@pytest.mark.parametrize("size", [0, 3, -5])
+def test_synthetic_bad_size(size: int) -> None:
+    with pytest.raises(ConfigError, match="synthetic_size"):
+        load_dataset("synthetic", synthetic_size=size)
+
+
+# --------------------------------------------------------------------------------------------------
+# Split
+# --------------------------------------------------------------------------------------------------
+
+
+def _fake_source(n_train: int, n_test: int | None, num_classes: int = 10) -> DatasetSource:
+    def ds(n: int) -> ArrayDataset:
+        images = np.arange(n * 4, dtype=np.int64).astype(np.uint8).reshape(n, 1, 2, 2)
+        return ArrayDataset(images, np.arange(n, dtype=np.int64) % num_classes, 255.0)
+
+    test = None if n_test is None else ds(n_test)
+    return DatasetSource("fake", None, ds(n_train), test, tuple(str(i) for i in range(num_classes)))
+
+
+@pytest.fixture(params=["two-file", "single-pool"])
+def source(request: pytest.FixtureRequest) -> DatasetSource:
+    return _fake_source(200, 50 if request.param == "two-file" else None)
+
+
+def test_make_split_partition(source: DatasetSource) -> None:
+    split = make_split(source, seed=7)
+    train, val, test = set(split.train), set(split.val), set(split.test)
+    assert len(train) == len(split.train) and not train & val
+    assert split.forget == [] and split.single_pool == (source.test is None)
+    if source.test is None:
+        assert not test & (train | val)
+        assert train | val | test == set(range(200))
+        assert (len(split.train), len(split.val), len(split.test)) == (140, 20, 40)
+    else:
+        assert train | val == set(range(200)) and len(split.val) == 20
+        assert split.test == list(range(50))
+    assert split.train != sorted(split.train), "train order should be shuffled"
+    assert split.retain() == split.train
+
+
+def test_make_split_deterministic(source: DatasetSource) -> None:
+    assert make_split(source, 1).to_json() == make_split(source, 1).to_json()
+    assert make_split(source, 1).train != make_split(source, 2).train
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"val_fraction": 0.0}, {"val_fraction": 1.0}, {"test_fraction": -0.1}, {"val_fraction": True}]
+)
+def test_make_split_bad_fractions(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match="fraction"):
+        make_split(_fake_source(100, None), 0, **kwargs)
+
+
+def test_make_split_too_small() -> None:
+    with pytest.raises(ConfigError, match="no training samples"):
+        make_split(_fake_source(2, None), 0, val_fraction=0.5, test_fraction=0.5)
+
+
+def test_split_save_load_round_trip(tmp_path: Path, source: DatasetSource) -> None:
+    split = make_split(source, 3)
+    split.forget = sorted(split.train[:5])
+    path = tmp_path / "split.json"
+    split.save(path)
+
+    raw = json.loads(path.read_text())
+    assert {"dataset", "root", "train", "val", "test", "forget"} <= raw.keys()
+    loaded = Split.load(path)
+    assert loaded == split
+    assert loaded.retain() == [i for i in split.train if i not in set(split.forget)]
+    assert not list(tmp_path.glob(".*tmp")), "atomic write left a temporary file behind"
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ("{not json", "cannot read"),
+        ("[1, 2]", "JSON object"),
+        ('{"dataset": "x"}', "missing key"),
+        (
+            '{"dataset": "x", "root": null, "seed": 0, "train": [1, "a"], "val": [], "test": [], "forget": []}',
+            "'train'",
+        ),
+        (
+            '{"dataset": "x", "root": null, "seed": 0, "train": [1, 2], "val": [2], "test": [], "forget": []}',
+            "overlap",
+        ),
+        (
+            '{"dataset": "x", "root": null, "seed": 0, "train": [1, 2], "val": [], "test": [], "forget": [5]}',
+            "'forget'",
+        ),
+        (
+            '{"dataset": "x", "root": 3, "seed": 0, "train": [], "val": [], "test": [], "forget": []}',
+            "'root'",
+        ),
+    ],
+)
+def test_split_load_corrupt(tmp_path: Path, content: str, needle: str) -> None:
+    path = tmp_path / "split.json"
+    path.write_text(content)
+    with pytest.raises(DataError, match=needle) as info:
+        Split.load(path)
+    assert str(path) in str(info.value) and "edge-qmul train --run" in str(info.value)
+
+
+def test_split_load_missing(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist") as info:
+        Split.load(tmp_path / "split.json")
+    assert "edge-qmul train --run" in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Forget selection
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pool_split() -> tuple[Split, np.ndarray]:
+    source = _fake_source(200, None)
+    return make_split(source, 0), source.train.labels
+
+
+def test_forget_fraction_and_count(pool_split: tuple[Split, np.ndarray]) -> None:
+    split, labels = pool_split
+    by_fraction = select_forget(split, labels, fraction=0.1, seed=5)
+    assert len(by_fraction) == 14 and by_fraction == sorted(by_fraction)
+    assert set(by_fraction) <= set(split.train)
+    assert by_fraction == select_forget(split, labels, fraction=0.1, seed=5)
+    assert by_fraction != select_forget(split, labels, fraction=0.1, seed=6)
+    by_count = select_forget(split, labels, count=len(split.train))
+    assert by_count == sorted(split.train)
+
+
+def test_forget_class(pool_split: tuple[Split, np.ndarray]) -> None:
+    split, labels = pool_split
+    chosen = select_forget(split, labels, klass=3)
+    assert chosen == sorted(i for i in split.train if labels[i] == 3) and chosen
+
+
+def test_forget_ids(pool_split: tuple[Split, np.ndarray]) -> None:
+    split, labels = pool_split
+    ids: list[Any] = [split.train[4], split.train[1], split.train[4], np.int64(split.train[0])]
+    assert select_forget(split, labels, ids=ids) == sorted({split.train[0], split.train[1], split.train[4]})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "needle"),
+    [
+        ({}, ConfigError, "exactly one"),
+        ({"fraction": 0.1, "count": 3}, ConfigError, "exactly one"),
+        ({"fraction": 1.5}, ConfigError, "between 0 and 1"),
+        ({"fraction": 0.001}, ForgetRequestError, "selects nothing"),
+        ({"count": 0}, ConfigError, "positive integer"),
+        ({"count": 10_000}, ForgetRequestError, "only 140 training samples"),
+        ({"klass": 10}, ForgetRequestError, "out of range"),
+        ({"klass": -1}, ForgetRequestError, "out of range"),
+        ({"ids": []}, ForgetRequestError, "no ids"),
+        ({"ids": [1.5]}, ForgetRequestError, "integers"),
+        ({"ids": [250, -3, 999, 1000, 1001, 1002, 5]}, ForgetRequestError, r"-3, 250, 999.*0\.\.199"),
+    ],
+)
+def test_forget_rejects(
+    pool_split: tuple[Split, np.ndarray], kwargs: dict[str, Any], error: type[Exception], needle: str
+) -> None:
+    split, labels = pool_split
+    with pytest.raises(error, match=needle):
+        select_forget(split, labels, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["test", "val"])
+def test_forget_ids_not_training(pool_split: tuple[Split, np.ndarray], kind: str) -> None:
+    split, labels = pool_split
+    bad = getattr(split, kind)[0]
+    with pytest.raises(ForgetRequestError) as info:
+        select_forget(split, labels, ids=[split.train[0], bad])
+    word = "a test sample" if kind == "test" else "a validation sample"
+    assert f"id {bad} is {word}, not a training sample" in str(info.value)
+    assert "split.json 'train'" in str(info.value)
+
+
+def test_forget_class_without_samples() -> None:
+    source = _fake_source(100, 20)
+    split = make_split(source, 0)
+    labels = source.train.labels.copy()
+    labels[split.train] = 0  # class 1 now only appears among validation samples
+    labels[split.val] = 1
+    with pytest.raises(ForgetRequestError, match="class 1 has no samples"):
+        select_forget(split, labels, klass=1)
+
+
+def test_forget_ids_pool_size_bound(pool_split: tuple[Split, np.ndarray]) -> None:
+    split, labels = pool_split
+    big = max(split.train)
+    with pytest.raises(ForgetRequestError, match=f"0..{big - 1}"):
+        select_forget(split, labels, ids=[big], pool_size=big)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tensor helpers
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["digits", "synthetic"])
+def test_to_tensors(name: str) -> None:
+    torch = pytest.importorskip("torch")
+    ds = load_dataset(name).train
+    indices = [5, 0, 17]
+    images, labels = to_tensors(ds, indices)
+    assert images.dtype == torch.float32 and labels.dtype == torch.int64
+    assert tuple(images.shape) == (3, *ds.images.shape[1:]) and tuple(labels.shape) == (3,)
+    assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0
+    np.testing.assert_allclose(images.numpy(), ds.images[indices] / ds.scale, rtol=1e-6)
+    assert labels.tolist() == ds.labels[indices].tolist()
+    empty_images, _ = to_tensors(ds, np.array([], dtype=np.int64))
+    assert tuple(empty_images.shape) == (0, *ds.images.shape[1:])
+    with pytest.raises(ConfigError, match="indices"):
+        to_tensors(ds, [len(ds)])
+
+
+def test_channel_stats() -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(50, 3, 4, 4), dtype=np.uint8)
+    images[:, 2] = 7  # a constant channel: std must be floored, not zero
+    ds = ArrayDataset(images, np.zeros(50, np.int64), 255.0)
+    indices = np.arange(0, 50, 2)
+
+    mean, std = channel_stats(ds, indices)
+    scaled = images[indices].astype(np.float64) / 255.0
+    np.testing.assert_allclose(mean, scaled.mean(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(std[:2], scaled.std(axis=(0, 2, 3))[:2], rtol=1e-9)
+    assert std[2] == pytest.approx(1e-3) and all(isinstance(v, float) for v in mean + std)
+    with pytest.raises(ConfigError):
+        channel_stats(ds, [])
+
+
+def test_array_dataset_validates() -> None:
+    with pytest.raises(ConfigError, match="uint8"):
+        ArrayDataset(np.zeros((2, 1, 2, 2), np.float32), np.zeros(2, np.int64), 1.0)
+    with pytest.raises(ConfigError, match="int64"):
+        ArrayDataset(np.zeros((2, 1, 2, 2), np.uint8), np.zeros(3, np.int64), 1.0)
+
+
+def test_pool_rejects_unknown() -> None:
+    with pytest.raises(ConfigError, match="unknown pool"):
+        _fake_source(10, 5).pool("holdout")
