@@ -31,7 +31,7 @@ from torch import nn
 
 from edge_qmul import __version__, data, quant
 from edge_qmul.atomic import write_bytes, write_json
-from edge_qmul.config import DataConfig, QuantConfig
+from edge_qmul.config import DataConfig, QuantConfig, config_hash
 from edge_qmul.errors import CheckpointError, ForgetRequestError, UnlearningError
 from edge_qmul.ledger import Ledger
 from edge_qmul.metrics import EvalSets, avg_gap, evaluate_model
@@ -141,6 +141,7 @@ def train(run_dir: Path, data_cfg: DataConfig, train_cfg: TrainConfig, *, quiet:
         {
             "toolkit_version": __version__,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "config_hash": config_hash(data_cfg, train_cfg),
             "data": asdict(data_cfg),
             "train": asdict(train_cfg),
             "model": model_cfg.to_dict(),
@@ -303,10 +304,11 @@ def run_unlearn(run_dir: Path, cfg: UnlearnConfig, *, quiet: bool = False) -> di
         rd.split.save(run_dir / "split.json")
     fx, fy = rd.tensors("forget")
     rx, ry = rd.tensors("retain")
+    vx, vy = rd.tensors("val")
     ctx = UnlearnContext(
         qat=q.qat, forget_x=fx, forget_y=fy, retain_x=rx, retain_y=ry, num_classes=q.model_cfg.num_classes,
         model_cfg=q.model_cfg, train_cfg=q.train_cfg, backend=q.backend, calib_size=q.calibration_size,
-        quiet=quiet,
+        val_x=vx, val_y=vy, quiet=quiet,
     )
     result = unlearn(ctx, cfg)
     out = run_dir / "unlearn" / cfg.method

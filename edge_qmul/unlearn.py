@@ -32,6 +32,7 @@ from edge_qmul.train import TrainConfig, batch_indices, cosine_lr, sgd, train_fl
 SCHEDULES = ("cosine", "constant")
 UPDATES = ("sequential", "mixed")
 LABEL_VARIANTS = ("faithful", "paper_code")
+FORGET_TARGETS = ("none", "val")
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,9 @@ class UnlearnConfig:
     repair_lr: float = 0.01
     observe_activations: bool = False  # let activation ranges move (default: keep the deployed grid)
     update_bn: bool = False  # let BatchNorm running statistics move
+    # "val": skip an epoch's forget pass once forget accuracy (eval mode, at the epoch start) is at or
+    # below accuracy on the held-out validation split, i.e. once the forget set already looks unseen.
+    forget_target: str = "none"
     famr_lambda: float = 1.0
     seed: int = 0
 
@@ -79,6 +83,8 @@ class UnlearnConfig:
             raise ConfigError("unlearn.retain_batches / repair_batches must be >= 0", "use 0 to disable")
         if not self.repair_lr > 0:
             raise bad("repair_lr", "use a positive learning rate")
+        if self.forget_target not in FORGET_TARGETS:
+            raise bad("forget_target", f"choose one of {FORGET_TARGETS}")
         if self.famr_lambda < 0:
             raise bad("famr_lambda", "use a non-negative anchor strength")
 
@@ -97,6 +103,8 @@ class UnlearnContext:
     train_cfg: TrainConfig  # the original recipe (retrain)
     backend: str
     calib_size: int  # calibration samples for PTQ; retrain takes them from the retain set
+    val_x: torch.Tensor | None = None  # held-out split of the training file (forget_target="val")
+    val_y: torch.Tensor | None = None
     quiet: bool = True
 
 
@@ -282,6 +290,7 @@ class QMul(Method):
         self.forget_labels = torch.empty(0, dtype=torch.long)
         self.retain_idx = torch.empty(0, dtype=torch.long)
         self.w_f = self.w_r = 1.0
+        self.skip_forget = False
 
     def begin_epoch(self, ctx: UnlearnContext, epoch: int) -> dict[str, float]:
         model = ctx.qat.eval()  # no BatchNorm statistics update while labels and norms are measured
@@ -292,6 +301,16 @@ class QMul(Method):
             "forget_acc": 100.0 * float((logits.argmax(1) == ctx.forget_y).float().mean()),
             "similar_is_true": float((self.forget_labels == ctx.forget_y).sum()),
         }
+        if self.cfg.forget_target == "val":
+            if ctx.val_x is None or ctx.val_y is None or len(ctx.val_y) == 0:
+                raise UnlearningError("forget_target='val' needs a validation split", "use forget_target='none'")
+            val_logits = predict_logits(model, ctx.val_x)
+            info["val_acc"] = 100.0 * float((val_logits.argmax(1) == ctx.val_y).float().mean())
+            self.skip_forget = info["forget_acc"] <= info["val_acc"]
+            info["forget_pass"] = float(not self.skip_forget)
+            if self.skip_forget:  # the forget set already looks unseen: this epoch only repairs
+                self.w_f, self.w_r = 0.0, 1.0
+                return {**info, "w_f": 0.0, "w_r": 1.0}
         if not self.cfg.reweight:
             self.w_f = self.w_r = 1.0
             return {**info, "w_f": 1.0, "w_r": 1.0}
@@ -307,7 +326,7 @@ class QMul(Method):
 
     def steps(self, ctx: UnlearnContext, epoch: int) -> Iterator[Step]:
         if self.cfg.update == "sequential":
-            for b in self.batches(len(ctx.forget_x)):
+            for b in self.batches(0 if self.skip_forget else len(ctx.forget_x)):
                 yield Step(ctx.forget_x[b], self.forget_labels[b], self.w_f, "forget")
             for b in self.retain_idx[torch.randperm(len(self.retain_idx), generator=self.gen)].split(
                 self.cfg.batch_size
@@ -315,9 +334,10 @@ class QMul(Method):
                 yield Step(ctx.retain_x[b], ctx.retain_y[b], self.w_r, "retain")
             return
         # mixed: forget (similar labels) and retain samples shuffled together, per-sample weights
-        x = torch.cat([ctx.forget_x, ctx.retain_x[self.retain_idx]])
-        y = torch.cat([self.forget_labels, ctx.retain_y[self.retain_idx]])
-        w = torch.cat([torch.full((len(ctx.forget_x),), self.w_f), torch.full((len(self.retain_idx),), self.w_r)])
+        f = slice(0, 0) if self.skip_forget else slice(None)
+        x = torch.cat([ctx.forget_x[f], ctx.retain_x[self.retain_idx]])
+        y = torch.cat([self.forget_labels[f], ctx.retain_y[self.retain_idx]])
+        w = torch.cat([torch.full((len(ctx.forget_x[f]),), self.w_f), torch.full((len(self.retain_idx),), self.w_r)])
         for b in self.batches(len(x)):
             yield Step(x[b], y[b], w[b], "mixed")
 

@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+import torch
+
+from edge_qmul.metrics import EvalSets, accuracy, avg_gap, evaluate_model, mia_efficacy, true_label_confidence
+
+rng = np.random.default_rng(0)
+# Members are fit confidently (near 1); unseen samples spread lower.
+MEMBERS = rng.beta(40, 1, size=(500, 1))
+NONMEMBERS = rng.beta(4, 2, size=(500, 1))
+
+
+def test_mia_memorised_forget_set_looks_like_members() -> None:
+    memorised = rng.beta(40, 1, size=(300, 1))
+    assert mia_efficacy(MEMBERS, NONMEMBERS, memorised) < 10.0
+
+
+def test_mia_never_seen_forget_set_looks_like_non_members() -> None:
+    unseen = rng.beta(4, 2, size=(300, 1))
+    assert mia_efficacy(MEMBERS, NONMEMBERS, unseen) > 70.0
+
+
+def test_mia_orders_models_by_how_much_they_forgot() -> None:
+    scores = [mia_efficacy(MEMBERS, NONMEMBERS, rng.beta(a, 1, size=(300, 1))) for a in (40, 10, 3)]
+    assert scores == sorted(scores)
+
+
+def test_avg_gap() -> None:
+    ref = {"FA": 90.0, "RA": 99.0, "TA": 91.0, "MIA": 10.0}
+    assert avg_gap({"FA": 94.0, "RA": 98.0, "TA": 91.0, "MIA": 13.0}, ref) == pytest.approx(2.0)
+    assert avg_gap(ref, ref) == 0.0
+
+
+def test_accuracy_and_confidence() -> None:
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
+    y = torch.tensor([0, 1, 1])
+    assert accuracy(logits, y) == pytest.approx(200 / 3)
+    conf = true_label_confidence(logits, y)
+    assert conf.shape == (3, 1)
+    assert conf[0, 0] == pytest.approx(float(torch.softmax(logits[0], 0)[0]))
+
+
+def test_evaluate_model_on_a_perfect_lookup_model() -> None:
+    # A "model" that returns confident correct logits for members and forget, uniform for test.
+    x = torch.arange(30, dtype=torch.float32).view(30, 1, 1, 1)
+    y = torch.arange(30) % 3
+
+    def model(batch: torch.Tensor) -> torch.Tensor:
+        idx = batch.view(-1).long()
+        out = torch.zeros(len(idx), 3)
+        seen = idx < 20
+        out[seen, y[idx[seen]]] = 10.0
+        return out
+
+    sets = EvalSets(x[:5], y[:5], x[5:20], y[5:20], x[20:], y[20:])
+    m = evaluate_model(model, sets)
+    assert m["FA"] == 100.0 and m["RA"] == 100.0
+    assert m["MIA"] == 0.0  # forget samples look exactly like members

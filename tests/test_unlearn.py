@@ -1,0 +1,115 @@
+import math
+
+import pytest
+import torch
+
+from edge_qmul import quant
+from edge_qmul.errors import ConfigError, UnlearningError
+from edge_qmul.unlearn import REGISTRY, Method, Step, UnlearnConfig, UnlearnContext, grad_norm_sum, similar_labels, unlearn
+
+
+def test_similar_labels_pick_the_most_confusable_wrong_class() -> None:
+    probs = torch.tensor([[0.70, 0.05, 0.25], [0.10, 0.30, 0.60], [0.40, 0.35, 0.25]])
+    y = torch.tensor([0, 2, 1])
+    got = similar_labels(probs.log(), y)
+    assert got.tolist() == [2, 1, 0]  # |p_c - p_y| smallest over c != y
+    assert (got != y).all()
+
+
+def test_paper_code_variant_can_return_the_true_label() -> None:
+    # True class 0; the nearest logit is class 1, which sits at index 0 once class 0 is removed.
+    logits = torch.tensor([[5.0, 4.9, 0.0]])
+    y = torch.tensor([0])
+    assert similar_labels(logits, y, "paper_code").item() == 0
+    assert similar_labels(logits, y, "faithful").item() == 1
+
+
+def test_grad_norm_sum_is_a_sum_of_per_tensor_norms() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    expected = sum(float(p.grad.norm()) for p in model.parameters())
+    assert grad_norm_sum(model, x, y) == pytest.approx(expected, rel=1e-6)
+
+
+def _ctx(digits, qat: torch.nn.Module | None = None) -> UnlearnContext:
+    return UnlearnContext(
+        qat=qat or digits.qat(), forget_x=digits.forget_x, forget_y=digits.forget_y,
+        retain_x=digits.retain_x, retain_y=digits.retain_y, num_classes=10,
+        model_cfg=digits.model_cfg, train_cfg=digits.train_cfg, backend="x86", calib_size=512,
+    )
+
+
+@pytest.mark.parametrize("method", sorted(REGISTRY))
+def test_every_method_returns_an_int8_model_and_a_log(digits, method: str) -> None:
+    result = unlearn(_ctx(digits), UnlearnConfig(method=method, epochs=2, lr=0.01, retain_batches=2))
+    assert result.method == method
+    assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in result.int8.modules())
+    assert result.log["seconds"] > 0
+    assert len(result.log["epochs"]) == (digits.train_cfg.epochs if method == "retrain" else 2)
+    with torch.no_grad():
+        assert result.int8(digits.test_x[:8]).shape == (8, 10)
+
+
+def test_qmul_log_has_balanced_adaptive_weights(digits) -> None:
+    result = unlearn(_ctx(digits), UnlearnConfig(method="qmul", epochs=2, lr=0.01))
+    for epoch in result.log["epochs"]:
+        assert epoch["w_f"] + epoch["w_r"] == pytest.approx(1.0)
+        assert epoch["w_f"] * epoch["g_f"] == pytest.approx(epoch["w_r"] * epoch["g_r"])
+        assert {"loss_forget", "loss_retain", "seconds", "lr"} <= set(epoch)
+        assert epoch["similar_is_true"] == 0
+    assert result.log["epochs"][1]["lr"] < result.log["epochs"][0]["lr"]  # cosine
+
+
+@pytest.mark.parametrize("update", ["sequential", "mixed"])
+def test_qmul_lowers_confidence_on_the_forget_set_only(digits, update: str) -> None:
+    def confidence(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(model(x).softmax(1)[torch.arange(len(y)), y].mean())
+
+    result = unlearn(_ctx(digits), UnlearnConfig(method="qmul", epochs=4, lr=0.05, update=update))
+    drop_forget = confidence(digits.int8, digits.forget_x, digits.forget_y) - confidence(
+        result.int8, digits.forget_x, digits.forget_y
+    )
+    drop_retain = confidence(digits.int8, digits.retain_x, digits.retain_y) - confidence(
+        result.int8, digits.retain_x, digits.retain_y
+    )
+    assert drop_forget > 0.01
+    assert drop_forget > 3 * drop_retain
+
+
+def test_unknown_method_lists_the_registry(digits) -> None:
+    with pytest.raises(UnlearningError) as err:
+        unlearn(_ctx(digits), UnlearnConfig(method="magic"))
+    assert "qmul" in str(err.value) and "retrain" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(lr=0.0), dict(update="random"), dict(schedule="step"), dict(label_variant="x"), dict(epochs=-1)]
+)
+def test_config_validation(kwargs: dict) -> None:
+    with pytest.raises(ConfigError):
+        UnlearnConfig(**kwargs)
+
+
+def test_non_finite_loss_is_an_error(digits) -> None:
+    class Diverges(Method):
+        name = "diverges"
+
+        def steps(self, ctx, epoch):  # type: ignore[no-untyped-def]
+            yield Step(ctx.forget_x, ctx.forget_y, 1.0, "forget")
+
+        def loss(self, ctx, logits, step):  # type: ignore[no-untyped-def]
+            return logits.sum() * float("nan")
+
+    with pytest.raises(UnlearningError, match="loss became nan"):
+        Diverges(UnlearnConfig(epochs=1)).run(_ctx(digits))
+
+
+def test_retrain_never_sees_the_forget_set(digits) -> None:
+    result = unlearn(_ctx(digits), UnlearnConfig(method="retrain"))
+    assert result.float_model is not None
+    assert math.isfinite(result.log["seconds"])
+    assert quant.convert(result.qat) is not None
