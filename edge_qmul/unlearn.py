@@ -27,12 +27,13 @@ from edge_qmul import quant
 from edge_qmul.errors import ConfigError, UnlearningError
 from edge_qmul.models import ModelConfig
 from edge_qmul.progress import Progress
-from edge_qmul.train import TrainConfig, batch_indices, cosine_lr, sgd, train_float
+from edge_qmul.train import TrainConfig, batch_indices, cosine_lr, train_float
 
 SCHEDULES = ("cosine", "constant")
 UPDATES = ("sequential", "mixed")
 LABEL_VARIANTS = ("faithful", "paper_code")
 FORGET_TARGETS = ("none", "val")
+LAYERS = ("all", "classifier")
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,18 @@ class UnlearnConfig:
     # Retain-only repair pass after the unlearning epochs (0 = none), at repair_lr.
     repair_batches: int = 0
     repair_lr: float = 0.01
+    # Which parameters move: "all", or "classifier" (the Linear layers only; conv features stay put).
+    layers: str = "all"
+    # Batches per side used to estimate ḡ_f and ḡ_r (0 = every forget batch and every sampled retain batch).
+    norm_batches: int = 0
     observe_activations: bool = False  # let activation ranges move (default: keep the deployed grid)
     update_bn: bool = False  # let BatchNorm running statistics move
     # "val": skip an epoch's forget pass once forget accuracy (eval mode, at the epoch start) is at or
     # below accuracy on the held-out validation split, i.e. once the forget set already looks unseen.
     forget_target: str = "none"
+    # Cap on each forget sample's similar-label loss (0 = off). Samples the model already holds far
+    # from ỹ (loss above the cap) then give no gradient, so the update acts on the confusable ones.
+    forget_loss_cap: float = 0.0
     famr_lambda: float = 1.0
     seed: int = 0
 
@@ -83,6 +91,10 @@ class UnlearnConfig:
             raise ConfigError("unlearn.retain_batches / repair_batches must be >= 0", "use 0 to disable")
         if not self.repair_lr > 0:
             raise bad("repair_lr", "use a positive learning rate")
+        if self.layers not in LAYERS:
+            raise bad("layers", f"choose one of {LAYERS}")
+        if self.norm_batches < 0:
+            raise bad("norm_batches", "use 0 (all batches) or a positive count")
         if self.forget_target not in FORGET_TARGETS:
             raise bad("forget_target", f"choose one of {FORGET_TARGETS}")
         if self.famr_lambda < 0:
@@ -160,7 +172,14 @@ class Method:
     def run(self, ctx: UnlearnContext) -> UnlearnResult:
         cfg, qat = self.cfg, ctx.qat
         start = time.perf_counter()
-        opt = sgd(qat, cfg.lr, cfg.momentum, cfg.weight_decay)
+        for mod in qat.modules():
+            if not isinstance(mod, nn.Linear) and cfg.layers == "classifier":
+                for p in mod.parameters(recurse=False):
+                    p.requires_grad_(False)
+        opt = torch.optim.SGD(
+            [p for p in qat.parameters() if p.requires_grad], lr=cfg.lr, momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+        )
         log: dict[str, Any] = {"method": self.name, "config": asdict(cfg), "epochs": []}
         with Progress(ctx.quiet) as progress:
             task = progress.add(f"unlearn {self.name}", cfg.epochs)
@@ -269,10 +288,16 @@ def similar_labels(logits: torch.Tensor, y: torch.Tensor, variant: str = "faithf
     return shortened.argmin(1)
 
 
-def grad_norm_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def capped_ce(logits: torch.Tensor, y: torch.Tensor, cap: float = 0.0) -> torch.Tensor:
+    """Per-sample cross-entropy; with cap > 0, losses above it are clamped (and give no gradient)."""
+    ce = F.cross_entropy(logits, y, reduction="none")
+    return ce.clamp(max=cap) if cap > 0 else ce
+
+
+def grad_norm_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cap: float = 0.0) -> float:
     """g(B) = Σ over parameter tensors of ‖∇ CE_mean(B)‖₂."""
     params = [p for p in model.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+    grads = torch.autograd.grad(capped_ce(model(x), y, cap).mean(), params)
     return float(sum(g.norm() for g in grads))
 
 
@@ -314,15 +339,18 @@ class QMul(Method):
         if not self.cfg.reweight:
             self.w_f = self.w_r = 1.0
             return {**info, "w_f": 1.0, "w_r": 1.0}
-        bs = self.cfg.batch_size
-        g_f = [
-            grad_norm_sum(model, ctx.forget_x[b], self.forget_labels[b])
-            for b in torch.arange(len(ctx.forget_x)).split(bs)
-        ]
-        g_r = [grad_norm_sum(model, ctx.retain_x[b], ctx.retain_y[b]) for b in self.retain_idx.split(bs)]
+        bs, k = self.cfg.batch_size, self.cfg.norm_batches or None
+        f_batches = torch.randperm(len(ctx.forget_x), generator=self.gen).split(bs)[:k]
+        cap = self.cfg.forget_loss_cap
+        g_f = [grad_norm_sum(model, ctx.forget_x[b], self.forget_labels[b], cap) for b in f_batches]
+        g_r = [grad_norm_sum(model, ctx.retain_x[b], ctx.retain_y[b]) for b in self.retain_idx.split(bs)[:k]]
         gf, gr = sum(g_f) / len(g_f), sum(g_r) / len(g_r)
         self.w_f, self.w_r = gr / (gf + gr), gf / (gf + gr)
         return {**info, "g_f": gf, "g_r": gr, "w_f": self.w_f, "w_r": self.w_r}
+
+    def loss(self, ctx: UnlearnContext, logits: torch.Tensor, step: Step) -> torch.Tensor:
+        cap = self.cfg.forget_loss_cap if step.kind == "forget" else 0.0
+        return (capped_ce(logits, step.y, cap) * step.weight).mean()
 
     def steps(self, ctx: UnlearnContext, epoch: int) -> Iterator[Step]:
         if self.cfg.update == "sequential":
