@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--label-variant", choices=["faithful", "paper_code"])
     g.add_argument("--retain-batches", type=int, help="random retain batches per epoch (0 = all)")
     g.add_argument("--repair-batches", type=int, help="retain-only repair batches after unlearning")
+    g.add_argument("--layers", choices=["all", "classifier"], help="which parameters move")
+    g.add_argument("--norm-batches", type=int, help="batches per side for the gradient-norm estimate (0 = all)")
 
     p = cmd("evaluate", "metrics of the deployed model and every unlearning result; writes report.json")
     p.add_argument("--methods", help="comma-separated subset (default: all results in the run)")
@@ -162,7 +164,8 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"request {out['request_id']}: {out['samples']} samples {state}; {out['forget_total']} to forget in all")
         return 0
     if args.command == "unlearn":
-        keys = ("epochs", "lr", "batch_size", "update", "label_variant", "retain_batches", "repair_batches")
+        keys = ("epochs", "lr", "batch_size", "update", "label_variant", "retain_batches", "repair_batches",
+                "layers", "norm_batches")
         overrides = {**toml.get("unlearn", {}), **{k: v for k, v in _overrides(args, keys).items() if v is not None}}
         overrides.pop("method", None)
         cfg = config.build(config.UnlearnConfig, {**pipeline.method_config(args.method).__dict__, **overrides},

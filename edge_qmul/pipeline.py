@@ -432,4 +432,7 @@ def demo(
         echo(f"unlearned with {m} ({meta['seconds']:.1f}s)")
     report = evaluate(run_dir, list(methods))
     echo(format_table(report))
+    for m, ratio in report.get("time_ratio_to_retrain", {}).items():
+        if m != REFERENCE:
+            echo(f"{m} / retrain wall time: {ratio:.3f}")
     return report

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, ClassVar
 
 import torch
@@ -27,7 +27,7 @@ from edge_qmul import quant
 from edge_qmul.errors import ConfigError, UnlearningError
 from edge_qmul.models import ModelConfig
 from edge_qmul.progress import Progress
-from edge_qmul.train import TrainConfig, batch_indices, cosine_lr, train_float
+from edge_qmul.train import TrainConfig, batch_indices, cosine_lr, sgd, train_float
 
 SCHEDULES = ("cosine", "constant")
 UPDATES = ("sequential", "mixed")
@@ -170,16 +170,12 @@ class Method:
 
     # -- the one training loop -------------------------------------------------------------------
     def run(self, ctx: UnlearnContext) -> UnlearnResult:
-        cfg, qat = self.cfg, ctx.qat
+        cfg, full_qat = self.cfg, ctx.qat
         start = time.perf_counter()
-        for mod in qat.modules():
-            if not isinstance(mod, nn.Linear) and cfg.layers == "classifier":
-                for p in mod.parameters(recurse=False):
-                    p.requires_grad_(False)
-        opt = torch.optim.SGD(
-            [p for p in qat.parameters() if p.requires_grad], lr=cfg.lr, momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
-        )
+        if cfg.layers == "classifier":
+            ctx = classifier_context(ctx)  # train the head on cached features; convs stay as deployed
+        qat = ctx.qat
+        opt = sgd(qat, cfg.lr, cfg.momentum, cfg.weight_decay)
         log: dict[str, Any] = {"method": self.name, "config": asdict(cfg), "epochs": []}
         with Progress(ctx.quiet) as progress:
             task = progress.add(f"unlearn {self.name}", cfg.epochs)
@@ -196,9 +192,9 @@ class Method:
                 progress.advance(task)
         if cfg.repair_batches:
             log["repair"] = self._repair(ctx, opt)
-        int8 = quant.convert(qat)
+        int8 = quant.convert(full_qat)
         log["seconds"] = time.perf_counter() - start
-        return UnlearnResult(self.name, qat, int8, log)
+        return UnlearnResult(self.name, full_qat, int8, log)
 
     def _train_steps(
         self, ctx: UnlearnContext, opt: torch.optim.Optimizer, steps: Iterator[Step]
@@ -238,6 +234,26 @@ class Method:
 
         losses = self._train_steps(ctx, opt, steps())
         return {"batches": n, "lr": self.cfg.repair_lr, **losses, "seconds": time.perf_counter() - t0}
+
+
+def classifier_context(ctx: UnlearnContext) -> UnlearnContext:
+    """The same context with ``qat`` = the classifier head and inputs = the frozen features.
+
+    With the conv layers, their BatchNorm statistics and activation ranges frozen, the features of
+    every sample are fixed: they are computed once, by the int8 model itself (the values the deployed
+    classifier reads), and each unlearning step costs only the classifier, so whole retain passes
+    become affordable.
+    """
+    _, head = quant.split_at_classifier(ctx.qat)
+    features = quant.int8_features(ctx.qat)
+
+    def feats(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else predict_logits(features, x)
+
+    return replace(
+        ctx, qat=head, forget_x=feats(ctx.forget_x), retain_x=feats(ctx.retain_x),
+        val_x=feats(ctx.val_x), val_y=ctx.val_y,
+    )
 
 
 REGISTRY: dict[str, type[Method]] = {}

@@ -92,7 +92,9 @@ def test_bad_requests_change_nothing(
     assert _files(run) == before
 
 
-def test_forget_id_pointing_at_a_test_sample(demo_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_forget_id_pointing_at_a_test_sample(
+    demo_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run = _copy(demo_run, tmp_path)
     test_id = json.loads((run / "split.json").read_text())["test"][0]
     before = _files(run)

@@ -617,7 +617,7 @@ def test_to_tensors(name: str) -> None:
     images, labels = to_tensors(ds, indices)
     assert images.dtype == torch.float32 and labels.dtype == torch.int64
     assert tuple(images.shape) == (3, *ds.images.shape[1:]) and tuple(labels.shape) == (3,)
-    assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0
+    assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
     np.testing.assert_allclose(images.numpy(), ds.images[indices] / ds.scale, rtol=1e-6)
     assert labels.tolist() == ds.labels[indices].tolist()
     empty_images, _ = to_tensors(ds, np.array([], dtype=np.int64))

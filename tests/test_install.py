@@ -29,6 +29,7 @@ def test_install_maps_the_sub_packages(tmp_path: Path, editable: bool) -> None:
     target = ["-e", str(src)] if editable else [str(src)]
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+         "--ignore-installed",  # never touch the running environment's own install
          "--prefix", str(prefix), *target],
         check=True, capture_output=True, cwd=tmp_path,
     )

@@ -1,5 +1,5 @@
 import torch
-from torch.ao.quantization import FakeQuantize
+from torch.ao.quantization import FakeQuantize, disable_observer
 
 from edge_qmul import quant
 
@@ -60,3 +60,29 @@ def test_qnnpack_backend(digits) -> None:
     int8 = quant.quantize_ptq(digits.model, digits.calib, "qnnpack")
     assert _agreement(int8, digits.int8, digits.test_x) > 0.95
     torch.backends.quantized.engine = "x86"
+
+
+def test_split_at_classifier_composes_to_the_model_and_shares_parameters(digits) -> None:
+    qat = digits.qat().eval()
+    qat.apply(disable_observer)  # weight observers would otherwise move the grid between the two calls
+    features, head = quant.split_at_classifier(qat)
+    x = digits.test_x[:64]
+    with torch.no_grad():
+        assert torch.equal(head(features(x)), qat(x))
+    assert {n for n, _ in head.named_parameters()} == {n for n, _ in qat.named_parameters() if n.startswith("fc")}
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.01)
+        assert torch.equal(head(features(x)), qat(x))  # the head's parameters are the QAT copy's
+
+
+def test_int8_features_feed_the_int8_classifier(digits) -> None:
+    qat = digits.qat().eval()
+    _, head = quant.split_at_classifier(qat)
+    feats = quant.int8_features(qat)
+    x = digits.test_x
+    with torch.no_grad():
+        f = feats(x)
+        assert not f.is_quantized and f.shape == (len(x), 128)  # 2w channels x 2 x 2
+        agree = (head(f).argmax(1) == quant.convert(qat)(x).argmax(1)).float().mean()
+    assert float(agree) >= 0.99

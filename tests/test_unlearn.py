@@ -5,7 +5,16 @@ import torch
 
 from edge_qmul import quant
 from edge_qmul.errors import ConfigError, UnlearningError
-from edge_qmul.unlearn import REGISTRY, Method, Step, UnlearnConfig, UnlearnContext, grad_norm_sum, similar_labels, unlearn
+from edge_qmul.unlearn import (
+    REGISTRY,
+    Method,
+    Step,
+    UnlearnConfig,
+    UnlearnContext,
+    grad_norm_sum,
+    similar_labels,
+    unlearn,
+)
 
 
 def test_similar_labels_pick_the_most_confusable_wrong_class() -> None:
@@ -113,3 +122,23 @@ def test_retrain_never_sees_the_forget_set(digits) -> None:
     assert result.float_model is not None
     assert math.isfinite(result.log["seconds"])
     assert quant.convert(result.qat) is not None
+
+
+def test_classifier_mode_moves_only_the_classifier(digits) -> None:
+    qat = digits.qat()
+    before = {n: p.detach().clone() for n, p in qat.named_parameters()}
+    result = unlearn(_ctx(digits, qat), UnlearnConfig(method="qmul", epochs=3, lr=0.1, layers="classifier"))
+    moved = {n for n, p in result.qat.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(n.startswith("fc") for n in moved)
+    assert result.qat is qat  # the full QAT copy was trained in place through its head
+    for epoch in result.log["epochs"]:
+        assert epoch["w_f"] * epoch["g_f"] == pytest.approx(epoch["w_r"] * epoch["g_r"])
+
+
+def test_forget_target_val_skips_the_forget_pass_once_forgotten(digits) -> None:
+    ctx = _ctx(digits)
+    ctx.val_x, ctx.val_y = digits.test_x, digits.test_y
+    result = unlearn(ctx, UnlearnConfig(method="qmul", epochs=3, lr=0.1, forget_target="val"))
+    for epoch in result.log["epochs"]:
+        assert epoch["forget_pass"] == float(epoch["forget_acc"] > epoch["val_acc"])
+        assert ("loss_forget" in epoch) == bool(epoch["forget_pass"])
