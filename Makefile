@@ -9,7 +9,7 @@ $(BIN)/edge-qmul: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-.PHONY: install demo test test-all lint
+.PHONY: install demo test test-arm test-all lint
 install: $(BIN)/edge-qmul
 
 demo: install
@@ -20,6 +20,11 @@ lint: install
 
 test: lint
 	$(BIN)/pytest -q -m "not slow and not federated and not arm"
+
+# ARM emulation (qemu aarch64, DESIGN §7): builds a cached sysroot outside the repo; needs root once.
+test-arm: install
+	bash devices/arm/build_sysroot.sh
+	$(BIN)/pytest -q -m arm
 
 test-all: lint
 	$(BIN)/pytest -q

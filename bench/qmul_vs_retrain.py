@@ -3,7 +3,7 @@
 1. Train the small CNN with the default recipe, quantize it (x86), exactly as `edge-qmul train/quantize`.
 2. Two disjoint forget sets of 10% of the training samples: a *tuning* set and the *reported* set.
 3. On the tuning set only: retrain once, then run each Q-MUL candidate in GRID and keep the one with
-   the smallest Avg Gap to that retrain among candidates whose wall time is <= 1/10 of it.
+   the smallest Avg Gap to that retrain among candidates whose wall time is <= 0.08 of it.
 4. On the reported set: retrain, the chosen Q-MUL, the other methods with their defaults, and the
    untouched int8 model (`none`), all measured in this one run; print the table and the time ratios.
 
@@ -33,8 +33,12 @@ from edge_qmul.train import TrainConfig
 # Candidates: the forget/retain balance is set by how hard and how long the classifier is pushed
 # (lr x epochs); everything else is the method's default (see pipeline.METHOD_DEFAULTS).
 GRID: list[dict[str, Any]] = [
-    {"lr": lr, "epochs": epochs} for lr in (0.05, 0.1, 0.15) for epochs in (5, 10)
+    *({"lr": lr, "epochs": epochs} for lr in (0.05, 0.1, 0.15) for epochs in (5, 10)),
+    *({"lr": lr, "epochs": 10, "batch_size": 512} for lr in (0.1, 0.2)),
 ]
+# The time target (<= 1/10 of retrain) must hold on the reported run, on a noisy machine: candidates
+# qualify on the tuning set only with a 20% margin.
+MAX_TUNING_RATIO = 0.08
 BASE = {"layers": "classifier", "norm_batches": 16}
 OTHERS = ("finetune", "random_label", "grad_ascent", "famr")
 
@@ -89,10 +93,18 @@ def tune(run: Path, ids: list[int], quiet: bool) -> tuple[dict[str, Any], list[d
         cfg = pipeline.method_config("qmul", {**BASE, **cand})
         pipeline.run_unlearn(tdir, cfg, quiet=quiet)
         m = metrics_of(tdir, "qmul")
+        if m["seconds"] / ref["seconds"] > MAX_TUNING_RATIO:
+            # Over the time cap: time it once more (the run is deterministic, only the clock is noisy)
+            # and keep the faster wall time, so one noisy moment does not disqualify a candidate.
+            pipeline.run_unlearn(tdir, cfg, quiet=quiet)
+            again = metrics_of(tdir, "qmul")
+            if any(again[k] != m[k] for k in ("FA", "RA", "TA", "MIA")):
+                raise RuntimeError(f"candidate {cand} is not deterministic: {m} vs {again}")
+            m["seconds"] = min(m["seconds"], again["seconds"])
         row = {"candidate": {**BASE, **cand}, **m, "avg_gap": avg_gap(m, ref), "ratio": m["seconds"] / ref["seconds"]}
         rows.append(row)
         print(f"  {json.dumps(cand)}: {fmt(m)} gap {row['avg_gap']:.2f} time ratio {row['ratio']:.3f}")
-    within = [r for r in rows if r["ratio"] <= 0.1] or rows
+    within = [r for r in rows if r["ratio"] <= MAX_TUNING_RATIO] or rows
     best = min(within, key=lambda r: r["avg_gap"])
     print(f"chosen on the tuning set: {json.dumps(best['candidate'])} (gap {best['avg_gap']:.2f})")
     return {"retrain": ref, "chosen": best["candidate"]}, rows

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edge_qmul.errors import EXIT_CODES, ConfigError, EdgeQmulError
+from edge_qmul.errors import EXIT_CODES, ConfigError, EdgeQmulError, ValidationFailed
 
 
 def _ids(text: str) -> list[int]:
@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("quantize", "PTQ to the deployed int8 model and build its QAT copy")
     _add_quant_flags(p)
+    p.add_argument("--device", help="device profile (rpi4, rpi5, jetson-orin-nano, imx8mp, rk3588, x86-server) "
+                   "or a profile TOML; picks the quantization engine")
 
     p = cmd("forget", "file a deletion request in the run's ledger")
     sel = p.add_mutually_exclusive_group(required=True)
@@ -104,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("evaluate", "metrics of the deployed model and every unlearning result; writes report.json")
     p.add_argument("--methods", help="comma-separated subset (default: all results in the run)")
+
+    p = cmd("export", "write model.int8.onnx (unlearned) and model.fp32.onnx; checks the int8 kernels fuse")
+    p.add_argument("--method", help="which unlearning result (default: the latest; in a demo run, qmul)")
+
+    p = cmd("validate", "check the exported int8 model in onnxruntime against budgets; writes validation.json/.md")
+    p.add_argument("--device", required=True, help="device profile name or TOML file")
+    p.add_argument("--budgets", type=Path, help="TOML overriding the default budgets")
+    p.add_argument("--method", help="unlearning result the ONNX came from (default: from its metadata)")
     return parser
 
 
@@ -150,7 +160,18 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"trained: final train acc {log['epochs'][-1]['train_acc']:.2f}% ({log['seconds']:.1f}s) -> {args.run}")
         return 0
     if args.command == "quantize":
-        info = pipeline.quantize(args.run, config.resolve("quant", toml, _overrides(args, quant_keys)))
+        quant_overrides = _overrides(args, quant_keys)
+        if args.device:
+            from edge_qmul.devices.profiles import load_profile
+
+            engine = load_profile(args.device).quant_engine
+            if args.backend and args.backend != engine:
+                raise ConfigError(
+                    f"--backend {args.backend} contradicts --device {args.device} (engine {engine})",
+                    "pass only one of them",
+                )
+            quant_overrides["backend"] = engine
+        info = pipeline.quantize(args.run, config.resolve("quant", toml, quant_overrides))
         print(json.dumps(info, indent=2))
         return 0
     if args.command == "forget":
@@ -177,6 +198,28 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "evaluate":
         report = pipeline.evaluate(args.run, _methods(args.methods))
         print(pipeline.format_table(report))
+        return 0
+    if args.command == "export":
+        from edge_qmul.export.stage import export_run
+
+        res = export_run(args.run, args.method)
+        print(f"wrote {res.int8_path} and {res.fp32_path}")
+        print(f"optimised int8 graph: {res.int8_kernels} int8 kernels; ops {json.dumps(res.op_counts, sort_keys=True)}")
+        return 0
+    if args.command == "validate":
+        from edge_qmul.devices.profiles import load_profile
+        from edge_qmul.export.budgets import load_budgets
+        from edge_qmul.export.validate import validate_run
+
+        v = validate_run(args.run, load_profile(args.device), load_budgets(args.budgets), method=args.method)
+        for name, c in v.checks.items():
+            mark = "✓" if c["passed"] else "✗"
+            value = "skipped" if c["value"] is None else f"{c['value']:.4g}"
+            print(f"{mark} {name:<20} {value:>12}  limit {c['limit']:.4g}")
+        print(f"report: {args.run / 'validation.md'}")
+        if not v.passed:
+            failed = [n for n, c in v.checks.items() if not c["passed"]]
+            raise ValidationFailed(f"checks over budget: {', '.join(failed)}", "see validation.md")
         return 0
     raise ConfigError(f"unknown command {args.command!r}", "see `edge-qmul --help`")
 

@@ -16,6 +16,8 @@ EXIT_CODES: dict[int, str] = {
     5: "forget-request error: a request names samples that cannot be forgotten",
     6: "unlearning error: a method name is unknown or a method failed",
     7: "ledger error: the SQLite forget ledger cannot be read or written",
+    8: "export error: a model is not valid ONNX, breaks the I/O contract, or is not fully int8",
+    9: "validation failed: at least one check is over its budget (see validation.json)",
 }
 
 
@@ -52,3 +54,13 @@ class UnlearningError(EdgeQmulError):
 
 class LedgerError(EdgeQmulError):
     exit_code = 7
+
+
+class ExportError(EdgeQmulError):
+    exit_code = 8
+
+
+class ValidationFailed(EdgeQmulError):
+    """Raised by the CLI layer when a validation ran correctly and a check is over budget."""
+
+    exit_code = 9

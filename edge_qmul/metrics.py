@@ -69,9 +69,13 @@ class EvalSets:
 
 def evaluate_model(model: LogitsFn, sets: EvalSets) -> dict[str, float]:
     """FA, RA, TA and MIA-efficacy, in percent."""
-    f = logits_of(model, sets.forget_x)
-    r = logits_of(model, sets.retain_x)
-    t = logits_of(model, sets.test_x)
+    return evaluate_logits(
+        logits_of(model, sets.forget_x), logits_of(model, sets.retain_x), logits_of(model, sets.test_x), sets
+    )
+
+
+def evaluate_logits(f: torch.Tensor, r: torch.Tensor, t: torch.Tensor, sets: EvalSets) -> dict[str, float]:
+    """The same metrics from precomputed forget / retain / test logits (any runtime)."""
     n = min(len(sets.test_y), len(sets.retain_y))
     mia = mia_efficacy(
         true_label_confidence(r[:n], sets.retain_y[:n]),
@@ -89,3 +93,40 @@ def evaluate_model(model: LogitsFn, sets: EvalSets) -> dict[str, float]:
 def avg_gap(metrics: dict[str, float], reference: dict[str, float]) -> float:
     """Mean over FA, RA, TA, MIA of |metric - reference metric| (percentage points)."""
     return float(np.mean([abs(metrics[k] - reference[k]) for k in METRICS]))
+
+
+def per_sample_loss(logits: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    return torch.nn.functional.cross_entropy(logits, y, reduction="none").numpy().astype(np.float64)
+
+
+def loss_attack(
+    forget_loss: np.ndarray, test_loss: np.ndarray, *, bootstrap: int = 200, seed: int = 0
+) -> dict[str, float]:
+    """Loss-threshold membership attack, forget (positives) vs test (negatives).
+
+    The attacker calls a sample a member when its loss is low. Returns the ROC AUC, the TPR at 1% FPR
+    and a 95% bootstrap interval of the AUC. A forgotten set should score like unseen data: AUC ≈ 0.5.
+    """
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    y = np.concatenate([np.ones(len(forget_loss)), np.zeros(len(test_loss))])
+    score = -np.concatenate([forget_loss, test_loss])
+    auc = float(roc_auc_score(y, score))
+    fpr, tpr, _ = roc_curve(y, score)
+    tpr_at_1 = float(np.interp(0.01, fpr, tpr))
+    rng = np.random.default_rng(seed)
+    aucs = []
+    for _ in range(bootstrap):
+        f = rng.choice(forget_loss, size=len(forget_loss))
+        t = rng.choice(test_loss, size=len(test_loss))
+        aucs.append(roc_auc_score(y, -np.concatenate([f, t])))
+    lo, hi = np.percentile(aucs, [2.5, 97.5]) if aucs else (auc, auc)
+    return {"auc": auc, "tpr_at_1fpr": tpr_at_1, "auc_low": float(lo), "auc_high": float(hi)}
+
+
+def roc_points(forget_loss: np.ndarray, test_loss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.metrics import roc_curve
+
+    y = np.concatenate([np.ones(len(forget_loss)), np.zeros(len(test_loss))])
+    fpr, tpr, _ = roc_curve(y, -np.concatenate([forget_loss, test_loss]))
+    return fpr, tpr

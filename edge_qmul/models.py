@@ -171,7 +171,7 @@ MODELS = {
     "resnet8": _resnet((1, 1, 1), (16, 32, 64)),
 }
 
-DEFAULT_WIDTH = {"small_cnn": 32, "resnet18": 64, "resnet20": 16, "resnet8": 16}
+DEFAULT_WIDTH = {"small_cnn": 16, "resnet18": 64, "resnet20": 16, "resnet8": 16}
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

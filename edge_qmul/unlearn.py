@@ -173,7 +173,8 @@ class Method:
         cfg, full_qat = self.cfg, ctx.qat
         start = time.perf_counter()
         if cfg.layers == "classifier":
-            ctx = classifier_context(ctx)  # train the head on cached features; convs stay as deployed
+            # train the head on cached features; the convs stay as deployed
+            ctx = classifier_context(ctx, with_val=cfg.forget_target == "val")
         qat = ctx.qat
         opt = sgd(qat, cfg.lr, cfg.momentum, cfg.weight_decay)
         log: dict[str, Any] = {"method": self.name, "config": asdict(cfg), "epochs": []}
@@ -236,7 +237,7 @@ class Method:
         return {"batches": n, "lr": self.cfg.repair_lr, **losses, "seconds": time.perf_counter() - t0}
 
 
-def classifier_context(ctx: UnlearnContext) -> UnlearnContext:
+def classifier_context(ctx: UnlearnContext, with_val: bool) -> UnlearnContext:
     """The same context with ``qat`` = the classifier head and inputs = the frozen features.
 
     With the conv layers, their BatchNorm statistics and activation ranges frozen, the features of

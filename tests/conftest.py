@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,3 +44,21 @@ class Digits:
 @pytest.fixture(scope="session")
 def digits() -> Digits:
     return Digits()
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A digits demo run directory (4 training epochs): every method's result and report.json."""
+    from edge_qmul.cli import main
+
+    run = tmp_path_factory.mktemp("cli") / "demo"
+    assert main(["demo", "--run", str(run), "--epochs", "4", "--quiet"]) == 0
+    return run
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst)
+    return dst

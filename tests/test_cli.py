@@ -15,13 +15,6 @@ from edge_qmul.cli import main
 FAST = ["--epochs", "4", "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("cli") / "demo"
-    assert main(["demo", "--run", str(run), *FAST]) == 0
-    return run
-
-
 def _files(path: Path) -> dict[str, int]:
     return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()}
 

@@ -56,3 +56,17 @@ def test_evaluate_model_on_a_perfect_lookup_model() -> None:
     m = evaluate_model(model, sets)
     assert m["FA"] == 100.0 and m["RA"] == 100.0
     assert m["MIA"] == 0.0  # forget samples look exactly like members
+
+
+def test_loss_attack_separates_memorised_from_unseen() -> None:
+    from edge_qmul.metrics import loss_attack
+
+    rng = np.random.default_rng(1)
+    unseen = rng.exponential(1.0, 2000)
+    memorised = rng.exponential(0.05, 500)
+    strong = loss_attack(memorised, unseen, bootstrap=50)
+    assert strong["auc"] > 0.9 and strong["tpr_at_1fpr"] > 0.05
+    assert strong["auc_low"] <= strong["auc"] <= strong["auc_high"]
+    same = loss_attack(rng.exponential(1.0, 500), unseen, bootstrap=50)
+    assert abs(same["auc"] - 0.5) < 0.05
+    assert same["auc_low"] < 0.5 < same["auc_high"] or abs(same["auc"] - 0.5) < 0.03

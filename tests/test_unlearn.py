@@ -78,7 +78,8 @@ def test_qmul_lowers_confidence_on_the_forget_set_only(digits, update: str) -> N
         with torch.no_grad():
             return float(model(x).softmax(1)[torch.arange(len(y)), y].mean())
 
-    result = unlearn(_ctx(digits), UnlearnConfig(method="qmul", epochs=4, lr=0.05, update=update))
+    cfg = UnlearnConfig(method="qmul", epochs=10, lr=0.1, layers="classifier", update=update)
+    result = unlearn(_ctx(digits), cfg)
     drop_forget = confidence(digits.int8, digits.forget_x, digits.forget_y) - confidence(
         result.int8, digits.forget_x, digits.forget_y
     )

@@ -1,0 +1,297 @@
+"""Validate the exported int8 model in onnxruntime, the runtime the boards use (DESIGN §5–§6).
+
+Every number comes from onnxruntime outputs: parity with the torch int8 model, FA / RA / TA,
+MIA-efficacy, a loss-threshold attack (AUC, TPR at 1% FPR, bootstrap interval), latency and peak
+memory of the on-board runtime with the device profile's threads, and file size. The unlearned QAT
+copy is measured too, to show whether quantizing it moved forgetting. Results go to
+``validation.json`` and ``validation.md`` (with plots); the caller exits non-zero if a check fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from edge_qmul.devices.profiles import DeviceProfile
+from edge_qmul.export.budgets import CHECKS, Budgets
+from edge_qmul.export.onnx_export import INPUT, check_contract, require_file
+
+from edge_qmul import __version__, pipeline
+from edge_qmul.atomic import write_bytes, write_json, write_text
+from edge_qmul.errors import ExportError
+from edge_qmul.metrics import (
+    EvalSets,
+    accuracy,
+    evaluate_logits,
+    logits_of,
+    loss_attack,
+    per_sample_loss,
+    roc_points,
+    true_label_confidence,
+)
+
+PROBE_SIZE = 64
+# Quantization "moved forgetting" when FA or the attack AUC shifts by more than this between the QAT
+# copy (what was unlearned) and the int8 model (what ships).
+FA_SHIFT, AUC_SHIFT = 1.0, 0.02
+
+
+@dataclass
+class Validation:
+    checks: dict[str, dict[str, Any]]
+    metrics: dict[str, Any]
+    passed: bool
+
+
+def ort_session(path: Path, threads: int) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def ort_logits(session: Any, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    outs = [session.run(None, {INPUT: b.numpy()})[0] for b in x.split(batch_size)]
+    return torch.from_numpy(np.concatenate(outs)) if outs else torch.empty(0, 0)
+
+
+def run_on_board_check(model: Path, probe: Path, threads: int, runs: int = 200) -> dict[str, Any]:
+    """The on-board runtime in a fresh process: latency and peak RSS as a board would see them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        proc = subprocess.run(
+            [sys.executable, "-m", "edge_qmul.devices.runtime", "--model", str(model), "--probe", str(probe),
+             "--threads", str(threads), "--runs", str(runs), "--out", str(out)],
+            capture_output=True, text=True, check=False,
+        )
+        if not out.exists():
+            raise ExportError(f"the on-board runtime failed on {model}: {proc.stderr.strip()}",
+                              "run `python -m edge_qmul.devices.runtime --help` and check the model file")
+        return dict(json.loads(out.read_text()))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def validate_run(
+    run_dir: Path, profile: DeviceProfile, budgets: Budgets, *, method: str | None = None
+) -> Validation:
+    model_path = require_file(run_dir / "model.int8.onnx", "export first: `edge-qmul export --run DIR`")
+    q = pipeline.load_quantized(run_dir)
+    c, h, w = q.model_cfg.in_channels, q.model_cfg.image_size, q.model_cfg.image_size
+    proto = check_contract(model_path, (c, h, w))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    method = method or meta.get("method") or pipeline.latest_method(run_dir)
+    rd = pipeline.load_run_data(run_dir)
+    rd.split.forget = pipeline.ledger_forget_ids(run_dir)
+    sets = rd.eval_sets()
+    result = pipeline.load_result_full(run_dir, method, q, rd.split.forget)
+
+    session = ort_session(model_path, profile.threads)
+    f, r, t = (ort_logits(session, x) for x in (sets.forget_x, sets.retain_x, sets.test_x))
+    with torch.no_grad():
+        t_torch = logits_of(result.int8, sets.test_x)
+        before_t = logits_of(q.int8, sets.test_x)
+        before_f = logits_of(q.int8, sets.forget_x)
+        qat = result.qat(q).eval()
+        qat_f, qat_t = logits_of(qat, sets.forget_x), logits_of(qat, sets.test_x)
+    core = evaluate_logits(f, r, t, sets)
+    attack = loss_attack(per_sample_loss(f, sets.forget_y), per_sample_loss(t, sets.test_y))
+    qat_attack = loss_attack(per_sample_loss(qat_f, sets.forget_y), per_sample_loss(qat_t, sets.test_y), bootstrap=0)
+    qat_fa = accuracy(qat_f, sets.forget_y)
+    retrain_mia = _retrain_mia(run_dir, q, rd.split.forget, sets)
+
+    probe_path = run_dir / "probe.npz"
+    _write_probe(probe_path, sets.test_x[:PROBE_SIZE], t[:PROBE_SIZE])
+    board = run_on_board_check(model_path, probe_path, profile.threads)
+
+    metrics: dict[str, Any] = {
+        **core,
+        "loss_auc": attack["auc"],
+        "loss_auc_interval": [attack["auc_low"], attack["auc_high"]],
+        "tpr_at_1fpr": attack["tpr_at_1fpr"],
+        "parity_top1": 100.0 * float((t.argmax(1) == t_torch.argmax(1)).float().mean()),
+        "max_logit_diff": float((t - t_torch).abs().max()),
+        "latency_ms_p50": board["latency_ms_p50"],
+        "latency_ms_p95": board["latency_ms_p95"],
+        "peak_memory_mb": board["peak_rss_mb"],
+        "size_bytes": model_path.stat().st_size,
+        "TA_before": accuracy(before_t, sets.test_y),
+        "FA_before": accuracy(before_f, sets.forget_y),
+        "MIA_retrain": retrain_mia,
+        "qat": {"FA": qat_fa, "loss_auc": qat_attack["auc"]},
+    }
+    metrics["ta_drop"] = metrics["TA_before"] - core["TA"]
+    metrics["fa_minus_ta"] = core["FA"] - core["TA"]
+    metrics["mia_gap_to_retrain"] = None if retrain_mia is None else abs(core["MIA"] - retrain_mia)
+    fa_shift, auc_shift = core["FA"] - qat_fa, attack["auc"] - qat_attack["auc"]
+    metrics["quantization_shift"] = {
+        "FA": fa_shift,
+        "loss_auc": auc_shift,
+        "moved_forgetting": abs(fa_shift) > FA_SHIFT or abs(auc_shift) > AUC_SHIFT,
+    }
+
+    profile_limits = {"latency_ms_p95": profile.latency_budget_ms, "peak_memory_mb": profile.memory_budget_mb}
+    checks: dict[str, dict[str, Any]] = {}
+    for name, check in CHECKS.items():
+        if name not in budgets.limits:
+            continue
+        value, limit = metrics[name], budgets.limit(name, profile_limits)
+        if value is None:
+            checks[name] = {"value": None, "limit": limit, "passed": True, "skipped": "no retrained reference"}
+            continue
+        ok = value >= limit if check.direction == "min" else value <= limit
+        checks[name] = {"value": float(value), "limit": limit, "passed": bool(ok)}
+    passed = all(c["passed"] for c in checks.values())
+
+    report = {
+        "toolkit_version": __version__,
+        "model": str(model_path.name),
+        "model_sha256": _sha256(model_path),
+        "method": method,
+        "device": profile.name,
+        "threads": profile.threads,
+        "budgets": budgets.source,
+        "passed": passed,
+        "checks": checks,
+        "metrics": metrics,
+        "on_board": board,
+    }
+    plots = _plots(run_dir, f, t, sets, before_f, before_t, attack, qat_f, qat_t, q.model_cfg.num_classes)
+    write_json(run_dir / "validation.json", report)
+    write_text(run_dir / "validation.md", _markdown(report, plots))
+    return Validation(checks, metrics, passed)
+
+
+def _retrain_mia(run_dir: Path, q: pipeline.Quantized, forget_ids: list[int], sets: EvalSets) -> float | None:
+    if not (run_dir / "unlearn" / pipeline.REFERENCE / "result.pt").exists():
+        return None
+    ref = pipeline.load_result_full(run_dir, pipeline.REFERENCE, q, forget_ids)
+    with torch.no_grad():
+        logits = [logits_of(ref.int8, x) for x in (sets.forget_x, sets.retain_x, sets.test_x)]
+    return evaluate_logits(*logits, sets)["MIA"]
+
+
+def _write_probe(path: Path, pixels: torch.Tensor, logits: torch.Tensor) -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, pixels=pixels.numpy().astype(np.float32), reference_logits=logits.numpy().astype(np.float32))
+    write_bytes(path, buf.getvalue())
+
+
+def _plots(
+    run_dir: Path, f: torch.Tensor, t: torch.Tensor, sets: EvalSets, before_f: torch.Tensor, before_t: torch.Tensor,
+    attack: dict[str, float], qat_f: torch.Tensor, qat_t: torch.Tensor, num_classes: int,
+) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = {"roc": "validation_roc.png", "per_class": "validation_per_class.png", "confidence": "validation_conf.png"}
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for name, (fl, tl) in {"int8 (onnxruntime)": (f, t), "QAT copy (torch)": (qat_f, qat_t)}.items():
+        fpr, tpr = roc_points(per_sample_loss(fl, sets.forget_y), per_sample_loss(tl, sets.test_y))
+        ax.plot(fpr, tpr, label=name)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="chance")
+    ax.set(xlabel="false positive rate (test)", ylabel="true positive rate (forget)",
+           title=f"loss attack, forget vs test: AUC {attack['auc']:.3f}")
+    ax.legend(loc="lower right")
+    _save(fig, run_dir / files["roc"])
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
+    classes = np.arange(num_classes)
+    for ax, (title, y, b, a) in zip(
+        axes, (("forget set", sets.forget_y, before_f, f), ("test set", sets.test_y, before_t, t)), strict=True
+    ):
+        acc_b = [100.0 * float((b.argmax(1)[y == c] == c).float().mean()) if (y == c).any() else 0.0 for c in classes]
+        acc_a = [100.0 * float((a.argmax(1)[y == c] == c).float().mean()) if (y == c).any() else 0.0 for c in classes]
+        ax.bar(classes - 0.2, acc_b, width=0.4, label="before unlearning")
+        ax.bar(classes + 0.2, acc_a, width=0.4, label="after (int8, onnxruntime)")
+        ax.set(title=f"per-class accuracy, {title}", xlabel="class", xticks=classes)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[0].legend(loc="lower left")
+    _save(fig, run_dir / files["per_class"])
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    bins = np.linspace(0, 1, 41)
+    ax.hist(true_label_confidence(f, sets.forget_y).ravel(), bins=bins, alpha=0.6, density=True, label="forget")
+    ax.hist(true_label_confidence(t, sets.test_y).ravel(), bins=bins, alpha=0.6, density=True, label="test")
+    ax.set(xlabel="confidence in the true label", ylabel="density", title="int8 model: forget vs test")
+    ax.set_yscale("log")
+    ax.legend()
+    _save(fig, run_dir / files["confidence"])
+    return files
+
+
+def _save(fig: Any, path: Path) -> None:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_bytes(path, buf.getvalue())
+
+
+def _markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
+    m = report["metrics"]
+    lines = [
+        f"# Validation: {report['model']} on {report['device']}",
+        "",
+        f"- model sha256 `{report['model_sha256']}`, method `{report['method']}`, "
+        f"{report['threads']} thread(s), budgets: {report['budgets']}",
+        f"- result: **{'PASS' if report['passed'] else 'FAIL'}**",
+        "",
+        "| check | value | limit | |",
+        "|---|---|---|---|",
+    ]
+    for name, c in report["checks"].items():
+        op = "≥" if CHECKS[name].direction == "min" else "≤"
+        value = "skipped" if c["value"] is None else f"{c['value']:.4g}"
+        lines.append(f"| {name} | {value} | {op} {c['limit']:.4g} | {'✓' if c['passed'] else '✗'} |")
+    shift = m["quantization_shift"]
+    lines += [
+        "",
+        "| metric | int8 (onnxruntime) | before unlearning | QAT copy |",
+        "|---|---|---|---|",
+        f"| FA | {m['FA']:.2f} | {m['FA_before']:.2f} | {m['qat']['FA']:.2f} |",
+        f"| TA | {m['TA']:.2f} | {m['TA_before']:.2f} | |",
+        f"| RA | {m['RA']:.2f} | | |",
+        f"| MIA-efficacy | {m['MIA']:.2f} | | |",
+        f"| loss-attack AUC | {m['loss_auc']:.3f} [{m['loss_auc_interval'][0]:.3f}, {m['loss_auc_interval'][1]:.3f}]"
+        f" | | {m['qat']['loss_auc']:.3f} |",
+        f"| TPR at 1% FPR | {m['tpr_at_1fpr']:.3f} | | |",
+        "",
+        f"Latency p50 / p95: {m['latency_ms_p50']:.3f} / {m['latency_ms_p95']:.3f} ms; peak RSS "
+        f"{m['peak_memory_mb']:.1f} MB; file {m['size_bytes']} bytes.",
+        "",
+        "Quantization "
+        + ("**moved forgetting**" if shift["moved_forgetting"] else "did not move forgetting")
+        + f": int8 − QAT copy FA {shift['FA']:+.2f} points, loss-attack AUC {shift['loss_auc']:+.3f} "
+        f"(thresholds {FA_SHIFT} points / {AUC_SHIFT}).",
+        "",
+        f"![loss attack ROC]({plots['roc']})",
+        "",
+        f"![per-class accuracy]({plots['per_class']})",
+        "",
+        f"![confidence histograms]({plots['confidence']})",
+        "",
+    ]
+    return "\n".join(lines)
