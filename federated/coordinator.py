@@ -1,0 +1,184 @@
+"""One federated forget round on the server: collect, verify, record, acknowledge, unlearn, issue receipts.
+
+``run_round(grid, cfg)`` is what the ServerApp's ``main`` calls; it only needs a Flower ``Grid``, so tests
+drive it with an in-process grid as well as through a real SuperLink.
+
+1. wait until ``num-clients`` SuperNodes are connected (or ``connect-timeout`` passes, then go ahead with
+   those present);
+2. ``query.forget`` to every node, one message each; each device answers with all its signed requests;
+3. ``Intake.process`` verifies them and commits accepted ones to the forget ledger;
+4. ``query.ack`` to every node that answered: one outcome per request (after the commit in step 3);
+5. central mode: ``pipeline.run_unlearn`` with Q-MUL over every request in the ledger, if any is not yet
+   honoured, then ``Ledger.mark_honoured`` with the new model's version (``qmul-`` + sha256 prefix of its
+   result.pt);
+6. ``query.receipt`` to the nodes that filed requests: which model version honours which of their ids.
+
+A node that fails or does not answer within ``reply-timeout`` is logged with its node id and left out of
+the later steps; what was already recorded for it stays recorded (step 3 happens before any later step).
+A summary is written to ``<run-dir>/federated/round-<flower run id>.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+from edge_qmul.federated import messages
+from edge_qmul.federated.config import FederatedConfig
+from edge_qmul.federated.intake import Intake
+from edge_qmul.federated.protocol import ACCEPTED, ALREADY_RECORDED, REFUSED, ProtocolError, load_key_file
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from edge_qmul.atomic import write_json
+from edge_qmul.ledger import Ledger
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundSummary:
+    flower_run_id: int
+    mode: str
+    nodes: int = 0  # connected when the round started
+    replied: int = 0  # answered the forget query with a decodable batch
+    acked_nodes: int = 0  # confirmed the acknowledgement
+    accepted: int = 0
+    already_recorded: int = 0
+    refused: int = 0
+    refusals: dict[str, int] = field(default_factory=dict)  # reason -> count
+    model_version: str | None = None
+    honoured: int = 0  # requests whose honoured_by is this round's model version
+    receipts: int = 0  # nodes that confirmed their receipt
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def one_line(self) -> str:
+        return (
+            f"forget round: {self.replied}/{self.nodes} nodes replied; {self.accepted} accepted, "
+            f"{self.already_recorded} already recorded, {self.refused} refused {dict(self.refusals)}; "
+            f"model {self.model_version or '-'} honours {self.honoured}; {self.seconds.get('total', 0):.1f}s"
+        )
+
+
+def wait_for_nodes(grid: Grid, wanted: int, timeout: float, poll: float = 1.0) -> list[int]:
+    """Node ids once ``wanted`` are connected, or whatever is connected when ``timeout`` runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= wanted or time.monotonic() >= deadline:
+            return nodes
+        time.sleep(poll)
+
+
+def _exchange(grid: Grid, contents: dict[int, RecordDict], message_type: str, timeout: float) -> dict[int, Message]:
+    """Send one message per node and return the replies without errors, by node id."""
+    ttl = timeout + 60.0  # long enough for a slow node's reply to still count while we wait
+    sent = [Message(content, node, message_type, ttl=ttl) for node, content in contents.items()]
+    replies: Iterable[Message] = grid.send_and_receive(sent, timeout=timeout) if sent else []
+    out: dict[int, Message] = {}
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            log.warning("node %d answered %s with an error: %s", node, message_type, reply.error.reason)
+            continue
+        out[node] = reply
+    for node in sorted(set(contents) - set(out)):
+        log.warning("node %d gave no usable reply to %s within %.0fs", node, message_type, timeout)
+    return out
+
+
+def run_round(grid: Grid, cfg: FederatedConfig, *, flower_run_id: int = 0) -> RoundSummary:
+    t0 = time.perf_counter()
+    summary = RoundSummary(flower_run_id, cfg.mode)
+    nodes = wait_for_nodes(grid, cfg.num_clients, cfg.connect_timeout)
+    summary.nodes = len(nodes)
+    log.info("forget round %d: %d node(s) connected (%d expected)", flower_run_id, len(nodes), cfg.num_clients)
+
+    # -- collect and record ----------------------------------------------------------------------------
+    t = time.perf_counter()
+    replies = _exchange(grid, {n: messages.forget_query(time.time()) for n in nodes}, messages.QUERY_FORGET,
+                        cfg.reply_timeout)
+    acks: dict[int, RecordDict] = {}
+    filed: dict[int, int] = {}  # node -> partition id of the device that filed through it
+    reasons: Counter[str] = Counter()
+    with Intake(cfg.run_path, cfg.num_clients, max_request_age=cfg.max_request_age) as intake:
+        if cfg.key_file:
+            intake.pin_keys(load_key_file(cfg.key_file))
+        for node, reply in sorted(replies.items()):
+            try:
+                batch = messages.content_to_batch(reply.content)
+            except ProtocolError as err:
+                log.warning("node %d: batch refused (%s); nothing recorded for it", node, err.reason)
+                continue
+            outcomes = intake.process(batch, node)
+            acks[node] = messages.acks_to_content(outcomes)
+            filed[node] = batch.partition_id
+            for o in outcomes:
+                summary.accepted += o.status == ACCEPTED
+                summary.already_recorded += o.status == ALREADY_RECORDED
+                if o.status == REFUSED:
+                    reasons[o.reason] += 1
+    summary.replied = len(acks)
+    summary.refused = sum(reasons.values())
+    summary.refusals = dict(sorted(reasons.items()))
+    summary.seconds["collect"] = time.perf_counter() - t
+
+    # -- acknowledge (every accepted request above is already committed) -----------------------------
+    t = time.perf_counter()
+    confirmed = _exchange(grid, acks, messages.QUERY_ACK, cfg.reply_timeout)
+    summary.acked_nodes = len(confirmed)
+    summary.seconds["ack"] = time.perf_counter() - t
+
+    # -- unlearn -------------------------------------------------------------------------------------
+    if cfg.mode == "central":
+        t = time.perf_counter()
+        summary.model_version, summary.honoured = unlearn_pending(cfg)
+        summary.seconds["unlearn"] = time.perf_counter() - t
+
+    # -- receipts ------------------------------------------------------------------------------------
+    t = time.perf_counter()
+    receipts = _receipts(cfg, filed)
+    summary.receipts = len(_exchange(grid, receipts, messages.QUERY_RECEIPT, cfg.reply_timeout))
+    summary.seconds["receipt"] = time.perf_counter() - t
+
+    summary.seconds["total"] = time.perf_counter() - t0
+    write_json(cfg.run_path / "federated" / f"round-{flower_run_id}.json", asdict(summary))
+    log.info("%s", summary.one_line())
+    return summary
+
+
+def unlearn_pending(cfg: FederatedConfig) -> tuple[str | None, int]:
+    """Q-MUL over the whole ledger if any request is not yet honoured; returns (model version, newly honoured)."""
+    from edge_qmul import pipeline  # local import: torch is heavy and only the server's central mode needs it
+
+    with Ledger(cfg.ledger_path) as ledger:
+        pending = [r.request_id for r in ledger.requests() if r.honoured_by is None]
+    if not pending:
+        log.info("no unhonoured forget requests: the current model stands")
+        return None, 0
+    meta = pipeline.run_unlearn(cfg.run_path, pipeline.method_config("qmul"), quiet=True)
+    result = cfg.run_path / "unlearn" / meta["method"] / "result.pt"
+    version = f"qmul-{pipeline.sha256_file(result)[:12]}"
+    with Ledger(cfg.ledger_path) as ledger:
+        # run_unlearn covers every request in the ledger (meta lists them); only unhonoured rows change.
+        ledger.mark_honoured(meta["request_ids"], version)
+        honoured = sum(r.honoured_by == version for r in ledger.requests())
+    log.info("unlearned %d samples in %.1fs: model %s honours %d new request(s)",
+             meta["forget_count"], meta["seconds"], version, honoured)
+    return version, honoured
+
+
+def _receipts(cfg: FederatedConfig, filed: dict[int, int]) -> dict[int, RecordDict]:
+    """Per node: each honoured request of the device that filed through it, with the model version that
+    first honoured it (what a deletion certificate cites)."""
+    with Ledger(cfg.ledger_path) as ledger:
+        requests = ledger.requests()
+    out: dict[int, RecordDict] = {}
+    for node, pid in filed.items():
+        mine = {r.request_id: r.honoured_by for r in requests if r.source == f"device:{pid}" and r.honoured_by}
+        if mine:
+            out[node] = messages.receipt_to_content(mine)
+    return out

@@ -1,0 +1,623 @@
+"""Fast tests of the federated forget-request path: protocol, intake, device queue, and whole rounds through
+an in-process Grid that passes every message through Flower's real serialization.
+
+The real deployment (SuperLink + SuperNodes + `flwr run`) is in test_federated_deploy.py.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import shutil
+import stat
+import zipfile
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import pytest
+from edge_qmul.federated import client_app, messages, partition, protocol
+from edge_qmul.federated.config import DeviceConfig, FederatedConfig
+from edge_qmul.federated.coordinator import run_round
+from edge_qmul.federated.intake import REFUSAL_REASONS, Intake
+from edge_qmul.federated.protocol import DeviceBatch, ForgetRequest, ProtocolError, SignedRequest
+from edge_qmul.federated.store import FleetStore
+from edge_qmul.federated.task import EXPECTED_FAULT_REASONS, Device, PendingRequest
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+from flwr.supercore.task_identity import TaskIdentity
+
+from edge_qmul import data
+from edge_qmul.errors import ConfigError, ForgetRequestError
+from edge_qmul.ledger import Ledger
+
+NOW = 1_800_000_000
+NODE = 2**63 + 100  # Flower node ids are unsigned 64-bit; the first local node is beyond SQLite INTEGER
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fixtures and helpers
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages take their run and sender from the process's TaskIdentity, which Flower sets in a real
+    ServerApp / ClientApp process; here every message comes from the "server" of run 1."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+@pytest.fixture(scope="session")
+def digits_split() -> data.Split:
+    return data.make_split(data.load_dataset("digits"), seed=0)
+
+
+@pytest.fixture
+def run(tmp_path: Path, digits_split: data.Split) -> Path:
+    """A run directory holding only split.json: enough for intake (no model needed)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    digits_split.save(run_dir / "split.json")
+    return run_dir
+
+
+def fed_cfg(run: Path, **overrides: object) -> FederatedConfig:
+    base: dict[str, object] = {"run_dir": str(run), "mode": "intake", "num_clients": 3}
+    return FederatedConfig(**{**base, **overrides})
+
+
+def make_device(run: Path, pid: int, tmp_path: Path, *, n: int = 3, **overrides: object) -> Device:
+    state_dir = tmp_path / f"device{pid}"
+    return Device.open(DeviceConfig(pid, n, str(state_dir)), fed_cfg(run, num_clients=n, **overrides))
+
+
+def own(run: Path, pid: int, n: int = 3) -> list[int]:
+    return partition.partition(data.Split.load(run / "split.json").train, n, pid)
+
+
+def batch_of(device: Device, *requests: ForgetRequest, key: object = None) -> DeviceBatch:
+    signing = key or device.key
+    entries = [protocol.sign(r, signing) for r in requests]
+    return DeviceBatch(device.partition_id, device.cfg.num_partitions, protocol.public_key_bytes(device.key),
+                       protocol.key_proof(device.key, device.partition_id), entries)
+
+
+def request(pid: int, ids: Iterable[int] = (), *, rid: str = "r1", kind: str = "samples", klass: int | None = None,
+            ts: int = NOW) -> ForgetRequest:
+    return ForgetRequest(rid, pid, kind, tuple(sorted(ids)), klass, ts, protocol.new_nonce())
+
+
+def intake(run: Path, n: int = 3) -> Intake:
+    return Intake(run, n, clock=lambda: float(NOW))
+
+
+def wire(message: Message) -> Message:
+    """Deflate a message into Flower's object store format and inflate it again (what the SuperLink does)."""
+    contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(message).items()}
+    out = inflate_object_from_contents(message.object_id, contents)
+    assert isinstance(out, Message)
+    out.metadata.__dict__["_message_id"] = message.metadata.message_id
+    return out
+
+
+class LocalGrid(Grid):
+    """A Grid that delivers messages to in-process ClientApps (one Context per node), through ``wire``.
+
+    ``drop(message)`` returning True simulates a node that never answers that message. A ClientApp that
+    raises answers with an error reply, as a SuperNode does.
+    """
+
+    def __init__(self, node_configs: dict[int, dict[str, object]], run_config: dict[str, object],
+                 drop: Callable[[Message], bool] = lambda m: False) -> None:
+        self.contexts = {
+            node: Context(run_id=1, node_id=node, node_config=cfg, state=RecordDict(), run_config=run_config)  # type: ignore[arg-type]
+            for node, cfg in node_configs.items()
+        }
+        self.drop = drop
+        self._replies: dict[str, Message] = {}
+
+    def set_run(self, run: object) -> None:
+        raise NotImplementedError
+
+    @property
+    def run(self) -> object:  # type: ignore[override]
+        raise NotImplementedError
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid4().hex
+            ids.append(msg.metadata.message_id)
+            received = wire(msg)
+            if self.drop(received):
+                continue
+            try:
+                reply = client_app.app(received, self.contexts[received.metadata.dst_node_id])
+            except Exception as err:  # mirrors the SuperNode: any ClientApp failure becomes an error reply
+                reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=received)
+            reply.metadata.__dict__["_message_id"] = uuid4().hex
+            self._replies[msg.metadata.message_id] = wire(reply)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+
+def local_grid(run: Path, tmp_path: Path, run_config: dict[str, object], n: int = 3,
+               drop: Callable[[Message], bool] = lambda m: False) -> LocalGrid:
+    nodes = {
+        NODE + p: {"partition-id": p, "num-partitions": n, "state-dir": str(tmp_path / f"device{p}")} for p in range(n)
+    }
+    return LocalGrid(nodes, {"run-dir": str(run), "num-clients": n, **run_config}, drop)
+
+
+def device_state(tmp_path: Path, pid: int) -> dict[str, Any]:
+    return json.loads((tmp_path / f"device{pid}" / "device.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Protocol: canonical bytes, signatures, keys
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_signature_round_trip_and_tampering() -> None:
+    key, other = protocol.generate_key(), protocol.generate_key()
+    req = request(0, [5, 9, 12], rid="p0-s0")
+    signed = protocol.sign(req, key)
+    assert protocol.verify(signed, key.public_key()) == req
+    assert ForgetRequest.from_bytes(signed.payload) == req
+    with pytest.raises(ProtocolError) as err:
+        protocol.verify(signed, other.public_key())
+    assert err.value.reason == "bad-signature"
+    tampered = SignedRequest(signed.payload.replace(b"12", b"13"), signed.signature)
+    with pytest.raises(ProtocolError, match="does not verify"):
+        protocol.verify(tampered, key.public_key())
+
+
+def test_only_canonical_encodings_parse() -> None:
+    key = protocol.generate_key()
+    req = request(0, [1, 2])
+    spaced = json.dumps(req.to_json(), sort_keys=True).encode()  # valid JSON, validly signed, not canonical
+    with pytest.raises(ProtocolError, match="canonical") as err:
+        protocol.verify(SignedRequest(spaced, key.sign(spaced)), key.public_key())
+    assert err.value.reason == "malformed"
+    extra = protocol.canonical_json({**req.to_json(), "note": "x"})
+    with pytest.raises(ProtocolError, match="exactly the keys"):
+        ForgetRequest.from_bytes(extra)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"request_id": "has space"},
+        {"request_id": "x" * 65},
+        {"sample_ids": (3, 1)},
+        {"sample_ids": (1, 1)},
+        {"sample_ids": ()},
+        {"kind": "everything"},
+        {"kind": "class"},
+        {"kind": "client"},  # sample ids not allowed for a whole-client request
+        {"nonce": "abc"},
+        {"timestamp": -1},
+        {"device": True},
+    ],
+)
+def test_malformed_requests_are_refused(fields: dict[str, object]) -> None:
+    base: dict[str, object] = {"request_id": "r1", "device": 0, "kind": "samples", "sample_ids": (1, 2),
+                               "klass": None, "timestamp": NOW, "nonce": "0" * 32}
+    with pytest.raises(ProtocolError) as err:
+        ForgetRequest(**{**base, **fields})
+    assert err.value.reason == "malformed"
+
+
+def test_key_proof_and_key_files(tmp_path: Path) -> None:
+    key, other = protocol.generate_key(), protocol.generate_key()
+    protocol.verify_key_proof(key.public_key(), 2, protocol.key_proof(key, 2))
+    for public, device in ((key.public_key(), 1), (other.public_key(), 2)):
+        with pytest.raises(ProtocolError) as err:
+            protocol.verify_key_proof(public, device, protocol.key_proof(key, 2))
+        assert err.value.reason == "bad-key-proof"
+    path = tmp_path / "keys" / "device.pem"
+    created = protocol.load_or_create_key(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert protocol.public_key_bytes(protocol.load_or_create_key(path)) == protocol.public_key_bytes(created)
+    key_file = tmp_path / "keys.json"
+    key_file.write_text(json.dumps({"1": protocol.public_key_bytes(key).hex()}))
+    assert protocol.load_key_file(key_file) == {1: protocol.public_key_bytes(key)}
+    key_file.write_text(json.dumps({"1": "zz"}))
+    with pytest.raises(ProtocolError, match="hex"):
+        protocol.load_key_file(key_file)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Provenance and configuration
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 3, 7])
+def test_partitions_cover_train_disjointly(digits_split: data.Split, n: int) -> None:
+    parts = [partition.partition(digits_split.train, n, p) for p in range(n)]
+    assert sorted(i for part in parts for i in part) == sorted(digits_split.train)
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    owner = partition.assignment(digits_split.train, n)
+    assert all(owner[i] == p for p, part in enumerate(parts) for i in part)
+    with pytest.raises(ConfigError, match="partition-id"):
+        partition.partition(digits_split.train, n, n)
+
+
+def test_run_and_node_config_reject_unknown_keys_and_bad_values(run: Path) -> None:
+    cfg = FederatedConfig.from_run_config({"run-dir": str(run), "num-clients": 4, "reply-timeout": 5})
+    assert cfg.num_clients == 4 and cfg.reply_timeout == 5.0
+    with pytest.raises(ConfigError, match="(?s)unknown key.*num-client.*valid keys"):
+        FederatedConfig.from_run_config({"run-dir": str(run), "num-client": 4})
+    with pytest.raises(ConfigError, match="absolute"):
+        FederatedConfig.from_run_config({"run-dir": "runs/x"})
+    with pytest.raises(ConfigError, match="mode"):
+        FederatedConfig.from_run_config({"run-dir": str(run), "mode": "federated"})
+    with pytest.raises(ConfigError, match="must be of type int"):
+        FederatedConfig.from_run_config({"run-dir": str(run), "num-clients": True})
+    with pytest.raises(ConfigError, match="leave-partitions"):
+        FederatedConfig.from_run_config({"run-dir": str(run), "leave-partitions": "0,5"})
+    assert DeviceConfig.from_node_config({"partition-id": 2, "num-partitions": 3}).partition_id == 2
+    with pytest.raises(ConfigError, match="partition-id=3"):
+        DeviceConfig.from_node_config({"partition-id": 3, "num-partitions": 3})
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:pathspec")  # flwr's FAB builder uses a deprecated API
+def test_fab_bundles_only_the_app_config_and_federated_sources() -> None:
+    """What `flwr run <repo>` ships: no .venv, runs/ or core package copy (which would shadow the installed one)."""
+    from flwr.cli.build import build_fab_from_disk
+
+    fab = build_fab_from_disk(Path(__file__).parents[1])
+    names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
+    assert {"pyproject.toml", "federated/server_app.py", "federated/client_app.py"} <= set(names)
+    assert all(n in ("pyproject.toml", "README.md", ".info/CONTENT") or n.startswith("federated/") for n in names)
+    assert len(fab) < 512 * 1024
+
+
+def test_pyproject_run_config_matches_the_app(run: Path) -> None:
+    """Every key in [tool.flwr.app.config] is one the app reads, and the defaults agree."""
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    app = pyproject["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "edge_qmul.federated.server_app:app",
+                                 "clientapp": "edge_qmul.federated.client_app:app"}
+    cfg = FederatedConfig.from_run_config({**app["config"], "run-dir": str(run)})
+    assert cfg == FederatedConfig(run_dir=str(run))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Intake: verification, ownership, replay, idempotency, durability
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_accepted_requests_are_in_the_ledger_before_the_outcome(run: Path, tmp_path: Path) -> None:
+    dev = make_device(run, 0, tmp_path)
+    mine = own(run, 0)
+    with intake(run) as srv:
+        outcomes = srv.process(batch_of(dev, request(0, mine[:3], rid="a"), request(0, mine[3:4], rid="b")), 7)
+    assert [(o.request_id, o.status) for o in outcomes] == [("a", "accepted"), ("b", "accepted")]
+    with Ledger(run / "ledger.sqlite") as ledger:  # a fresh connection sees the committed rows
+        rows = {r.request_id: r for r in ledger.requests()}
+    assert rows["a"].sample_ids == sorted(mine[:3]) and rows["a"].source == "device:0"
+    assert rows["a"].spec == {"device": 0, "count": 3}  # the spec records counts, not ids
+    with FleetStore(run / "ledger.sqlite") as store:
+        device = store.device(0)
+        assert device is not None and device.registered == "tofu"
+        assert device.public_key == protocol.public_key_bytes(dev.key)
+        assert store.owned_by(0) == sorted(mine)
+
+
+def test_resend_is_idempotent_and_replay_is_refused(run: Path, tmp_path: Path) -> None:
+    dev = make_device(run, 1, tmp_path)
+    ids = own(run, 1)[:2]
+    first = batch_of(dev, request(1, ids, rid="r1"))
+    with intake(run) as srv:
+        assert srv.process(first)[0].status == "accepted"
+        # The ack was lost: the device re-sends the same request with a fresh nonce.
+        assert srv.process(batch_of(dev, request(1, ids, rid="r1")))[0].status == "already-recorded"
+        # Someone replays the captured bytes: same nonce.
+        replayed = srv.process(first)[0]
+    assert (replayed.status, replayed.reason) == ("refused", "replayed-nonce")
+    with Ledger(run / "ledger.sqlite") as ledger:
+        assert [r.request_id for r in ledger.requests()] == ["r1"]
+
+
+def test_ownership_is_checked_against_provenance(run: Path, tmp_path: Path) -> None:
+    dev = make_device(run, 0, tmp_path)
+    foreign = own(run, 1)[:2]
+    val_sample = data.Split.load(run / "split.json").val[:1]
+    with intake(run) as srv:
+        outcomes = srv.process(batch_of(
+            dev,
+            request(0, foreign, rid="foreign"),
+            request(0, own(run, 0)[:1] + foreign[:1], rid="mixed"),
+            request(0, val_sample, rid="not-training"),
+        ))
+    assert [o.reason for o in outcomes] == ["not-owner"] * 3
+    with Ledger(run / "ledger.sqlite") as ledger:
+        assert ledger.requests() == []
+
+
+def test_whole_client_deletion_expands_to_the_partition(run: Path, tmp_path: Path) -> None:
+    dev = make_device(run, 2, tmp_path)
+    with intake(run) as srv:
+        (outcome,) = srv.process(batch_of(dev, request(2, kind="client", rid="leave")))
+    assert outcome.status == "accepted"
+    with Ledger(run / "ledger.sqlite") as ledger, FleetStore(run / "ledger.sqlite") as store:
+        (row,) = ledger.requests()
+        assert row.kind == "client" and row.sample_ids == sorted(own(run, 2))
+        assert row.spec == {"device": 2, "partition": 2, "num_partitions": 3}
+        device = store.device(2)
+        assert device is not None and device.left_at is not None
+
+
+def test_class_request_covers_only_own_samples_of_that_class(run: Path, tmp_path: Path) -> None:
+    dev = make_device(run, 0, tmp_path)
+    labels = data.load_dataset("digits").train.labels
+    with intake(run) as srv:
+        ok, bad = srv.process(batch_of(dev, request(0, kind="class", klass=4, rid="c4"),
+                                       request(0, kind="class", klass=10, rid="c10")))
+    assert ok.status == "accepted" and bad.reason == "bad-class"
+    with Ledger(run / "ledger.sqlite") as ledger:
+        (row,) = ledger.requests()
+    assert row.sample_ids == sorted(i for i in own(run, 0) if labels[i] == 4)
+
+
+def test_key_registration_pinning_and_mismatch(run: Path, tmp_path: Path) -> None:
+    dev = make_device(run, 0, tmp_path)
+    impostor = replace(dev.cfg, state_dir=str(tmp_path / "impostor"))
+    fake = Device.open(impostor, dev.run_cfg)
+    ids = own(run, 0)[:1]
+    with intake(run) as srv:
+        bad_proof = replace(batch_of(dev, request(0, ids)), key_proof=b"\0" * 64)
+        assert {o.reason for o in srv.process(bad_proof)} == {"bad-key-proof"}
+        assert srv.store.device(0) is None  # nothing registered without proof of possession
+        assert srv.process(batch_of(dev, request(0, ids)))[0].status == "accepted"  # TOFU
+        # Another key for the same device: refused, even though it signs consistently.
+        assert {o.reason for o in srv.process(batch_of(fake, request(0, ids, rid="r2")))} == {"key-mismatch"}
+        # The real key presented, a request signed with another key.
+        assert srv.process(batch_of(dev, request(0, ids, rid="r3"), key=fake.key))[0].reason == "bad-signature"
+        # A pinned key (key file) replaces the TOFU registration.
+        srv.pin_keys({0: protocol.public_key_bytes(fake.key)})
+        assert srv.process(batch_of(fake, request(0, ids, rid="r4")))[0].status == "accepted"
+        assert srv.process(batch_of(dev, request(0, ids, rid="r5")))[0].reason == "key-mismatch"
+
+
+def test_timestamps_device_claims_and_id_conflicts(run: Path, tmp_path: Path) -> None:
+    d0, d1 = make_device(run, 0, tmp_path), make_device(run, 1, tmp_path)
+    a, b = own(run, 0)[:2], own(run, 1)[:2]
+    with intake(run) as srv:
+        outcomes = srv.process(batch_of(
+            d0,
+            request(0, a, rid="old", ts=NOW - 86400 - 1),
+            request(0, a, rid="future", ts=NOW + 3600),
+            request(1, a, rid="claims-other-device"),
+            request(0, a, rid="shared"),
+            request(0, a[:1], rid="shared"),  # same id, other samples
+        ))
+        other_device = srv.process(batch_of(d1, request(1, b, rid="shared")))[0]  # same id from another device
+        mismatch = srv.process(replace(batch_of(d1, request(1, b)), num_partitions=4))[0]
+    assert [o.reason or o.status for o in outcomes] == [
+        "expired", "from-future", "device-mismatch", "accepted", "request-id-conflict"
+    ]
+    assert other_device.reason == "request-id-conflict" and mismatch.reason == "partition-mismatch"
+    with Ledger(run / "ledger.sqlite") as ledger:
+        (row,) = ledger.requests()
+    assert (row.request_id, row.sample_ids, row.source) == ("shared", sorted(a), "device:0")
+
+
+def test_provenance_is_fixed_once_recorded(run: Path) -> None:
+    intake(run).close()
+    with pytest.raises(ConfigError, match="provenance for 3 partitions"):
+        intake(run, n=4)
+
+
+def test_refusals_are_logged_with_id_and_reason_never_samples(
+    run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    dev = make_device(run, 0, tmp_path)
+    foreign = [i for i in own(run, 1) if i >= 100][:3]
+    mine = [i for i in own(run, 0) if i >= 100][:3]
+    with caplog.at_level(logging.INFO, logger="edge_qmul"), intake(run) as srv:
+        srv.process(batch_of(dev, request(0, foreign, rid="p0-foreign"), request(0, mine, rid="p0-mine")), 42)
+        garbage = replace(batch_of(dev, request(0, mine)), entries=[SignedRequest(b"{not json", b"sig")])
+        srv.process(garbage, 42)
+        log_rows = srv.store.intake_log()
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert re.search(r"refused forget request p0-foreign from device 0 \(node 42\): not-owner", text)
+    assert re.search(r"accepted forget request p0-mine \(samples, 3 samples\) from device 0", text)
+    assert "refused forget request <payload sha256 " in text  # unparseable: named by hash, not content
+    for sample in foreign + mine:
+        assert not re.search(rf"(?<![\w-]){sample}(?![\w-])", text), f"sample id {sample} leaked into the log"
+    assert [(r.request_id, r.outcome, r.reason) for r in log_rows] == [
+        ("p0-foreign", "refused", "not-owner"), ("p0-mine", "accepted", ""), ("", "refused", "bad-signature")
+    ]
+    assert set(REFUSAL_REASONS) >= {r.reason for r in log_rows if r.reason}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Device: queue, state, messages through Flower's serialization
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_device_queue_is_deterministic_own_and_persistent(run: Path, tmp_path: Path) -> None:
+    dev = make_device(run, 1, tmp_path, requests_per_client=3, samples_per_request=4, leave_partitions="1")
+    dev.refresh_queue()
+    pending = dev.pending()
+    assert [p.kind for p in pending] == ["samples"] * 3 + ["client"]
+    ids = [i for p in pending for i in p.sample_ids]
+    assert len(ids) == len(set(ids)) == 12 and set(ids) <= set(own(run, 1))
+    dev.save()
+    again = make_device(run, 1, tmp_path / "elsewhere", requests_per_client=3, samples_per_request=4,
+                        leave_partitions="1")
+    again.refresh_queue()
+    assert again.pending() == pending  # same config, same requests (and ids) on any device state
+    reopened = make_device(run, 1, tmp_path, requests_per_client=3, samples_per_request=4, leave_partitions="1")
+    assert reopened.pending() == pending
+    assert protocol.public_key_bytes(reopened.key) == protocol.public_key_bytes(dev.key)
+
+
+def test_device_without_state_dir_keeps_key_in_context_state(run: Path) -> None:
+    state = RecordDict()
+    cfg = fed_cfg(run)
+    dev = Device.open(DeviceConfig(0, 3), cfg, state)
+    dev.refresh_queue()
+    dev.save()
+    assert isinstance(state["edge-qmul-device"], ConfigRecord)
+    again = Device.open(DeviceConfig(0, 3), cfg, state)
+    assert protocol.public_key_bytes(again.key) == protocol.public_key_bytes(dev.key)
+    assert again.pending() == dev.pending()
+
+
+def test_messages_survive_flower_serialization(run: Path, tmp_path: Path) -> None:
+    dev = make_device(run, 0, tmp_path, inject_faults=True)
+    dev.refresh_queue()
+    batch = dev.outgoing(NOW)
+    assert len(batch.entries) == 2 + len(EXPECTED_FAULT_REASONS)
+    sent = wire(Message(messages.batch_to_content(batch), 5, messages.QUERY_FORGET))
+    assert messages.content_to_batch(sent.content) == batch
+    empty = replace(batch, entries=[])
+    empty_msg = wire(Message(messages.batch_to_content(empty), 5, messages.QUERY_FORGET))
+    assert messages.content_to_batch(empty_msg.content) == empty
+    outcomes = [protocol.Outcome(0, "a", "accepted"), protocol.Outcome(1, "", "refused", "malformed")]
+    acks = wire(Message(messages.acks_to_content(outcomes), 5, messages.QUERY_ACK))
+    assert messages.content_to_acks(acks.content) == outcomes
+    receipt = wire(Message(messages.receipt_to_content({"a": "qmul-1", "b": "qmul-2"}), 5, messages.QUERY_RECEIPT))
+    assert messages.content_to_receipt(receipt.content) == {"a": "qmul-1", "b": "qmul-2"}
+    with pytest.raises(ProtocolError, match="payloads but"):
+        messages.content_to_batch(RecordDict({"forget-batch": ConfigRecord({
+            "partition-id": 0, "num-partitions": 3, "public-key": b"k", "key-proof": b"p", "payloads": [b"x"]})}))
+
+
+def test_outcomes_settle_the_queue(run: Path, tmp_path: Path) -> None:
+    dev = make_device(run, 0, tmp_path)
+    dev.state["pending"] = [PendingRequest("a", "client").to_json(), PendingRequest("b", "client").to_json()]
+    dev.outgoing(NOW)
+    with pytest.raises(ForgetRequestError, match="outcomes for 2"):
+        dev.apply_outcomes([protocol.Outcome(0, "a", "accepted")])
+    counts = dev.apply_outcomes([protocol.Outcome(0, "a", "already-recorded"),
+                                 protocol.Outcome(1, "b", "refused", "not-owner")])
+    assert counts == {"acked": 1, "refused": 1, "faults": 0}
+    assert dev.pending() == [] and dev.state["acked"] == {"a": "already-recorded"}
+    assert dev.state["refused"] == {"b": "not-owner"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Whole rounds through the in-process grid (intake mode: no model needed)
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_round_with_faults_wrong_key_and_leaving_device(run: Path, tmp_path: Path) -> None:
+    key_file = tmp_path / "keys.json"  # device 2's registered key is not the one it holds
+    key_file.write_text(json.dumps({"2": protocol.public_key_bytes(protocol.generate_key()).hex()}))
+    run_config: dict[str, object] = {"mode": "intake", "inject-faults": True, "class-partitions": "0",
+                                     "leave-partitions": "1", "key-file": str(key_file)}
+    grid = local_grid(run, tmp_path, run_config)
+    summary = run_round(grid, FederatedConfig.from_run_config(grid.contexts[NODE].run_config), flower_run_id=9)
+    faults = len(EXPECTED_FAULT_REASONS)
+    assert (summary.replied, summary.acked_nodes, summary.accepted) == (3, 3, 6)
+    assert summary.refusals == {**{r: 2 for r in EXPECTED_FAULT_REASONS.values()}, "key-mismatch": 2 + faults}
+    with Ledger(run / "ledger.sqlite") as ledger:
+        rows = ledger.requests()
+    assert sorted(r.source for r in rows) == ["device:0"] * 3 + ["device:1"] * 3
+    assert {r.kind for r in rows} == {"samples", "class", "client"}
+    assert not any("-x-" in r.request_id for r in rows)  # no injected fault made it in
+    for pid in (0, 1):
+        state = device_state(tmp_path, pid)
+        assert state["pending"] == [] and len(state["acked"]) == 3
+        assert state["faults"] == EXPECTED_FAULT_REASONS
+    assert set(device_state(tmp_path, 2)["refused"].values()) == {"key-mismatch"}
+    written = json.loads((run / "federated" / "round-9.json").read_text())
+    assert written["accepted"] == 6 and written["model_version"] is None
+
+    again = run_round(grid, FederatedConfig.from_run_config(grid.contexts[NODE].run_config), flower_run_id=10)
+    assert (again.accepted, again.already_recorded) == (0, 0)  # every genuine request was settled
+
+
+def test_lost_acks_and_dead_nodes_lose_nothing(run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Node 1 never sees its ack and node 2 is dead after collecting: their requests are recorded anyway."""
+
+    def drop(msg: Message) -> bool:
+        node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
+        return (node == NODE + 1 and kind == messages.QUERY_ACK) or (node == NODE + 2 and kind != messages.QUERY_FORGET)
+
+    grid = local_grid(run, tmp_path, {"mode": "intake"}, drop=drop)
+    cfg = FederatedConfig.from_run_config(grid.contexts[NODE].run_config)
+    with caplog.at_level(logging.WARNING, logger="edge_qmul"):
+        summary = run_round(grid, cfg)
+    assert (summary.accepted, summary.acked_nodes) == (6, 1)
+    assert f"node {NODE + 1} gave no usable reply to query.ack" in caplog.text
+    assert device_state(tmp_path, 1)["pending"] != []  # it never learnt that its requests were recorded
+    grid.drop = lambda m: False
+    second = run_round(grid, cfg)
+    assert (second.accepted, second.already_recorded, second.acked_nodes) == (0, 4, 3)
+    with Ledger(run / "ledger.sqlite") as ledger:
+        assert len(ledger.requests()) == 6
+
+
+def test_failing_client_is_logged_and_left_out(run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    grid = local_grid(run, tmp_path, {"mode": "intake"})
+    grid.contexts[NODE + 2].node_config = {"partition-id": 2}  # misconfigured board: the ClientApp raises
+    with caplog.at_level(logging.WARNING, logger="edge_qmul"):
+        summary = run_round(grid, FederatedConfig.from_run_config(grid.contexts[NODE].run_config))
+    assert (summary.nodes, summary.replied, summary.accepted) == (3, 2, 4)
+    assert f"node {NODE + 2} answered query.forget with an error: ConfigError" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------
+# Central mode: the server unlearns what it recorded (needs a trained + quantized run)
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from edge_qmul import pipeline
+    from edge_qmul.config import DataConfig, QuantConfig
+    from edge_qmul.train import TrainConfig
+
+    run_dir = tmp_path_factory.mktemp("central") / "run"
+    pipeline.train(run_dir, DataConfig(dataset="digits"), TrainConfig(epochs=3), quiet=True)
+    pipeline.quantize(run_dir, QuantConfig(calibration_size=256), quiet=True)
+    return run_dir
+
+
+def test_central_round_unlearns_marks_honoured_and_sends_receipts(trained_run: Path, tmp_path: Path) -> None:
+    from edge_qmul import pipeline
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    grid = local_grid(run_dir, tmp_path, {"mode": "central", "leave-partitions": "2"})
+    cfg = FederatedConfig.from_run_config(grid.contexts[NODE].run_config)
+    summary = run_round(grid, cfg)
+    result = run_dir / "unlearn" / "qmul" / "result.pt"
+    assert summary.model_version == f"qmul-{pipeline.sha256_file(result)[:12]}"
+    assert (summary.accepted, summary.honoured, summary.receipts) == (7, 7, 3)
+    with Ledger(run_dir / "ledger.sqlite") as ledger:
+        rows = ledger.requests()
+    assert {r.honoured_by for r in rows} == {summary.model_version}
+    receipts = device_state(tmp_path, 2)["receipts"]
+    assert receipts == {r.request_id: summary.model_version for r in rows if r.source == "device:2"}
+    # Nothing new filed: no new model; receipts (idempotent) still name the version that honoured each request.
+    again = run_round(grid, cfg)
+    assert (again.accepted, again.model_version, again.receipts) == (0, None, 3)
+    assert device_state(tmp_path, 2)["receipts"] == receipts
