@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import torch
+from edge_qmul.export.onnx_export import INT8_KERNELS, export_models, optimized_op_counts
 
 from edge_qmul import quant
-from edge_qmul.export.onnx_export import INT8_KERNELS, export_models, optimized_op_counts
 from edge_qmul.models import DEFAULT_WIDTH, ModelConfig, build_model
 
 MODELS = [("small_cnn", 1, 28), ("resnet18", 3, 32)]
@@ -39,7 +39,9 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def interleaved_ms(sessions: dict[str, ort.InferenceSession], x: np.ndarray, rounds: int, reps: int) -> dict[str, float]:
+def interleaved_ms(
+    sessions: dict[str, ort.InferenceSession], x: np.ndarray, rounds: int, reps: int
+) -> dict[str, float]:
     """Median per-call latency; each round runs every session ``reps`` times, alternating."""
     for s in sessions.values():
         for _ in range(5):

@@ -74,6 +74,8 @@ class FederatedConfig:
             raise ConfigError(
                 f"run-dir={self.run_dir!r} must be an absolute path", 'pass -c \'run-dir="/abs/path/to/run"\''
             )
+        if self.key_file and not Path(self.key_file).is_absolute():
+            raise ConfigError(f"key-file={self.key_file!r} must be an absolute path", "pass the key file's full path")
         if self.mode not in MODES:
             raise ConfigError(f"mode={self.mode!r} is not supported", f"choose one of: {', '.join(MODES)}")
         for key in ("num_clients", "max_request_age"):

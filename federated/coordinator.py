@@ -95,7 +95,8 @@ def run_round(grid: Grid, cfg: FederatedConfig, *, flower_run_id: int = 0) -> Ro
     summary = RoundSummary(flower_run_id, cfg.mode)
     nodes = wait_for_nodes(grid, cfg.num_clients, cfg.connect_timeout)
     summary.nodes = len(nodes)
-    log.info("forget round %d: %d node(s) connected (%d expected)", flower_run_id, len(nodes), cfg.num_clients)
+    level = logging.INFO if len(nodes) >= cfg.num_clients else logging.WARNING
+    log.log(level, "forget round %d: %d node(s) connected (%d expected)", flower_run_id, len(nodes), cfg.num_clients)
 
     # -- collect and record ----------------------------------------------------------------------------
     t = time.perf_counter()
@@ -113,10 +114,11 @@ def run_round(grid: Grid, cfg: FederatedConfig, *, flower_run_id: int = 0) -> Ro
             except ProtocolError as err:
                 log.warning("node %d: batch refused (%s); nothing recorded for it", node, err.reason)
                 continue
-            outcomes = intake.process(batch, node)
-            acks[node] = messages.acks_to_content(outcomes)
-            filed[node] = batch.partition_id
-            for o in outcomes:
+            result = intake.process(batch, node)
+            acks[node] = messages.acks_to_content(result.outcomes)
+            if result.authenticated:
+                filed[node] = batch.partition_id
+            for o in result.outcomes:
                 summary.accepted += o.status == ACCEPTED
                 summary.already_recorded += o.status == ALREADY_RECORDED
                 if o.status == REFUSED:

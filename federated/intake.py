@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,15 @@ REFUSAL_REASONS: dict[str, str] = {
     "request-id-conflict": "the request id is already recorded with different content or by another device",
 }
 MAX_CLOCK_SKEW = 300  # seconds a device clock may run ahead of the server's
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """The outcomes of one batch, and whether its sender proved to be the device it claims to be (only then
+    may it be told anything about that device's requests, e.g. receipts)."""
+
+    authenticated: bool
+    outcomes: list[Outcome]
 
 
 class Intake:
@@ -128,7 +138,7 @@ class Intake:
 
     # -----------------------------------------------------------------------------------------------
 
-    def process(self, batch: DeviceBatch, node_id: int | None = None) -> list[Outcome]:
+    def process(self, batch: DeviceBatch, node_id: int | None = None) -> BatchResult:
         """Verify and record one device's batch; one outcome per entry, in entry order."""
         pid = batch.partition_id
         try:
@@ -136,9 +146,10 @@ class Intake:
         except ProtocolError as err:
             log.warning("refused the whole batch of device %s (node %s, %d requests): %s",
                         pid, node_id, len(batch.entries), err.reason)
-            return [self._refuse(i, "", e.sha256, pid, node_id, err.reason) for i, e in enumerate(batch.entries)]
+            refused = [self._refuse(i, "", e.sha256, pid, node_id, err.reason) for i, e in enumerate(batch.entries)]
+            return BatchResult(False, refused)
         self.store.touch(pid)
-        return [self._one(i, entry, pid, public_key, node_id) for i, entry in enumerate(batch.entries)]
+        return BatchResult(True, [self._one(i, e, pid, public_key, node_id) for i, e in enumerate(batch.entries)])
 
     def _authenticate(self, batch: DeviceBatch) -> Ed25519PublicKey:
         pid = batch.partition_id

@@ -9,12 +9,12 @@ import numpy as np
 import onnx
 import pytest
 from conftest import copy_run
+from edge_qmul.export.budgets import CHECKS, load_budgets
+from edge_qmul.export.onnx_export import FusionError, OnnxModelError, check_contract, check_fusion
 from onnx import TensorProto, helper
 
 from edge_qmul.cli import main
 from edge_qmul.errors import ConfigError
-from edge_qmul.export.budgets import CHECKS, load_budgets
-from edge_qmul.export.onnx_export import FusionError, OnnxModelError, check_contract, check_fusion
 
 
 @pytest.fixture(scope="module")

@@ -47,9 +47,12 @@ NODE = 2**63 + 100  # Flower node ids are unsigned 64-bit; the first local node 
 
 
 @pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages take their run and sender from the process's TaskIdentity, which Flower sets in a real
-    ServerApp / ClientApp process; here every message comes from the "server" of run 1."""
+def flower_process(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Flower state in a temporary FLWR_HOME, no telemetry, and the TaskIdentity Flower sets in a real
+    ServerApp / ClientApp process (messages take their run and sender from it): the "server" of run 1."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+    monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 1)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
@@ -314,7 +317,7 @@ def test_accepted_requests_are_in_the_ledger_before_the_outcome(run: Path, tmp_p
     dev = make_device(run, 0, tmp_path)
     mine = own(run, 0)
     with intake(run) as srv:
-        outcomes = srv.process(batch_of(dev, request(0, mine[:3], rid="a"), request(0, mine[3:4], rid="b")), 7)
+        outcomes = srv.process(batch_of(dev, request(0, mine[:3], rid="a"), request(0, mine[3:4], rid="b")), 7).outcomes
     assert [(o.request_id, o.status) for o in outcomes] == [("a", "accepted"), ("b", "accepted")]
     with Ledger(run / "ledger.sqlite") as ledger:  # a fresh connection sees the committed rows
         rows = {r.request_id: r for r in ledger.requests()}
@@ -332,11 +335,11 @@ def test_resend_is_idempotent_and_replay_is_refused(run: Path, tmp_path: Path) -
     ids = own(run, 1)[:2]
     first = batch_of(dev, request(1, ids, rid="r1"))
     with intake(run) as srv:
-        assert srv.process(first)[0].status == "accepted"
+        assert srv.process(first).outcomes[0].status == "accepted"
         # The ack was lost: the device re-sends the same request with a fresh nonce.
-        assert srv.process(batch_of(dev, request(1, ids, rid="r1")))[0].status == "already-recorded"
+        assert srv.process(batch_of(dev, request(1, ids, rid="r1"))).outcomes[0].status == "already-recorded"
         # Someone replays the captured bytes: same nonce.
-        replayed = srv.process(first)[0]
+        replayed = srv.process(first).outcomes[0]
     assert (replayed.status, replayed.reason) == ("refused", "replayed-nonce")
     with Ledger(run / "ledger.sqlite") as ledger:
         assert [r.request_id for r in ledger.requests()] == ["r1"]
@@ -352,7 +355,7 @@ def test_ownership_is_checked_against_provenance(run: Path, tmp_path: Path) -> N
             request(0, foreign, rid="foreign"),
             request(0, own(run, 0)[:1] + foreign[:1], rid="mixed"),
             request(0, val_sample, rid="not-training"),
-        ))
+        )).outcomes
     assert [o.reason for o in outcomes] == ["not-owner"] * 3
     with Ledger(run / "ledger.sqlite") as ledger:
         assert ledger.requests() == []
@@ -361,7 +364,7 @@ def test_ownership_is_checked_against_provenance(run: Path, tmp_path: Path) -> N
 def test_whole_client_deletion_expands_to_the_partition(run: Path, tmp_path: Path) -> None:
     dev = make_device(run, 2, tmp_path)
     with intake(run) as srv:
-        (outcome,) = srv.process(batch_of(dev, request(2, kind="client", rid="leave")))
+        (outcome,) = srv.process(batch_of(dev, request(2, kind="client", rid="leave"))).outcomes
     assert outcome.status == "accepted"
     with Ledger(run / "ledger.sqlite") as ledger, FleetStore(run / "ledger.sqlite") as store:
         (row,) = ledger.requests()
@@ -376,7 +379,7 @@ def test_class_request_covers_only_own_samples_of_that_class(run: Path, tmp_path
     labels = data.load_dataset("digits").train.labels
     with intake(run) as srv:
         ok, bad = srv.process(batch_of(dev, request(0, kind="class", klass=4, rid="c4"),
-                                       request(0, kind="class", klass=10, rid="c10")))
+                                       request(0, kind="class", klass=10, rid="c10"))).outcomes
     assert ok.status == "accepted" and bad.reason == "bad-class"
     with Ledger(run / "ledger.sqlite") as ledger:
         (row,) = ledger.requests()
@@ -390,17 +393,19 @@ def test_key_registration_pinning_and_mismatch(run: Path, tmp_path: Path) -> Non
     ids = own(run, 0)[:1]
     with intake(run) as srv:
         bad_proof = replace(batch_of(dev, request(0, ids)), key_proof=b"\0" * 64)
-        assert {o.reason for o in srv.process(bad_proof)} == {"bad-key-proof"}
+        assert {o.reason for o in srv.process(bad_proof).outcomes} == {"bad-key-proof"}
         assert srv.store.device(0) is None  # nothing registered without proof of possession
-        assert srv.process(batch_of(dev, request(0, ids)))[0].status == "accepted"  # TOFU
+        assert srv.process(batch_of(dev, request(0, ids))).outcomes[0].status == "accepted"  # TOFU
         # Another key for the same device: refused, even though it signs consistently.
-        assert {o.reason for o in srv.process(batch_of(fake, request(0, ids, rid="r2")))} == {"key-mismatch"}
+        impostor_result = srv.process(batch_of(fake, request(0, ids, rid="r2")))
+        assert not impostor_result.authenticated
+        assert {o.reason for o in impostor_result.outcomes} == {"key-mismatch"}
         # The real key presented, a request signed with another key.
-        assert srv.process(batch_of(dev, request(0, ids, rid="r3"), key=fake.key))[0].reason == "bad-signature"
+        assert srv.process(batch_of(dev, request(0, ids, rid="r3"), key=fake.key)).outcomes[0].reason == "bad-signature"
         # A pinned key (key file) replaces the TOFU registration.
         srv.pin_keys({0: protocol.public_key_bytes(fake.key)})
-        assert srv.process(batch_of(fake, request(0, ids, rid="r4")))[0].status == "accepted"
-        assert srv.process(batch_of(dev, request(0, ids, rid="r5")))[0].reason == "key-mismatch"
+        assert srv.process(batch_of(fake, request(0, ids, rid="r4"))).outcomes[0].status == "accepted"
+        assert srv.process(batch_of(dev, request(0, ids, rid="r5"))).outcomes[0].reason == "key-mismatch"
 
 
 def test_timestamps_device_claims_and_id_conflicts(run: Path, tmp_path: Path) -> None:
@@ -414,9 +419,9 @@ def test_timestamps_device_claims_and_id_conflicts(run: Path, tmp_path: Path) ->
             request(1, a, rid="claims-other-device"),
             request(0, a, rid="shared"),
             request(0, a[:1], rid="shared"),  # same id, other samples
-        ))
-        other_device = srv.process(batch_of(d1, request(1, b, rid="shared")))[0]  # same id from another device
-        mismatch = srv.process(replace(batch_of(d1, request(1, b)), num_partitions=4))[0]
+        )).outcomes
+        other_device = srv.process(batch_of(d1, request(1, b, rid="shared"))).outcomes[0]  # same id from another device
+        mismatch = srv.process(replace(batch_of(d1, request(1, b)), num_partitions=4)).outcomes[0]
     assert [o.reason or o.status for o in outcomes] == [
         "expired", "from-future", "device-mismatch", "accepted", "request-id-conflict"
     ]
@@ -606,18 +611,21 @@ def test_central_round_unlearns_marks_honoured_and_sends_receipts(trained_run: P
 
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run, run_dir)
-    grid = local_grid(run_dir, tmp_path, {"mode": "central", "leave-partitions": "2"})
+    key_file = tmp_path / "keys.json"  # device 2 is pinned to a key it does not hold: it learns nothing
+    key_file.write_text(json.dumps({"2": protocol.public_key_bytes(protocol.generate_key()).hex()}))
+    grid = local_grid(run_dir, tmp_path, {"mode": "central", "leave-partitions": "1", "key-file": str(key_file)})
     cfg = FederatedConfig.from_run_config(grid.contexts[NODE].run_config)
     summary = run_round(grid, cfg)
     result = run_dir / "unlearn" / "qmul" / "result.pt"
     assert summary.model_version == f"qmul-{pipeline.sha256_file(result)[:12]}"
-    assert (summary.accepted, summary.honoured, summary.receipts) == (7, 7, 3)
+    assert (summary.accepted, summary.honoured, summary.receipts) == (5, 5, 2)
     with Ledger(run_dir / "ledger.sqlite") as ledger:
         rows = ledger.requests()
     assert {r.honoured_by for r in rows} == {summary.model_version}
-    receipts = device_state(tmp_path, 2)["receipts"]
-    assert receipts == {r.request_id: summary.model_version for r in rows if r.source == "device:2"}
+    receipts = device_state(tmp_path, 1)["receipts"]
+    assert receipts == {r.request_id: summary.model_version for r in rows if r.source == "device:1"}
+    assert device_state(tmp_path, 2)["receipts"] == {}  # no receipts for a node that failed authentication
     # Nothing new filed: no new model; receipts (idempotent) still name the version that honoured each request.
     again = run_round(grid, cfg)
-    assert (again.accepted, again.model_version, again.receipts) == (0, None, 3)
-    assert device_state(tmp_path, 2)["receipts"] == receipts
+    assert (again.accepted, again.model_version, again.receipts) == (0, None, 2)
+    assert device_state(tmp_path, 1)["receipts"] == receipts
