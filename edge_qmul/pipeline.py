@@ -37,9 +37,10 @@ from edge_qmul.ledger import Ledger
 from edge_qmul.metrics import EvalSets, avg_gap, evaluate_model
 from edge_qmul.models import DEFAULT_WIDTH, ModelConfig
 from edge_qmul.train import TrainConfig, load_checkpoint, load_payload, save_checkpoint, train_float
-from edge_qmul.unlearn import REGISTRY, UnlearnConfig, UnlearnContext, unlearn
+from edge_qmul.unlearn import REGISTRY, FeatureCache, UnlearnConfig, UnlearnContext, unlearn
 
 QUANTIZED_FORMAT = "edge-qmul/quantized/1"
+FEATURES_FORMAT = "edge-qmul/features/1"
 RESULT_FORMAT = "edge-qmul/unlearn-result/1"
 REFERENCE = "retrain"
 
@@ -204,7 +205,49 @@ def quantize(run_dir: Path, quant_cfg: QuantConfig, *, quiet: bool = False) -> d
             "qat_state": quant.save_qat_state(qat),
         },
     )
+    _save_features(run_dir, qat, rd)
     return info
+
+
+def _save_features(run_dir: Path, qat: nn.Module, rd: RunData) -> None:
+    """Cache the deployed int8 model's classifier inputs for every train / val sample.
+
+    Classifier-mode unlearning never changes the convs, so these stay valid for every later request
+    against this deployed model; stored as the uint8 values with their scale and zero point (exact).
+    """
+    indices = rd.split.train + rd.split.val
+    x, _ = data.to_tensors(rd.source.train, indices)
+    extractor = quant.int8_features(qat, dequantize=False)
+    with torch.no_grad():
+        chunks = [extractor(b) for b in x.split(1024)]
+    _save_torch(
+        run_dir / "features.pt",
+        {
+            "format": FEATURES_FORMAT,
+            "quantized_sha256": sha256_file(run_dir / "quantized.pt"),
+            "indices": torch.tensor(indices, dtype=torch.long),
+            "values": torch.cat([c.int_repr() for c in chunks]).flatten(1),
+            "scale": float(chunks[0].q_scale()),
+            "zero_point": int(chunks[0].q_zero_point()),
+        },
+    )
+
+
+def load_features(run_dir: Path, q: Quantized, split: data.Split) -> FeatureCache | None:
+    """The cached features of this run's forget / retain / val samples, or None if absent or stale."""
+    path = run_dir / "features.pt"
+    if not path.exists():
+        return None
+    payload = load_payload(path, "feature cache", "re-run `edge-qmul quantize --run DIR`")
+    if payload["format"] != FEATURES_FORMAT or payload["quantized_sha256"] != q.sha256:
+        return None  # made for another deployed model: computed afresh instead
+    row = {int(i): r for r, i in enumerate(payload["indices"].tolist())}
+    values, scale, zp = payload["values"], payload["scale"], payload["zero_point"]
+
+    def rows(ids: list[int]) -> torch.Tensor:
+        return (values[torch.tensor([row[i] for i in ids], dtype=torch.long)].float() - zp) * scale
+
+    return FeatureCache(rows(split.forget), rows(split.retain()), rows(split.val))
 
 
 def load_quantized(run_dir: Path) -> Quantized:
@@ -312,6 +355,7 @@ def run_unlearn(run_dir: Path, cfg: UnlearnConfig, *, quiet: bool = False) -> di
         qat=q.qat, forget_x=fx, forget_y=fy, retain_x=rx, retain_y=ry, num_classes=q.model_cfg.num_classes,
         model_cfg=q.model_cfg, train_cfg=q.train_cfg, backend=q.backend, calib_size=q.calibration_size,
         val_x=vx, val_y=vy, quiet=quiet,
+        features=load_features(run_dir, q, rd.split) if cfg.layers == "classifier" else None,
     )
     result = unlearn(ctx, cfg)
     out = run_dir / "unlearn" / cfg.method

@@ -118,6 +118,16 @@ class UnlearnContext:
     val_x: torch.Tensor | None = None  # held-out split of the training file (forget_target="val")
     val_y: torch.Tensor | None = None
     quiet: bool = True
+    # Classifier mode only: the deployed int8 model's features of forget / retain / val samples,
+    # precomputed once per deployed model (see pipeline.quantize). Computed on the fly when absent.
+    features: FeatureCache | None = None
+
+
+@dataclass
+class FeatureCache:
+    forget: torch.Tensor
+    retain: torch.Tensor
+    val: torch.Tensor | None = None
 
 
 @dataclass
@@ -246,6 +256,13 @@ def classifier_context(ctx: UnlearnContext, with_val: bool) -> UnlearnContext:
     become affordable.
     """
     _, head = quant.split_at_classifier(ctx.qat)
+    val_y = ctx.val_y if with_val and ctx.val_x is not None else None
+    if ctx.features is not None:
+        cache = ctx.features
+        if with_val and cache.val is None:
+            raise UnlearningError("the feature cache has no validation features", "re-run `edge-qmul quantize`")
+        return replace(ctx, qat=head, forget_x=cache.forget, retain_x=cache.retain,
+                       val_x=cache.val if val_y is not None else None, val_y=val_y)
     features = quant.int8_features(ctx.qat)
 
     def feats(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -253,7 +270,7 @@ def classifier_context(ctx: UnlearnContext, with_val: bool) -> UnlearnContext:
 
     return replace(
         ctx, qat=head, forget_x=feats(ctx.forget_x), retain_x=feats(ctx.retain_x),
-        val_x=feats(ctx.val_x), val_y=ctx.val_y,
+        val_x=feats(ctx.val_x) if val_y is not None else None, val_y=val_y,
     )
 
 
