@@ -9,7 +9,7 @@ $(BIN)/edge-qmul: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-.PHONY: install demo test test-arm test-all lint
+.PHONY: install demo test test-arm test-federated test-all lint
 install: $(BIN)/edge-qmul
 
 demo: install
@@ -25,6 +25,10 @@ test: lint
 test-arm: install
 	bash devices/arm/build_sysroot.sh
 	$(BIN)/pytest -q -m arm
+
+# Real Flower deployment on loopback: flower-superlink + 3 flower-supernode processes + flwr run (~2.5 min).
+test-federated: install
+	$(BIN)/pytest -q -m federated
 
 test-all: lint
 	$(BIN)/pytest -q

@@ -324,7 +324,7 @@ def method_config(method: str, overrides: dict[str, Any] | None = None) -> Unlea
 # disjoint from the reported one (bench/qmul_vs_retrain.py, results in bench/results/); the
 # UnlearnConfig defaults are the paper code's.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "qmul": {"layers": "classifier", "norm_batches": 16, "lr": 0.1, "epochs": 10},
+    "qmul": {"layers": "classifier", "norm_batches": 16, "lr": 0.15, "epochs": 5},
     "finetune": {"epochs": 2, "lr": 0.01},
     "random_label": {"epochs": 2, "lr": 0.01},
     "grad_ascent": {"epochs": 1, "lr": 0.001},
