@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import ClassVar, Self
 
 from edge_qmul.errors import LedgerError
 
@@ -44,27 +45,37 @@ class Request:
     honoured_by: str | None
 
 
-class Ledger:
+class SqliteStore:
+    """A SQLite file in WAL mode with synchronous commits; subclasses declare their tables.
+
+    WAL lets readers proceed while a writer commits; ``synchronous=FULL`` makes a commit durable
+    before it returns, which is what "written before acknowledged" relies on.
+    """
+
+    schema: ClassVar[str] = ""
+    what: ClassVar[str] = "database"
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:
             self._conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.executescript(_SCHEMA)
-            self._conn.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-            )
+            self._conn.executescript(self.schema)
+            self._initialise()
         except sqlite3.DatabaseError as err:
             raise LedgerError(
-                f"cannot open the forget ledger {self.path}: {err}",
+                f"cannot open the {self.what} {self.path}: {err}",
                 "check the file is an edge-qmul ledger (SQLite) and the directory is writable",
             ) from err
+
+    def _initialise(self) -> None:
+        """Hook for rows a new file needs (runs inside the open's error handling)."""
 
     def close(self) -> None:
         self._conn.close()
 
-    def __enter__(self) -> Ledger:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -78,7 +89,17 @@ class Ledger:
             self._conn.execute("COMMIT")
         except sqlite3.DatabaseError as err:
             self._conn.execute("ROLLBACK")
-            raise LedgerError(f"ledger {self.path}: {err}", "retry; if it persists, restore the ledger file") from err
+            raise LedgerError(f"{self.what} {self.path}: {err}", "retry; if it persists, restore the file") from err
+
+
+class Ledger(SqliteStore):
+    schema = _SCHEMA
+    what = "forget ledger"
+
+    def _initialise(self) -> None:
+        self._conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+        )
 
     def add(
         self, request_id: str, kind: str, spec: dict[str, object], sample_ids: Sequence[int], source: str = "cli"

@@ -14,14 +14,12 @@ file provisioned at manufacturing time). A pinned key always wins over a TOFU re
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
-from edge_qmul.errors import ConfigError, LedgerError
+from edge_qmul.errors import ConfigError
+from edge_qmul.ledger import SqliteStore
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS fleet_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -82,38 +80,9 @@ class LogRow:
     reason: str
 
 
-class FleetStore:
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        try:
-            self._conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.executescript(_SCHEMA)
-        except sqlite3.DatabaseError as err:
-            raise LedgerError(
-                f"cannot open the fleet tables in {self.path}: {err}",
-                "check the file is an edge-qmul ledger (SQLite) and the directory is writable",
-            ) from err
-
-    def close(self) -> None:
-        self._conn.close()
-
-    def __enter__(self) -> FleetStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        try:
-            self._conn.execute("BEGIN IMMEDIATE")
-            yield self._conn
-            self._conn.execute("COMMIT")
-        except sqlite3.DatabaseError as err:
-            self._conn.execute("ROLLBACK")
-            raise LedgerError(f"fleet tables in {self.path}: {err}", "retry; if it persists, restore the file") from err
+class FleetStore(SqliteStore):
+    schema = _SCHEMA
+    what = "fleet tables in"
 
     # -- provenance ---------------------------------------------------------------------------------
 
