@@ -17,6 +17,7 @@ demo: install
 
 lint: install
 	$(BIN)/ruff check edge_qmul export federated devices tests bench
+	$(BIN)/mypy edge_qmul export devices federated
 
 test: lint
 	$(BIN)/pytest -q -m "not slow and not federated and not arm"

@@ -58,7 +58,8 @@ SECTIONS: dict[str, type] = {
 
 def _coerce(cls: type, key: str, value: Any, where: str) -> Any:
     ftype = {f.name: f.type for f in fields(cls)}[key]
-    expected = {"int": int, "float": (int, float), "str": str, "bool": bool}.get(str(ftype))
+    types: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "str": str, "bool": bool}
+    expected = types.get(str(ftype))
     if expected is not None and (
         not isinstance(value, expected) or (expected is int and isinstance(value, bool))
     ):

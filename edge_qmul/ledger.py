@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -102,7 +102,7 @@ class Ledger(SqliteStore):
         )
 
     def add(
-        self, request_id: str, kind: str, spec: dict[str, object], sample_ids: Sequence[int], source: str = "cli"
+        self, request_id: str, kind: str, spec: Mapping[str, object], sample_ids: Sequence[int], source: str = "cli"
     ) -> bool:
         """Record a request; returns False if this request id is already recorded with the same content."""
         if kind not in KINDS:

@@ -56,6 +56,9 @@ class ModelConfig:
 class Normalize(nn.Module):
     """(x - mean) / std with per-channel constants; kept in float by the quantizer."""
 
+    mean: torch.Tensor
+    inv_std: torch.Tensor
+
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))

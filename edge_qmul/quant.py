@@ -72,7 +72,8 @@ def _qconfig(backend: Backend, qat: bool) -> QConfig:
         w_args: dict[str, Any] = dict(
             dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=-128, quant_max=127, ch_axis=0
         )
-        w_ptq, w_qat = PerChannelMinMaxObserver, MovingAveragePerChannelMinMaxObserver
+        w_ptq: type[MinMaxObserver] = PerChannelMinMaxObserver
+        w_qat: type[MinMaxObserver] = MovingAveragePerChannelMinMaxObserver
     else:
         w_args = dict(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, quant_min=-128, quant_max=127)
         w_ptq, w_qat = MinMaxObserver, MovingAverageMinMaxObserver
@@ -156,6 +157,8 @@ def convert(qat: nn.Module) -> nn.Module:
     for mod in model.modules():
         if isinstance(mod, FakeQuantize):
             mod.disable_observer()  # conversion must not re-observe
+    if not isinstance(model, fx.GraphModule):
+        raise ConfigError("only FX-prepared models can be converted", "prepare the model with prepare_qat")
     int8 = convert_fx(model)
     qat.train(was_training)
     return int8
@@ -239,6 +242,8 @@ def int8_features(qat: nn.Module, dequantize: bool = True) -> fx.GraphModule:
     which is how the pipeline caches them compactly.
     """
     int8 = convert(qat)
+    if not isinstance(int8, fx.GraphModule):
+        raise ConfigError("conversion did not return an FX graph", "prepare the model with prepare_qat")
     _, _, prefix = _split_at_first(int8, nnq.Linear)
     out = list(prefix.nodes)[-1]
     if dequantize:

@@ -264,13 +264,10 @@ def classifier_context(ctx: UnlearnContext, with_val: bool) -> UnlearnContext:
         return replace(ctx, qat=head, forget_x=cache.forget, retain_x=cache.retain,
                        val_x=cache.val if val_y is not None else None, val_y=val_y)
     features = quant.int8_features(ctx.qat)
-
-    def feats(x: torch.Tensor | None) -> torch.Tensor | None:
-        return None if x is None else predict_logits(features, x)
-
+    val_x = predict_logits(features, ctx.val_x) if val_y is not None and ctx.val_x is not None else None
     return replace(
-        ctx, qat=head, forget_x=feats(ctx.forget_x), retain_x=feats(ctx.retain_x),
-        val_x=feats(ctx.val_x) if val_y is not None else None, val_y=val_y,
+        ctx, qat=head, forget_x=predict_logits(features, ctx.forget_x),
+        retain_x=predict_logits(features, ctx.retain_x), val_x=val_x, val_y=val_y,
     )
 
 

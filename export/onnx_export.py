@@ -53,10 +53,10 @@ class ExportResult:
 
 def _export_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
     buf = io.BytesIO()
-    torch.onnx.export(
+    torch.onnx.export(  # the TorchScript exporter also writes to file-like objects
         model,
         (example,),
-        buf,
+        buf,  # type: ignore[arg-type]
         opset_version=OPSET,
         dynamo=False,  # the TorchScript exporter understands torch.ao's converted int8 modules
         input_names=[INPUT],

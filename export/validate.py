@@ -180,8 +180,8 @@ def _retrain_mia(run_dir: Path, q: pipeline.Quantized, forget_ids: list[int], se
         return None
     ref = pipeline.load_result_full(run_dir, pipeline.REFERENCE, q, forget_ids)
     with torch.no_grad():
-        logits = [logits_of(ref.int8, x) for x in (sets.forget_x, sets.retain_x, sets.test_x)]
-    return evaluate_logits(*logits, sets)["MIA"]
+        f, r, t = (logits_of(ref.int8, x) for x in (sets.forget_x, sets.retain_x, sets.test_x))
+    return evaluate_logits(f, r, t, sets)["MIA"]
 
 
 def _write_probe(path: Path, pixels: torch.Tensor, logits: torch.Tensor) -> None:
@@ -218,8 +218,8 @@ def _plots(
     for ax, (title, y, b, a) in zip(
         axes, (("forget set", sets.forget_y, before_f, f), ("test set", sets.test_y, before_t, t)), strict=True
     ):
-        acc_b = [100.0 * float((b.argmax(1)[y == c] == c).float().mean()) if (y == c).any() else 0.0 for c in classes]
-        acc_a = [100.0 * float((a.argmax(1)[y == c] == c).float().mean()) if (y == c).any() else 0.0 for c in classes]
+        acc_b = [_class_accuracy(b, y, int(c)) for c in classes]
+        acc_a = [_class_accuracy(a, y, int(c)) for c in classes]
         ax.bar(classes - 0.2, acc_b, width=0.4, label="before unlearning")
         ax.bar(classes + 0.2, acc_a, width=0.4, label="after (int8, onnxruntime)")
         ax.set(title=f"per-class accuracy, {title}", xlabel="class", xticks=classes)
@@ -228,7 +228,7 @@ def _plots(
     _save(fig, run_dir / files["per_class"])
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    bins = np.linspace(0, 1, 41)
+    bins = [i / 40 for i in range(41)]
     ax.hist(true_label_confidence(f, sets.forget_y).ravel(), bins=bins, alpha=0.6, density=True, label="forget")
     ax.hist(true_label_confidence(t, sets.test_y).ravel(), bins=bins, alpha=0.6, density=True, label="test")
     ax.set(xlabel="confidence in the true label", ylabel="density", title="int8 model: forget vs test")
@@ -236,6 +236,11 @@ def _plots(
     ax.legend()
     _save(fig, run_dir / files["confidence"])
     return files
+
+
+def _class_accuracy(logits: torch.Tensor, y: torch.Tensor, c: int) -> float:
+    mask = y == c
+    return 100.0 * float((logits.argmax(1)[mask] == c).float().mean()) if bool(mask.any()) else 0.0
 
 
 def _save(fig: Any, path: Path) -> None:
