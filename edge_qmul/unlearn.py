@@ -95,6 +95,8 @@ class UnlearnConfig:
             raise bad("layers", f"choose one of {LAYERS}")
         if self.norm_batches < 0:
             raise bad("norm_batches", "use 0 (all batches) or a positive count")
+        if self.forget_loss_cap < 0 or (self.forget_loss_cap > 0 and self.update != "sequential"):
+            raise bad("forget_loss_cap", "use a non-negative cap, with update='sequential' (mixed batches ignore it)")
         if self.forget_target not in FORGET_TARGETS:
             raise bad("forget_target", f"choose one of {FORGET_TARGETS}")
         if self.famr_lambda < 0:

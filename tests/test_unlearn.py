@@ -98,7 +98,11 @@ def test_unknown_method_lists_the_registry(digits) -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(lr=0.0), dict(update="random"), dict(schedule="step"), dict(label_variant="x"), dict(epochs=-1)]
+    "kwargs",
+    [
+        dict(lr=0.0), dict(update="random"), dict(schedule="step"), dict(label_variant="x"), dict(epochs=-1),
+        dict(layers="convs"), dict(forget_target="test"), dict(forget_loss_cap=1.0, update="mixed"),
+    ],
 )
 def test_config_validation(kwargs: dict) -> None:
     with pytest.raises(ConfigError):
