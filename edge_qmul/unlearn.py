@@ -38,10 +38,10 @@ LAYERS = ("all", "classifier")
 
 @dataclass(frozen=True)
 class UnlearnConfig:
-    """Hyper-parameters shared by all loop-based methods (defaults: the paper code's, 10 epochs aside)."""
+    """Hyper-parameters shared by all loop-based methods (defaults: the paper code's)."""
 
     method: str = "qmul"
-    epochs: int = 3
+    epochs: int = 10
     lr: float = 0.01
     batch_size: int = 256
     momentum: float = 0.9
