@@ -86,3 +86,18 @@ def test_int8_features_feed_the_int8_classifier(digits) -> None:
         assert not f.is_quantized and f.shape == (len(x), 128)  # 2w channels x 2 x 2
         agree = (head(f).argmax(1) == quant.convert(qat)(x).argmax(1)).float().mean()
     assert float(agree) >= 0.99
+
+
+def test_only_quant_module_imports_torch_ao() -> None:
+    import re
+    from pathlib import Path
+
+    imports_ao = re.compile(r"^\s*(from|import)\s+torch\.ao\b", re.MULTILINE)
+    root = Path(__file__).resolve().parents[1]
+    offenders = [
+        str(path.relative_to(root))
+        for folder in ("edge_qmul", "export", "federated", "devices")
+        for path in (root / folder).rglob("*.py")
+        if path.name != "quant.py" and imports_ao.search(path.read_text())
+    ]
+    assert offenders == []
