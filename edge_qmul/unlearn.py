@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -498,8 +498,3 @@ class Retrain(Method):
             "seconds": time.perf_counter() - start,
         }
         return UnlearnResult(self.name, qat, int8, log, float_model=float_model)
-
-
-def config_keys() -> list[str]:
-    return [f.name for f in fields(UnlearnConfig)]
-

@@ -127,12 +127,13 @@ class LocalGrid(Grid):
         self.drop = drop
         self._replies: dict[str, Message] = {}
 
+    # Grid's run bookkeeping is not used by the app; this fake only routes messages.
     def set_run(self, run: object) -> None:
-        raise NotImplementedError
+        raise NotImplementedError("the in-process grid has no run")
 
     @property
     def run(self) -> object:  # type: ignore[override]
-        raise NotImplementedError
+        raise NotImplementedError("the in-process grid has no run")
 
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
                        ttl: float | None = None) -> Message:
