@@ -29,7 +29,7 @@ test-arm: install
 
 # Real Flower deployment on loopback: flower-superlink + 3 flower-supernode processes + flwr run (~2.5 min).
 test-federated: install
-	$(BIN)/pytest -q -m federated
+	$(BIN)/pytest -q -m federated --durations=5
 
 test-all: lint
 	$(BIN)/pytest -q

@@ -38,7 +38,7 @@ pytestmark = pytest.mark.federated
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 NODES = 3
-RUN_TIMEOUT = 300.0  # seconds for one `flwr run` to finish (~60 s on a quiet 2-core machine; generous for a loaded one)
+RUN_TIMEOUT = 480.0  # seconds for one `flwr run` (60–130 s seen on 2 cores; generous for a loaded machine)
 
 
 def free_port() -> int:
@@ -251,7 +251,7 @@ def test_killed_supernode_loses_nothing_it_was_acknowledged_for(
     t0 = time.monotonic()
     run_id = deployment.run_app(f'run-dir="{run}" reply-timeout=15.0')
     # Wait until device 2 has settled its acknowledgement, then kill its SuperNode.
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 240
     while not deployment.device_state(2).get("acked"):
         assert time.monotonic() < deadline, _report(deployment, run_id, "device 2 never acknowledged")
         time.sleep(0.2)
