@@ -23,20 +23,13 @@ import numpy as np
 import onnxruntime as ort
 import torch
 from edge_qmul.export.onnx_export import INT8_KERNELS, export_models, optimized_op_counts
+from edge_qmul.export.validate import ort_session
 
 from edge_qmul import quant
 from edge_qmul.models import DEFAULT_WIDTH, ModelConfig, build_model
 
 MODELS = [("small_cnn", 1, 28), ("resnet18", 3, 32)]
 SETTINGS = [(1, 1), (32, 2)]  # (batch, threads)
-
-
-def session(path: Path, threads: int) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def interleaved_ms(
@@ -76,7 +69,7 @@ def bench_model(name: str, channels: int, size: int, out: Path, rounds: int) -> 
     row["size_ratio"] = row["size_fp32"] / row["size_int8"]
     for batch, threads in SETTINGS:
         x = np.random.rand(batch, channels, size, size).astype(np.float32)
-        sessions = {"int8": session(res.int8_path, threads), "fp32": session(res.fp32_path, threads)}
+        sessions = {"int8": ort_session(res.int8_path, threads), "fp32": ort_session(res.fp32_path, threads)}
         reps = 20 if name == "small_cnn" else (5 if batch == 1 else 1)
         ms = interleaved_ms(sessions, x, rounds, reps)
         row["latency"][f"batch{batch}_threads{threads}"] = {**ms, "speedup": ms["fp32"] / ms["int8"]}

@@ -9,7 +9,6 @@ copy is measured too, to show whether quantizing it moved forgetting. Results go
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -79,10 +78,6 @@ def run_on_board_check(model: Path, probe: Path, threads: int, runs: int = 200) 
             raise ExportError(f"the on-board runtime failed on {model}: {proc.stderr.strip()}",
                               "run `python -m edge_qmul.devices.runtime --help` and check the model file")
         return dict(json.loads(out.read_text()))
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def validate_run(
@@ -159,7 +154,7 @@ def validate_run(
     report = {
         "toolkit_version": __version__,
         "model": str(model_path.name),
-        "model_sha256": _sha256(model_path),
+        "model_sha256": pipeline.sha256_file(model_path),
         "method": method,
         "device": profile.name,
         "threads": profile.threads,
