@@ -1,9 +1,11 @@
 """Q-MUL against retraining on Fashion-MNIST, tuned honestly.
 
 1. Train the small CNN with the default recipe, quantize it (x86), exactly as `edge-qmul train/quantize`.
-2. Two disjoint forget sets of 10% of the training samples: a *tuning* set and the *reported* set.
-3. On the tuning set only: retrain once, then run each Q-MUL candidate in GRID and keep the one with
-   the smallest Avg Gap to that retrain among candidates whose wall time is <= 0.08 of it.
+2. Three disjoint forget sets of 10% of the training samples: two *tuning* sets and the *reported* set.
+3. On the tuning sets only: retrain once per set, then run each Q-MUL candidate in GRID and keep the
+   one with the smallest mean Avg Gap to those retrains among candidates whose wall time is <= 0.08
+   of retrain's on every tuning set. (One tuning set alone picked a candidate that did worse on a fresh
+   set: the gap of one configuration varies by ~0.4 between forget sets of the same size.)
 4. On the reported set: retrain, the chosen Q-MUL, the other methods with their defaults, and the
    untouched int8 model (`none`), all measured in this one run; print the table and the time ratios.
 
@@ -30,12 +32,15 @@ from edge_qmul.ledger import Ledger
 from edge_qmul.metrics import avg_gap, evaluate_model
 from edge_qmul.train import TrainConfig
 
-# Candidates: the forget/retain balance is set by how hard and how long the classifier is pushed
-# (lr x epochs); everything else is the method's default (see pipeline.METHOD_DEFAULTS).
+# Candidates: the forget/retain balance is set by the update mode (sequential: all forget batches,
+# then retain batches; mixed: both shuffled into the same batches) and by how hard and how long the
+# classifier is pushed (lr x epochs); everything else is the method's default (pipeline.METHOD_DEFAULTS).
 GRID: list[dict[str, Any]] = [
-    *({"lr": lr, "epochs": epochs} for lr in (0.05, 0.1, 0.15) for epochs in (5, 10)),
-    *({"lr": lr, "epochs": 10, "batch_size": 512} for lr in (0.1, 0.2)),
+    *({"update": "sequential", "lr": lr, "epochs": epochs} for lr in (0.1, 0.15) for epochs in (5, 10)),
+    *({"update": "mixed", "lr": lr, "epochs": 5} for lr in (0.1, 0.2, 0.3, 0.5)),
+    *({"update": "mixed", "lr": lr, "epochs": 10} for lr in (0.1, 0.2)),
 ]
+TUNING_SEEDS = (1, 2)
 # The time target (<= 1/10 of retrain) must hold on the reported run, on a noisy machine: candidates
 # qualify on the tuning set only with a 20% margin.
 MAX_TUNING_RATIO = 0.08
@@ -54,12 +59,16 @@ def prepare(run: Path, quiet: bool) -> dict[str, Any]:
     return json.loads((run / "run.json").read_text())
 
 
-def forget_sets(run: Path) -> tuple[list[int], list[int]]:
+def forget_sets(run: Path) -> tuple[list[int], list[list[int]]]:
+    """The reported set (what `edge-qmul forget --fraction 0.1 --seed 0` selects) and disjoint tuning sets."""
     rd = pipeline.load_run_data(run)
     reported = data.select_forget(rd.split, rd.source.train.labels, fraction=0.1, seed=0)
     rest = sorted(set(rd.split.train) - set(reported))
-    rng = np.random.default_rng(1)
-    tuning = sorted(int(i) for i in rng.choice(rest, size=len(reported), replace=False))
+    tuning = []
+    for seed in TUNING_SEEDS:
+        chosen = np.random.default_rng(seed).choice(rest, size=len(reported), replace=False)
+        tuning.append(sorted(int(i) for i in chosen))
+        rest = sorted(set(rest) - set(tuning[-1]))
     return reported, tuning
 
 
@@ -83,31 +92,43 @@ def metrics_of(run: Path, method: str) -> dict[str, float]:
     return {**evaluate_model(model, rd.eval_sets()), "seconds": float(meta["seconds"])}
 
 
-def tune(run: Path, ids: list[int], quiet: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    tdir = fresh_copy(run, run.parent / f"{run.name}-tuning", ids, "tuning-set")
-    pipeline.run_unlearn(tdir, pipeline.method_config("retrain"), quiet=quiet)
-    ref = metrics_of(tdir, "retrain")
-    print(f"tuning set: retrain {fmt(ref)}")
+def tune(run: Path, sets: list[list[int]], quiet: bool) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    refs, dirs = [], []
+    for k, ids in enumerate(sets):
+        tdir = fresh_copy(run, run.parent / f"{run.name}-tuning{k}", ids, f"tuning-set-{k}")
+        pipeline.run_unlearn(tdir, pipeline.method_config("retrain"), quiet=quiet)
+        refs.append(metrics_of(tdir, "retrain"))
+        dirs.append(tdir)
+        print(f"tuning set {k}: retrain {fmt(refs[-1])}")
     rows = []
     for cand in GRID:
         cfg = pipeline.method_config("qmul", {**BASE, **cand})
-        pipeline.run_unlearn(tdir, cfg, quiet=quiet)
-        m = metrics_of(tdir, "qmul")
-        if m["seconds"] / ref["seconds"] > MAX_TUNING_RATIO:
-            # Over the time cap: time it once more (the run is deterministic, only the clock is noisy)
-            # and keep the faster wall time, so one noisy moment does not disqualify a candidate.
+        per_set = []
+        for tdir, ref in zip(dirs, refs, strict=True):
             pipeline.run_unlearn(tdir, cfg, quiet=quiet)
-            again = metrics_of(tdir, "qmul")
-            if any(again[k] != m[k] for k in ("FA", "RA", "TA", "MIA")):
-                raise RuntimeError(f"candidate {cand} is not deterministic: {m} vs {again}")
-            m["seconds"] = min(m["seconds"], again["seconds"])
-        row = {"candidate": {**BASE, **cand}, **m, "avg_gap": avg_gap(m, ref), "ratio": m["seconds"] / ref["seconds"]}
+            m = metrics_of(tdir, "qmul")
+            if m["seconds"] / ref["seconds"] > MAX_TUNING_RATIO:
+                # Over the time cap: time it once more (the run is deterministic, only the clock is
+                # noisy) and keep the faster wall time, so one noisy moment does not disqualify it.
+                pipeline.run_unlearn(tdir, cfg, quiet=quiet)
+                again = metrics_of(tdir, "qmul")
+                if any(again[k] != m[k] for k in ("FA", "RA", "TA", "MIA")):
+                    raise RuntimeError(f"candidate {cand} is not deterministic: {m} vs {again}")
+                m["seconds"] = min(m["seconds"], again["seconds"])
+            per_set.append({**m, "avg_gap": avg_gap(m, ref), "ratio": m["seconds"] / ref["seconds"]})
+        row = {
+            "candidate": {**BASE, **cand},
+            **{k: float(np.mean([p[k] for p in per_set])) for k in ("FA", "RA", "TA", "MIA", "avg_gap")},
+            "gaps": [p["avg_gap"] for p in per_set],
+            "ratio": max(p["ratio"] for p in per_set),
+        }
         rows.append(row)
-        print(f"  {json.dumps(cand)}: {fmt(m)} gap {row['avg_gap']:.2f} time ratio {row['ratio']:.3f}")
+        gaps = " / ".join(f"{g:.2f}" for g in row["gaps"])
+        print(f"  {json.dumps(cand)}: gap {row['avg_gap']:.2f} ({gaps}) time ratio {row['ratio']:.3f}")
     within = [r for r in rows if r["ratio"] <= MAX_TUNING_RATIO] or rows
     best = min(within, key=lambda r: r["avg_gap"])
-    print(f"chosen on the tuning set: {json.dumps(best['candidate'])} (gap {best['avg_gap']:.2f})")
-    return {"retrain": ref, "chosen": best["candidate"]}, rows
+    print(f"chosen on the tuning sets: {json.dumps(best['candidate'])} (mean gap {best['avg_gap']:.2f})")
+    return {"retrain": refs, "chosen": best["candidate"]}, rows
 
 
 def fmt(m: dict[str, float]) -> str:
@@ -124,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run_info = prepare(args.run, args.quiet)
     reported, tuning = forget_sets(args.run)
-    assert not set(reported) & set(tuning)
+    assert not any(set(reported) & set(t) for t in tuning) and not set(tuning[0]) & set(tuning[1])
     tuned, grid_rows = tune(args.run, tuning, args.quiet)
 
     rdir = fresh_copy(args.run, args.run.parent / f"{args.run.name}-reported", reported, "reported-set")
@@ -163,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "qmul_vs_retrain.json").write_text(json.dumps(result, indent=2) + "\n")
     grid_md = "\n".join(
         f"| {json.dumps(r['candidate'])} | {r['FA']:.2f} | {r['RA']:.2f} | {r['TA']:.2f} | {r['MIA']:.2f} | "
-        f"{r['avg_gap']:.2f} | {r['ratio']:.3f} |"
+        f"{r['avg_gap']:.2f} ({' / '.join(f'{g:.2f}' for g in r['gaps'])}) | {r['ratio']:.3f} |"
         for r in grid_rows
     )
     (args.out / "qmul_vs_retrain.md").write_text(
@@ -171,8 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Reported forget set ({report['forget_count']} samples), measured in one run:\n\n"
         f"```\n{table}\n```\n\n"
         f"qmul / retrain wall time: {ratio:.3f}. Targets: `{json.dumps(summary['targets'])}`\n\n"
-        "Tuning grid (a disjoint forget set of the same size; the reported set was never used to choose):\n\n"
-        "| candidate | FA | RA | TA | MIA | Avg Gap | time / retrain |\n|---|---|---|---|---|---|---|\n"
+        f"Tuning grid: {len(TUNING_SEEDS)} disjoint forget sets of the same size, each with its own retrain; "
+        "metrics are means over the sets, time is the worst set's. The reported set was never used to choose.\n\n"
+        "| candidate | FA | RA | TA | MIA | Avg Gap (per set) | time / retrain |\n|---|---|---|---|---|---|---|\n"
         f"{grid_md}\n\nChosen: `{json.dumps(tuned['chosen'])}`\n"
     )
     return 0

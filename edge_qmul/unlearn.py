@@ -198,7 +198,7 @@ class Method:
                 for group in opt.param_groups:
                     group["lr"] = lr
                 info = self.begin_epoch(ctx, epoch)
-                losses = self._train_steps(ctx, opt, self.steps(ctx, epoch))
+                losses = self.train_steps(ctx, opt, self.steps(ctx, epoch))
                 log["epochs"].append(
                     {"epoch": epoch, "lr": lr, **info, **losses, "seconds": time.perf_counter() - t0}
                 )
@@ -209,7 +209,7 @@ class Method:
         log["seconds"] = time.perf_counter() - start
         return UnlearnResult(self.name, full_qat, int8, log)
 
-    def _train_steps(
+    def train_steps(
         self, ctx: UnlearnContext, opt: torch.optim.Optimizer, steps: Iterator[Step]
     ) -> dict[str, float]:
         quant.set_trainable(
@@ -218,6 +218,8 @@ class Method:
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         for step in steps:
+            if len(step.x) == 0:  # e.g. a device leaving the fleet has no retain samples
+                continue
             loss = self.loss(ctx, ctx.qat(step.x), step)
             if not torch.isfinite(loss):
                 raise UnlearningError(
@@ -245,7 +247,7 @@ class Method:
                 nb += 1
                 yield Step(ctx.retain_x[b], ctx.retain_y[b], 1.0, "retain")
 
-        losses = self._train_steps(ctx, opt, steps())
+        losses = self.train_steps(ctx, opt, steps())
         return {"batches": n, "lr": self.cfg.repair_lr, **losses, "seconds": time.perf_counter() - t0}
 
 
@@ -394,13 +396,17 @@ class QMul(Method):
             ):
                 yield Step(ctx.retain_x[b], ctx.retain_y[b], self.w_r, "retain")
             return
-        # mixed: forget (similar labels) and retain samples shuffled together, per-sample weights
-        f = slice(0, 0) if self.skip_forget else slice(None)
-        x = torch.cat([ctx.forget_x[f], ctx.retain_x[self.retain_idx]])
-        y = torch.cat([self.forget_labels[f], ctx.retain_y[self.retain_idx]])
-        w = torch.cat([torch.full((len(ctx.forget_x[f]),), self.w_f), torch.full((len(self.retain_idx),), self.w_r)])
-        for b in self.batches(len(x)):
-            yield Step(x[b], y[b], w[b], "mixed")
+        # mixed: forget (similar labels) and retain samples shuffled together, per-sample weights.
+        # Batches index the virtual concatenation [forget, retain sample]; only the batch is gathered.
+        nf = 0 if self.skip_forget else len(ctx.forget_x)
+        for b in self.batches(nf + len(self.retain_idx)):
+            fb, rb = b[b < nf], self.retain_idx[b[b >= nf] - nf]
+            yield Step(
+                torch.cat([ctx.forget_x[fb], ctx.retain_x[rb]]),
+                torch.cat([self.forget_labels[fb], ctx.retain_y[rb]]),
+                torch.cat([torch.full((len(fb),), self.w_f), torch.full((len(rb),), self.w_r)]),
+                "mixed",
+            )
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -64,7 +64,8 @@ def test_forget_is_idempotent_and_unlearn_follows_the_ledger(
     assert main(["unlearn", "--run", str(run), "--method", "qmul", "--epochs", "1", "--quiet"]) == 0
     log = json.loads((run / "unlearn" / "qmul" / "log.json").read_text())
     assert log["forget_count"] == len(forget) and "user-42" in log["request_ids"]
-    assert {"w_f", "w_r", "loss_forget", "loss_retain", "seconds"} <= set(log["log"]["epochs"][0])
+    assert log["log"]["config"]["update"] == "mixed"  # the recommended default (bench/qmul_vs_retrain.py)
+    assert {"w_f", "w_r", "g_f", "g_r", "loss_mixed", "seconds"} <= set(log["log"]["epochs"][0])
 
 
 @pytest.mark.parametrize(
