@@ -16,10 +16,16 @@ What it does, in order:
 4. time single-sample runs (batch 1) after a warm-up and record peak RSS;
 5. write the result as JSON, atomically.
 
+A signed bundle (``edge-qmul bundle``) is checked first with ``open_bundle``: the Ed25519 signature of
+its manifest against the public key pinned on the board, then the sha256 of every file against the
+manifest, before any file is extracted or parsed; a bundle failing either is refused with the reason.
+Signature verification uses the pure-Python ``ed25519`` module shipped next to this file.
+
 Command line::
 
     python -m edge_qmul.devices.runtime --model model.int8.onnx --probe probe.npz \\
         [--sha256 HEX] [--threads N] [--runs N] [--warmup N] [--atol X] [--min-top1 X] --out result.json
+    python -m edge_qmul.devices.runtime --bundle bundle.tar --public-key KEY [--threads N ...] --out result.json
 
 Exit codes: 0 the check passed, 1 the check ran and failed (see ``reasons`` in the JSON),
 2 bad input (missing or invalid file, sha256 mismatch, model not following the contract; nothing is
@@ -35,6 +41,7 @@ import json
 import os
 import platform
 import sys
+import tarfile
 import tempfile
 import time
 import traceback
@@ -46,6 +53,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+try:  # installed package, or a bundle directory where ed25519.py sits next to this file
+    from edge_qmul.devices import ed25519
+except ImportError:  # pragma: no cover - exercised by running the bundle's copy on its own
+    import ed25519  # type: ignore[no-redef]
+
 try:  # not available on Windows; peak RSS is then reported as null
     import resource
 except ImportError:  # pragma: no cover - POSIX boards always have it
@@ -55,6 +67,11 @@ INPUT_NAME = "pixels"
 OUTPUT_NAME = "logits"
 RESULT_VERSION = 1
 PROBE_BATCH = 256  # probe samples per session.run in the agreement pass
+
+BUNDLE_FORMAT = "edge-qmul/bundle/1"
+MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
+MODEL_FILE, PROBE_FILE = "model.int8.onnx", "probe.npz"
+MAX_MEMBER_BYTES = 512 * 1024 * 1024
 
 EXIT_PASSED = 0
 EXIT_FAILED = 1
@@ -418,6 +435,142 @@ def run_check(
     return result.to_dict()
 
 
+# --------------------------------------------------------------------------------------------- bundles
+
+
+class BundleRefused(BadInputError):
+    """The bundle failed verification; ``reason`` is a short machine-readable tag."""
+
+    def __init__(self, reason: str, message: str, fix: str) -> None:
+        self.reason = reason
+        super().__init__(f"bundle refused ({reason}): {message}", fix)
+
+
+def load_public_key(value: str | os.PathLike[str]) -> bytes:
+    """The 32-byte Ed25519 public key from 64 hex characters or a file holding them."""
+    text = str(value).strip()
+    if len(text) != 64 or any(c not in "0123456789abcdefABCDEF" for c in text):
+        path = Path(value)
+        try:
+            text = path.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise BadInputError(f"public key {value!r} is neither 64 hex characters nor a readable file",
+                                "pass the fleet's public_key.hex (from `edge-qmul keygen`)") from err
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise BadInputError(f"public key {value!r} is not a 32-byte hex key",
+                            "pass public_key.hex from `edge-qmul keygen`")
+    return raw
+
+
+def _read_members(archive: Path) -> dict[str, bytes]:
+    """Every member of the bundle archive, by name; only plain regular files with flat names."""
+    refetch = "fetch the bundle again from the server"
+    try:
+        tar = tarfile.open(archive, mode="r:")  # noqa: SIM115  (closed by the with block below)
+    except FileNotFoundError as err:
+        raise BadInputError(f"bundle file not found: {archive}", "check the --bundle path") from err
+    except (tarfile.TarError, OSError) as err:
+        raise BundleRefused("unreadable", f"{archive} is not a readable bundle archive: {err}", refetch) from err
+    members: dict[str, bytes] = {}
+    with tar:
+        try:
+            for info in tar:
+                name = info.name
+                if not info.isfile() or "/" in name or "\\" in name or name in ("", ".", ".."):
+                    raise BundleRefused("bad-member", f"{archive} holds {name!r}, which is not a plain file name",
+                                        refetch)
+                if name in members:
+                    raise BundleRefused("bad-member", f"{archive} holds {name!r} twice", refetch)
+                if info.size > MAX_MEMBER_BYTES:
+                    raise BundleRefused("bad-member", f"{archive}: {name} is {info.size} bytes", refetch)
+                handle = tar.extractfile(info)
+                members[name] = handle.read() if handle is not None else b""
+        except (tarfile.TarError, OSError, EOFError) as err:
+            raise BundleRefused("unreadable", f"{archive} is truncated or corrupt: {err}", refetch) from err
+    return members
+
+
+def open_bundle(archive: str | os.PathLike[str], public_key: bytes, dest: str | os.PathLike[str]) -> dict[str, Any]:
+    """Verify a bundle, then write its files into ``dest``; returns the manifest.
+
+    Order: the manifest's signature against ``public_key``, then every listed file's sha256, then no
+    unlisted files. Nothing is written, parsed or run unless all of that holds.
+    """
+    archive, dest = Path(archive), Path(dest)
+    members = _read_members(archive)
+    refetch = "fetch the bundle again from the server; do not install it"
+    for name in (MANIFEST, SIGNATURE):
+        if name not in members:
+            raise BundleRefused("incomplete", f"{archive} has no {name}", refetch)
+    if not ed25519.verify(public_key, members[MANIFEST], members[SIGNATURE]):
+        raise BundleRefused(
+            "bad-signature",
+            f"the signature of {archive}'s manifest does not verify with the pinned key "
+            f"{public_key.hex()[:16]}...: the manifest was modified or signed by another key",
+            refetch,
+        )
+    try:
+        manifest = json.loads(members[MANIFEST])
+        files = manifest["files"]
+        listed = {str(n): str(f["sha256"]) for n, f in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise BundleRefused("bad-manifest", f"{archive}'s signed manifest is malformed: {err}", refetch) from err
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleRefused("bad-manifest", f"{archive} has format {manifest.get('format')!r}, not {BUNDLE_FORMAT}",
+                            "update the on-board runtime")
+    for name in (MODEL_FILE, PROBE_FILE):
+        if name not in listed:
+            raise BundleRefused("incomplete", f"{archive}'s manifest lists no {name}", refetch)
+    for name, digest in sorted(listed.items()):
+        if name not in members:
+            raise BundleRefused("missing-file", f"{archive} lacks {name}, which its manifest lists", refetch)
+        actual = hashlib.sha256(members[name]).hexdigest()
+        if actual != digest:
+            raise BundleRefused(
+                "hash-mismatch",
+                f"sha256 mismatch for {name} in {archive}: manifest {digest[:16]}..., file {actual[:16]}...; "
+                "the file was modified after signing",
+                refetch,
+            )
+    extra = sorted(set(members) - set(listed) - {MANIFEST, SIGNATURE})
+    if extra:
+        raise BundleRefused("unlisted-file", f"{archive} holds file(s) {extra} its manifest does not cover", refetch)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in [*listed, MANIFEST, SIGNATURE]:
+        _write_bytes_atomic(dest / name, members[name])
+    return dict(manifest)
+
+
+def check_bundle(
+    archive: str | os.PathLike[str], public_key: bytes, dest: str | os.PathLike[str], **options: Any
+) -> dict[str, Any]:
+    """``open_bundle`` then ``run_check`` on its model and probe; the result carries the bundle's identity."""
+    manifest = open_bundle(archive, public_key, dest)
+    dest = Path(dest)
+    result = run_check(dest / MODEL_FILE, dest / PROBE_FILE,
+                       expected_sha256=manifest["files"][MODEL_FILE]["sha256"], **options)
+    result["bundle"] = {k: manifest.get(k) for k in ("model_version", "parent_version", "device", "method")}
+    return result
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 # ---------------------------------------------------------------------------------------------- output
 
 
@@ -460,8 +613,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="On-board check of an int8 ONNX model: sha256, parity with reference logits, latency, memory.",
         epilog="exit codes: 0 passed, 1 check failed, 2 bad input (nothing written), 3 internal error",
     )
-    parser.add_argument("--model", required=True, type=Path, help="the int8 ONNX model (model.int8.onnx)")
-    parser.add_argument("--probe", required=True, type=Path, help="probe.npz with pixels and reference_logits")
+    parser.add_argument("--model", type=Path, help="the int8 ONNX model (model.int8.onnx)")
+    parser.add_argument("--probe", type=Path, help="probe.npz with pixels and reference_logits")
+    parser.add_argument("--bundle", type=Path, help="a signed bundle (instead of --model/--probe/--sha256)")
+    parser.add_argument("--public-key", help="with --bundle: the pinned public key (64 hex chars or a file)")
+    parser.add_argument("--extract-to", type=Path,
+                        help="with --bundle: where verified files go (default: beside --out)")
     parser.add_argument("--sha256", help="expected sha256 of the model file; verified before it is loaded")
     parser.add_argument("--threads", type=_positive_int, default=1, help="onnxruntime intra-op threads (default 1)")
     parser.add_argument("--runs", type=_positive_int, default=50, help="timed batch-1 runs (default 50)")
@@ -474,18 +631,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.bundle is None and (args.model is None or args.probe is None):
+        parser.error("give --model and --probe, or --bundle and --public-key")
+    if args.bundle is not None and (args.public_key is None or args.model or args.probe or args.sha256):
+        parser.error("--bundle needs --public-key and replaces --model, --probe and --sha256")
+    options: dict[str, Any] = dict(threads=args.threads, runs=args.runs, warmup=args.warmup, atol=args.atol,
+                                   min_top1=args.min_top1)
     try:
-        result = run_check(
-            args.model,
-            args.probe,
-            expected_sha256=args.sha256,
-            threads=args.threads,
-            runs=args.runs,
-            warmup=args.warmup,
-            atol=args.atol,
-            min_top1=args.min_top1,
-        )
+        if args.bundle is not None:
+            dest = args.extract_to or args.out.parent / f"{args.bundle.stem}.verified"
+            result = check_bundle(args.bundle, load_public_key(args.public_key), dest, **options)
+        else:
+            result = run_check(args.model, args.probe, expected_sha256=args.sha256, **options)
     except BadInputError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

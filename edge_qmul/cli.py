@@ -114,6 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", required=True, help="device profile name or TOML file")
     p.add_argument("--budgets", type=Path, help="TOML overriding the default budgets")
     p.add_argument("--method", help="unlearning result the ONNX came from (default: from its metadata)")
+
+    p = cmd("keygen", "make an Ed25519 signing key (bundles, certificates) and its public key", needs_run=False)
+    p.add_argument("--out", type=Path, required=True, help="directory for signing_key.pem and public_key.hex")
+
+    p = cmd("bundle", "sign the validated int8 model into a bundle for one device profile")
+    p.add_argument("--device", required=True, help="device profile the model was validated for")
+    p.add_argument("--key", type=Path, required=True, help="signing_key.pem from `edge-qmul keygen`")
+    p.add_argument("--out", type=Path, help="bundle path (default: RUN/bundles/VERSION-DEVICE.tar)")
+    p.add_argument("--parent", help="model version this one replaces on the fleet (default: none recorded)")
+
+    p = cmd("certify", "issue signed deletion certificates for the validated model, then purge the samples")
+    p.add_argument("--key", type=Path, required=True, help="signing_key.pem from `edge-qmul keygen`")
+    p.add_argument("--no-purge", action="store_true", help="only issue certificates; keep the raw samples")
+
+    p = cmd("status", "the run's ledger, models, bundles, rollouts and certificates at a glance")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
     return parser
 
 
@@ -220,6 +236,34 @@ def run_command(args: argparse.Namespace) -> int:
         if not v.passed:
             failed = [n for n, c in v.checks.items() if not c["passed"]]
             raise ValidationFailed(f"checks over budget: {', '.join(failed)}", "see validation.md")
+        return 0
+    if args.command == "keygen":
+        from edge_qmul.export.bundle import keygen
+
+        key_path, pub_path = keygen(args.out)
+        print(f"signing key {key_path} (keep it secret); public key {pub_path}: {pub_path.read_text().strip()}")
+        return 0
+    if args.command == "bundle":
+        from edge_qmul.devices.profiles import load_profile
+        from edge_qmul.export.bundle import build_bundle, read_manifest
+
+        path = build_bundle(args.run, load_profile(args.device), args.key, out=args.out, parent=args.parent)
+        manifest = read_manifest(path)
+        print(f"bundle {path}: model {manifest['model_version']} for {manifest['device']}, "
+              f"{len(manifest['files'])} files, honours {len(manifest['honoured_request_ids'])} request(s)")
+        return 0
+    if args.command == "certify":
+        from edge_qmul.export.certificates import certify
+
+        res = certify(args.run, args.key, purge=not args.no_purge)
+        print(f"model {res['model_version']}: {len(res['issued'])} certificate(s) issued, {res['certified']} in all; "
+              f"{res['purged']} raw sample(s) purged -> {args.run / 'certificates'}")
+        return 0
+    if args.command == "status":
+        from edge_qmul.status import collect, render
+
+        status = collect(args.run)
+        print(json.dumps(status, indent=2) if args.json else render(status))
         return 0
     raise ConfigError(f"unknown command {args.command!r}", "see `edge-qmul --help`")
 

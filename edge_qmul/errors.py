@@ -18,6 +18,7 @@ EXIT_CODES: dict[int, str] = {
     7: "ledger error: the SQLite forget ledger cannot be read or written",
     8: "export error: a model is not valid ONNX, breaks the I/O contract, or is not fully int8",
     9: "validation failed: at least one check is over its budget (see validation.json)",
+    10: "bundle or rollout error: no fresh passing validation to bundle, a bad key, or a refused bundle",
 }
 
 
@@ -64,3 +65,9 @@ class ValidationFailed(EdgeQmulError):
     """Raised by the CLI layer when a validation ran correctly and a check is over budget."""
 
     exit_code = 9
+
+
+class BundleError(EdgeQmulError):
+    """Bundling, signing, certificates or rollout cannot go ahead (e.g. the validation is stale)."""
+
+    exit_code = 10

@@ -21,7 +21,7 @@ import io
 import json
 import secrets
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,12 +32,13 @@ from torch import nn
 from edge_qmul import __version__, data, quant
 from edge_qmul.atomic import write_bytes, write_json
 from edge_qmul.config import DataConfig, QuantConfig, config_hash
-from edge_qmul.errors import CheckpointError, ForgetRequestError, UnlearningError
+from edge_qmul.errors import CheckpointError, DataError, ForgetRequestError, UnlearningError
 from edge_qmul.ledger import Ledger
 from edge_qmul.metrics import EvalSets, avg_gap, evaluate_model
 from edge_qmul.models import DEFAULT_WIDTH, ModelConfig
+from edge_qmul.store import SampleStore
 from edge_qmul.train import TrainConfig, load_checkpoint, load_payload, save_checkpoint, train_float
-from edge_qmul.unlearn import REGISTRY, FeatureCache, UnlearnConfig, UnlearnContext, unlearn
+from edge_qmul.unlearn import REGISTRY, FeatureCache, UnlearnConfig, UnlearnContext, UnlearnResult, unlearn
 
 QUANTIZED_FORMAT = "edge-qmul/quantized/1"
 FEATURES_FORMAT = "edge-qmul/features/1"
@@ -86,6 +87,12 @@ def _require_run(run_dir: Path, needed: str, fix: str) -> Path:
 class RunData:
     source: data.DatasetSource
     split: data.Split
+    # Training samples whose pixels were purged from the run's sample store after their deletion
+    # certificates: they exist for no stage any more (every index list is filtered by ``live``).
+    purged: frozenset[int] = frozenset()
+
+    def live(self, ids: list[int]) -> list[int]:
+        return [i for i in ids if i not in self.purged] if self.purged else ids
 
     def tensors(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
         """'train', 'val', 'test', 'forget' or 'retain' as (float pixels in [0,1], labels)."""
@@ -96,7 +103,8 @@ class RunData:
             "forget": self.split.forget,
             "retain": self.split.retain(),
         }[which]
-        return data.to_tensors(self.source.pool("test" if which == "test" else "train"), indices)
+        pool = self.source.pool("test" if which == "test" else "train")
+        return data.to_tensors(pool, indices if which == "test" and not self.split.single_pool else self.live(indices))
 
     def eval_sets(self) -> EvalSets:
         fx, fy = self.tensors("forget")
@@ -105,11 +113,23 @@ class RunData:
         return EvalSets(fx, fy, rx, ry, tx, ty)
 
 
+SAMPLE_STORE = "samples.sqlite"
+
+
 def load_run_data(run_dir: Path) -> RunData:
+    """The run's split and data; training samples come from the run's sample store when it has one."""
     split_path = _require_run(run_dir, "split.json", "re-run `edge-qmul train --run DIR`")
     split = data.Split.load(split_path)
     source = data.load_dataset(split.dataset, split.root, seed=split.seed)
-    return RunData(source, split)
+    store_path = run_dir / SAMPLE_STORE
+    if not store_path.exists():
+        return RunData(source, split)
+    with SampleStore(store_path) as store:
+        images, labels, scale, purged = store.load()
+    if images.shape[1:] != source.train.images.shape[1:] or len(images) != len(source.train.images):
+        raise DataError(f"{store_path} does not hold this run's training pool", "re-run `edge-qmul train --run DIR`")
+    pool = data.ArrayDataset(images, labels, scale)
+    return RunData(replace(source, train=pool), split, frozenset(purged))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -132,6 +152,8 @@ def train(run_dir: Path, data_cfg: DataConfig, train_cfg: TrainConfig, *, quiet:
     x, y = data.to_tensors(source.train, split.train)
     model, log = train_float(model_cfg, train_cfg, x, y, quiet=quiet)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with SampleStore(run_dir / SAMPLE_STORE) as store:  # the server's own copy, from here on the source
+        store.ingest(source.train.images, source.train.labels, source.train.scale)
     split.save(run_dir / "split.json")
     save_checkpoint(
         run_dir / "float.pt", model, model_cfg, train_cfg,
@@ -209,13 +231,34 @@ def quantize(run_dir: Path, quant_cfg: QuantConfig, *, quiet: bool = False) -> d
     return info
 
 
+def rebase(run_dir: Path, method: str) -> dict[str, Any]:
+    """Make an unlearning result the run's deployed model (``quantized.pt``: its int8 model and QAT copy).
+
+    Used after a purge: the purged samples are gone, so later unlearning must start from a model that
+    already forgot them. The float model stays the original (the retrain reference trains from scratch on
+    what is left). Results made against the old base become stale, as does the feature cache, which is
+    rebuilt here without the purged samples.
+    """
+    q = load_quantized(run_dir)
+    result = load_result_full(run_dir, method, q, ledger_forget_ids(run_dir))
+    info = {**q.info, "base": {"method": method, "result_sha256": sha256_file(result.path),
+                               "since": datetime.now(UTC).isoformat(timespec="seconds")}}
+    payload = load_payload(run_dir / "quantized.pt", "quantized model", "re-run `edge-qmul quantize --run DIR`")
+    _save_torch(
+        run_dir / "quantized.pt",
+        {**payload, "info": info, "int8_state": result.int8.state_dict(), "qat_state": result.qat_state},
+    )
+    _save_features(run_dir, result.qat(q), load_run_data(run_dir))
+    return info
+
+
 def _save_features(run_dir: Path, qat: nn.Module, rd: RunData) -> None:
     """Cache the deployed int8 model's classifier inputs for every train / val sample.
 
     Classifier-mode unlearning never changes the convs, so these stay valid for every later request
     against this deployed model; stored as the uint8 values with their scale and zero point (exact).
     """
-    indices = rd.split.train + rd.split.val
+    indices = rd.live(rd.split.train + rd.split.val)
     x, _ = data.to_tensors(rd.source.train, indices)
     extractor = quant.int8_features(qat, dequantize=False)
     with torch.no_grad():
@@ -233,7 +276,9 @@ def _save_features(run_dir: Path, qat: nn.Module, rd: RunData) -> None:
     )
 
 
-def load_features(run_dir: Path, q: Quantized, split: data.Split) -> FeatureCache | None:
+def load_features(
+    run_dir: Path, q: Quantized, split: data.Split, purged: frozenset[int] = frozenset()
+) -> FeatureCache | None:
     """The cached features of this run's forget / retain / val samples, or None if absent or stale."""
     path = run_dir / "features.pt"
     if not path.exists():
@@ -245,7 +290,8 @@ def load_features(run_dir: Path, q: Quantized, split: data.Split) -> FeatureCach
     values, scale, zp = payload["values"], payload["scale"], payload["zero_point"]
 
     def rows(ids: list[int]) -> torch.Tensor:
-        return (values[torch.tensor([row[i] for i in ids], dtype=torch.long)].float() - zp) * scale
+        live = [i for i in ids if i not in purged]  # in the same order as RunData.tensors
+        return (values[torch.tensor([row[i] for i in live], dtype=torch.long)].float() - zp) * scale
 
     return FeatureCache(rows(split.forget), rows(split.retain()), rows(split.val))
 
@@ -349,24 +395,36 @@ def run_unlearn(run_dir: Path, cfg: UnlearnConfig, *, quiet: bool = False) -> di
         rd.split.forget = forget_ids
         rd.split.save(run_dir / "split.json")
     fx, fy = rd.tensors("forget")
+    if len(fy) == 0:
+        raise ForgetRequestError(
+            f"every sample in the forget ledger of {run_dir} was already purged (the base model honours them)",
+            "nothing to unlearn until a new request is filed",
+        )
     rx, ry = rd.tensors("retain")
     vx, vy = rd.tensors("val")
     ctx = UnlearnContext(
         qat=q.qat, forget_x=fx, forget_y=fy, retain_x=rx, retain_y=ry, num_classes=q.model_cfg.num_classes,
         model_cfg=q.model_cfg, train_cfg=q.train_cfg, backend=q.backend, calib_size=q.calibration_size,
         val_x=vx, val_y=vy, quiet=quiet,
-        features=load_features(run_dir, q, rd.split) if cfg.layers == "classifier" else None,
+        features=load_features(run_dir, q, rd.split, rd.purged) if cfg.layers == "classifier" else None,
     )
     result = unlearn(ctx, cfg)
-    out = run_dir / "unlearn" / cfg.method
+    return save_result(run_dir, cfg.method, q, result, [r.request_id for r in requests], forget_ids)
+
+
+def save_result(
+    run_dir: Path, name: str, q: Quantized, result: UnlearnResult, request_ids: list[str], forget_ids: list[int]
+) -> dict[str, Any]:
+    """Write unlearn/<name>/{result.pt, log.json} (what evaluate / export read) and make it the latest."""
+    out = run_dir / "unlearn" / name
     out.mkdir(parents=True, exist_ok=True)
     if result.float_model is not None:
         save_checkpoint(out / "float.pt", result.float_model, q.model_cfg, q.train_cfg, {"retrain": True})
     meta = {
-        "method": cfg.method,
+        "method": name,
         "forget_hash": ids_hash(forget_ids),
         "forget_count": len(forget_ids),
-        "request_ids": [r.request_id for r in requests],
+        "request_ids": request_ids,
         "quantized_sha256": q.sha256,
         "seconds": result.log["seconds"],
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -382,7 +440,7 @@ def run_unlearn(run_dir: Path, cfg: UnlearnConfig, *, quiet: bool = False) -> di
         },
     )
     write_json(out / "log.json", {**meta, "log": result.log})
-    set_latest(run_dir, cfg.method)
+    set_latest(run_dir, name)
     return meta
 
 

@@ -164,6 +164,33 @@ def convert(qat: nn.Module) -> nn.Module:
     return int8
 
 
+@torch.no_grad()
+def refresh_weight_ranges(module: nn.Module) -> None:
+    """Set every weight fake-quant's observed range, scale and zero point from its layer's current weights.
+
+    For weights set from outside the training loop (e.g. an average of several devices' weights), where
+    the observer's running range no longer describes the weights it quantizes.
+    """
+    for mod in module.modules():
+        fq = getattr(mod, "weight_fake_quant", None)
+        weight = getattr(mod, "weight", None)
+        if not isinstance(fq, FakeQuantize) or not isinstance(weight, torch.Tensor):
+            continue
+        w = weight.detach()
+        obs: Any = fq.activation_post_process
+        if getattr(obs, "ch_axis", None) is not None and obs.qscheme in (torch.per_channel_symmetric,
+                                                                           torch.per_channel_affine):
+            dims = tuple(d for d in range(w.dim()) if d != obs.ch_axis)
+            lo, hi = w.amin(dim=dims), w.amax(dim=dims)
+        else:
+            lo, hi = w.min(), w.max()
+        obs.min_val.resize_(lo.shape).copy_(lo)
+        obs.max_val.resize_(hi.shape).copy_(hi)
+        scale, zero_point = obs.calculate_qparams()
+        fq.scale.resize_(scale.shape).copy_(scale)
+        fq.zero_point.resize_(zero_point.shape).copy_(zero_point)
+
+
 def save_qat_state(qat: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in qat.state_dict().items()}
 

@@ -155,6 +155,8 @@ def validate_run(
         "toolkit_version": __version__,
         "model": str(model_path.name),
         "model_sha256": pipeline.sha256_file(model_path),
+        "probe_sha256": pipeline.sha256_file(probe_path),
+        "forget_hash": pipeline.ids_hash(rd.split.forget),
         "method": method,
         "device": profile.name,
         "threads": profile.threads,

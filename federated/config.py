@@ -14,7 +14,10 @@ from typing import Any
 
 from edge_qmul.errors import ConfigError
 
-MODES = ("central", "intake")  # "intake": collect + acknowledge only; "central": then unlearn on the server
+# "intake": collect + acknowledge only; "central": then Q-MUL on the server's copy of the data;
+# "federated": then Q-MUL with the devices, whose forget samples never leave them (fedqmul).
+# "rollout": ship a signed bundle to the fleet in waves (rollout.py); no forget round.
+MODES = ("central", "federated", "intake", "rollout")
 
 
 def _field_key(name: str) -> str:
@@ -67,12 +70,29 @@ class FederatedConfig:
     class_partitions: str = ""  # devices that also ask to forget their samples of one class
     leave_partitions: str = ""  # devices that leave the fleet (kind "client")
     inject_faults: bool = False  # devices also send forged / replayed / foreign / conflicting requests
+    hold_after_ack: float = 0.0  # seconds the server waits between acknowledging and unlearning (crash tests)
+    # Q-MUL settings for both unlearning modes (0 = the method's recommended default)
+    unlearn_epochs: int = 0
+    unlearn_lr: float = 0.0
+    server_lr: float = 0.0  # federated mode: server step towards the devices' average (0 = number of devices)
+    # rollout mode
+    bundle: str = ""  # absolute path of the signed bundle to roll out
+    waves: str = "5,25,100"  # cumulative percentages of the fleet per wave
+    wave_pass_rate: float = 1.0  # fraction of a wave's devices that must pass for the next wave to start
+    max_forget_auc: float = 0.75  # on-board forget check: loss-attack AUC of own forgotten vs held-out samples
 
     def __post_init__(self) -> None:
         if not self.run_dir or not Path(self.run_dir).is_absolute():
             # Relative paths would resolve against the SuperLink's working directory, not the user's.
             raise ConfigError(
                 f"run-dir={self.run_dir!r} must be an absolute path", 'pass -c \'run-dir="/abs/path/to/run"\''
+            )
+        if self.mode == "rollout" and (not self.bundle or not Path(self.bundle).is_absolute()):
+            raise ConfigError(f"bundle={self.bundle!r}: rollout mode needs the bundle's absolute path",
+                              'pass -c \'mode="rollout" bundle="/abs/path/bundle.tar"\'')
+        if not 0 < self.wave_pass_rate <= 1 or not 0 < self.max_forget_auc <= 1:
+            raise ConfigError(
+                f"wave-pass-rate={self.wave_pass_rate}, max-forget-auc={self.max_forget_auc} must be in (0, 1]"
             )
         if self.key_file and not Path(self.key_file).is_absolute():
             raise ConfigError(f"key-file={self.key_file!r} must be an absolute path", "pass the key file's full path")
@@ -81,12 +101,15 @@ class FederatedConfig:
         for key in ("num_clients", "max_request_age"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{_field_key(key)}={getattr(self, key)} must be >= 1")
-        for key in ("requests_per_client", "samples_per_request"):
+        for key in ("requests_per_client", "samples_per_request", "unlearn_epochs"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{_field_key(key)}={getattr(self, key)} must be >= 0")
         for key in ("connect_timeout", "reply_timeout"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{_field_key(key)}={getattr(self, key)} must be > 0 seconds")
+        for key in ("unlearn_lr", "server_lr", "hold_after_ack"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{_field_key(key)}={getattr(self, key)} must be >= 0", "use 0 for the default")
         for key in ("class_partitions", "leave_partitions"):
             bad = [p for p in _ids(getattr(self, key), _field_key(key)) if p >= self.num_clients]
             if bad:
@@ -99,6 +122,15 @@ class FederatedConfig:
     @property
     def run_path(self) -> Path:
         return Path(self.run_dir)
+
+    @property
+    def unlearn_overrides(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.unlearn_epochs:
+            out["epochs"] = self.unlearn_epochs
+        if self.unlearn_lr:
+            out["lr"] = self.unlearn_lr
+        return out
 
     @property
     def ledger_path(self) -> Path:
@@ -122,6 +154,8 @@ class DeviceConfig:
     # Where the device keeps its key and request queue across runs and reboots ("" = in Flower's per-run
     # node state only: the key is then new every run and the server refuses it as a key mismatch).
     state_dir: str = ""
+    fleet_key: str = ""  # the fleet's bundle-signing public key: 64 hex chars, or the path of public_key.hex
+    runtime_fault: str = ""  # test switch: "broken-runtime" simulates a board whose onnxruntime fails
 
     def __post_init__(self) -> None:
         if self.num_partitions < 1 or not 0 <= self.partition_id < self.num_partitions:
@@ -131,6 +165,9 @@ class DeviceConfig:
             )
         if self.state_dir and not Path(self.state_dir).is_absolute():
             raise ConfigError(f"state-dir={self.state_dir!r} must be an absolute path")
+        if self.runtime_fault not in ("", "broken-runtime"):
+            raise ConfigError(f"runtime-fault={self.runtime_fault!r} is not a known fault",
+                              'use "" or "broken-runtime"')
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> DeviceConfig:

@@ -8,9 +8,11 @@ drive it with an in-process grid as well as through a real SuperLink.
 2. ``query.forget`` to every node, one message each; each device answers with all its signed requests;
 3. ``Intake.process`` verifies them and commits accepted ones to the forget ledger;
 4. ``query.ack`` to every node that answered: one outcome per request (after the commit in step 3);
-5. central mode: ``pipeline.run_unlearn`` with Q-MUL over every request in the ledger, if any is not yet
-   honoured, then ``Ledger.mark_honoured`` with the new model's version (``qmul-`` + sha256 prefix of its
-   result.pt);
+5. if any request in the ledger is not yet honoured, unlearn every request in it, then
+   ``Ledger.mark_honoured`` with the new model's version (method + sha256 prefix of its result.pt):
+   central mode: ``pipeline.run_unlearn`` with Q-MUL on the server;
+   federated mode: ``unlearn_federated``, Q-MUL rounds with the devices (``fedqmul``), which needs every
+   device holding a forget sample to take part; otherwise the requests stay pending for a later round;
 6. ``query.receipt`` to the nodes that filed requests: which model version honours which of their ids.
 
 A node that fails or does not answer within ``reply-timeout`` is logged with its node id and left out of
@@ -21,10 +23,12 @@ A summary is written to ``<run-dir>/federated/round-<flower run id>.json``.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from edge_qmul.federated import messages
 from edge_qmul.federated.config import FederatedConfig
@@ -133,11 +137,23 @@ def run_round(grid: Grid, cfg: FederatedConfig, *, flower_run_id: int = 0) -> Ro
     confirmed = _exchange(grid, acks, messages.QUERY_ACK, cfg.reply_timeout)
     summary.acked_nodes = len(confirmed)
     summary.seconds["ack"] = time.perf_counter() - t
+    # A durable mark that this round's acknowledgements went out, with the server process's pid (an
+    # operator, or the crash test, can see where a killed round stopped).
+    write_json(cfg.run_path / "federated" / f"acked-{flower_run_id}.json",
+               {"pid": os.getpid(), "accepted": summary.accepted, "acked_nodes": summary.acked_nodes,
+                "time": time.time()})
+    if cfg.hold_after_ack > 0:  # test switch: a window in which to kill the server before it unlearns
+        log.warning("holding %.0fs after acknowledgement (hold-after-ack)", cfg.hold_after_ack)
+        time.sleep(cfg.hold_after_ack)
 
     # -- unlearn -------------------------------------------------------------------------------------
     if cfg.mode == "central":
         t = time.perf_counter()
         summary.model_version, summary.honoured = unlearn_pending(cfg)
+        summary.seconds["unlearn"] = time.perf_counter() - t
+    elif cfg.mode == "federated":
+        t = time.perf_counter()
+        summary.model_version, summary.honoured = unlearn_federated(grid, cfg, filed)
         summary.seconds["unlearn"] = time.perf_counter() - t
 
     # -- receipts ------------------------------------------------------------------------------------
@@ -152,25 +168,111 @@ def run_round(grid: Grid, cfg: FederatedConfig, *, flower_run_id: int = 0) -> Ro
     return summary
 
 
-def unlearn_pending(cfg: FederatedConfig) -> tuple[str | None, int]:
-    """Q-MUL over the whole ledger if any request is not yet honoured; returns (model version, newly honoured)."""
-    from edge_qmul import pipeline  # local import: torch is heavy and only the server's central mode needs it
+def _pending(cfg: FederatedConfig) -> bool:
+    with Ledger(cfg.ledger_path) as ledger:
+        if any(r.honoured_by is None for r in ledger.requests()):
+            return True
+    log.info("no unhonoured forget requests: the current model stands")
+    return False
 
-    with Ledger(cfg.ledger_path) as ledger:
-        pending = [r.request_id for r in ledger.requests() if r.honoured_by is None]
-    if not pending:
-        log.info("no unhonoured forget requests: the current model stands")
-        return None, 0
-    meta = pipeline.run_unlearn(cfg.run_path, pipeline.method_config("qmul"), quiet=True)
+
+def _honour(cfg: FederatedConfig, meta: dict[str, Any]) -> tuple[str, int]:
+    """Mark the requests a new result covers as honoured by its version; (version, newly honoured)."""
+    from edge_qmul import pipeline
+
     result = cfg.run_path / "unlearn" / meta["method"] / "result.pt"
-    version = f"qmul-{pipeline.sha256_file(result)[:12]}"
+    version = f"{meta['method']}-{pipeline.sha256_file(result)[:12]}"
     with Ledger(cfg.ledger_path) as ledger:
-        # run_unlearn covers every request in the ledger (meta lists them); only unhonoured rows change.
+        # the result covers every request in the ledger (meta lists them); only unhonoured rows change.
         ledger.mark_honoured(meta["request_ids"], version)
         honoured = sum(r.honoured_by == version for r in ledger.requests())
     log.info("unlearned %d samples in %.1fs: model %s honours %d new request(s)",
              meta["forget_count"], meta["seconds"], version, honoured)
     return version, honoured
+
+
+def unlearn_pending(cfg: FederatedConfig) -> tuple[str | None, int]:
+    """Central mode: Q-MUL over the whole ledger if any request is not yet honoured."""
+    from edge_qmul import pipeline  # local import: torch is heavy and only the unlearning modes need it
+
+    if not _pending(cfg):
+        return None, 0
+    meta = pipeline.run_unlearn(cfg.run_path, pipeline.method_config("qmul", cfg.unlearn_overrides), quiet=True)
+    return _honour(cfg, meta)
+
+
+def unlearn_federated(grid: Grid, cfg: FederatedConfig, participants: dict[int, int]) -> tuple[str | None, int]:
+    """Federated mode: Q-MUL rounds with the devices (``fedqmul``) over the whole ledger.
+
+    ``participants`` maps node id -> partition id of the devices that authenticated this round. Each
+    device is sent only the ids of its own samples to forget. If a device holding forget samples is
+    absent or stops answering, no model is made and the requests stay pending for a later round.
+    """
+    from edge_qmul.federated import fedqmul, partition
+
+    from edge_qmul import data, pipeline, quant
+    from edge_qmul.unlearn import UnlearnResult
+
+    if not _pending(cfg):
+        return None, 0
+    t0 = time.perf_counter()
+    with Ledger(cfg.ledger_path) as ledger:
+        request_ids = [r.request_id for r in ledger.requests()]
+        forget_ids = ledger.forget_ids()
+    split = data.Split.load(cfg.run_path / "split.json")
+    owner = partition.assignment(split.train, cfg.num_clients)
+    by_partition: dict[int, list[int]] = {}
+    for i in forget_ids:
+        by_partition.setdefault(owner[i], []).append(i)
+    holders = set(by_partition)
+
+    def complete(nodes: Iterable[int], step: str) -> bool:
+        missing = holders - {participants[n] for n in nodes}
+        if missing:
+            log.warning("federated unlearning stopped at %s: device(s) %s hold forget samples and did not take "
+                        "part; the requests stay pending", step, sorted(missing))
+        return not missing
+
+    if not complete(participants, "the start"):
+        return None, 0
+    q = pipeline.load_quantized(cfg.run_path)
+    head = fedqmul.head_of(q)
+    ucfg = pipeline.method_config("qmul", {**cfg.unlearn_overrides, "layers": "classifier"})
+    cfg_json = fedqmul.config_json(ucfg)
+    nodes = dict(participants)
+    rounds: list[dict[str, Any]] = []
+    for epoch in range(ucfg.epochs):
+        lr = fedqmul.cosine(ucfg.lr, epoch, ucfg.epochs)
+        state = fedqmul.state_of(head)
+
+        def content(node: int, w_f: float = 0.0, w_r: float = 0.0, lr: float = 0.0, *, epoch: int = epoch,
+                    state: dict[str, Any] = state, nodes: dict[int, int] = nodes) -> RecordDict:
+            pid = nodes[node]
+            ids = by_partition.get(pid, [])
+            return messages.round_to_content(state, ids, cfg_json, epoch, ucfg.seed + 1000 * epoch + pid, w_f, w_r, lr)
+
+        replies = _exchange(grid, {n: content(n) for n in nodes}, messages.EVALUATE, cfg.reply_timeout)
+        stats = {n: messages.content_to_stats(r.content, fedqmul.STAT_KEYS) for n, r in replies.items()}
+        if not complete(stats, f"round {epoch} (evaluate)"):
+            return None, 0
+        w_f, w_r, gf, gr = fedqmul.adaptive_weights(list(stats.values()))
+        nodes = {n: nodes[n] for n in stats}  # retain-only devices that dropped out are left out
+        replies = _exchange(grid, {n: content(n, w_f, w_r, lr) for n in nodes}, messages.TRAIN, cfg.reply_timeout)
+        updates = {n: messages.content_to_update(r.content) for n, r in replies.items()}
+        if not complete(updates, f"round {epoch} (train)"):
+            return None, 0
+        server_lr = cfg.server_lr or float(len(updates))
+        fedqmul.average_states(head, list(updates.values()), server_lr)
+        nodes = {n: nodes[n] for n in updates}
+        rounds.append({"epoch": epoch, "lr": lr, "server_lr": server_lr, "w_f": w_f, "w_r": w_r, "g_f": gf, "g_r": gr,
+                       "devices": len(updates), **fedqmul.summary_of(stats)})
+        log.info("federated Q-MUL round %d: %d devices, w_f %.3f, w_r %.3f, forget acc %s", epoch, len(updates),
+                 w_f, w_r, rounds[-1]["forget_acc"])
+    int8 = quant.convert(q.qat)
+    seconds = time.perf_counter() - t0
+    result = UnlearnResult("fedqmul", q.qat, int8, {"seconds": seconds, "config": asdict(ucfg), "rounds": rounds})
+    meta = pipeline.save_result(cfg.run_path, "fedqmul", q, result, request_ids, forget_ids)
+    return _honour(cfg, meta)
 
 
 def _receipts(cfg: FederatedConfig, filed: dict[int, int]) -> dict[int, RecordDict]:
@@ -184,3 +286,10 @@ def _receipts(cfg: FederatedConfig, filed: dict[int, int]) -> dict[int, RecordDi
         if mine:
             out[node] = messages.receipt_to_content(mine)
     return out
+
+
+def run_rollout_round(grid: Grid, cfg: FederatedConfig, *, flower_run_id: int = 0) -> Any:
+    """Rollout mode: ship ``cfg.bundle`` in waves (``rollout.run_rollout``)."""
+    from edge_qmul.federated.rollout import run_rollout
+
+    return run_rollout(grid, cfg, _exchange, wait_for_nodes, flower_run_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from edge_qmul.federated.config import FederatedConfig
-from edge_qmul.federated.coordinator import run_round
+from edge_qmul.federated.coordinator import run_rollout_round, run_round
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -26,4 +26,7 @@ def _show_logs() -> None:
 def main(grid: Grid, context: Context) -> None:
     _show_logs()
     cfg = FederatedConfig.from_run_config(context.run_config)
+    if cfg.mode == "rollout":
+        run_rollout_round(grid, cfg, flower_run_id=context.run_id)
+        return
     run_round(grid, cfg, flower_run_id=context.run_id)

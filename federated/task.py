@@ -267,6 +267,9 @@ class Device:
                 )
             elif outcome.recorded:
                 self.state["acked"][name] = outcome.status
+                sent = next((d for d in self.state["pending"] if d["request_id"] == name), None)
+                if sent is not None:  # what it covers, for the on-board forget check after a rollout
+                    self.state.setdefault("filed", {})[name] = sent
                 settled[name] = "acked"
                 counts["acked"] += 1
             else:

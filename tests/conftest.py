@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from flwr.supercore.task_identity import TaskIdentity
 
 from edge_qmul import data, quant
 from edge_qmul.models import ModelConfig
@@ -62,3 +63,15 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "run"
     shutil.copytree(run, dst)
     return dst
+
+
+@pytest.fixture
+def flower_process(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Flower state in a temporary FLWR_HOME, no telemetry, and the TaskIdentity Flower sets in a real
+    ServerApp / ClientApp process (messages take their run and sender from it): the "server" of run 1."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+    monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)

@@ -13,32 +13,27 @@ import re
 import shutil
 import stat
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
 
 import pytest
-from edge_qmul.federated import client_app, messages, partition, protocol
+from edge_qmul.federated import messages, partition, protocol
 from edge_qmul.federated.config import DeviceConfig, FederatedConfig
 from edge_qmul.federated.coordinator import run_round
+from edge_qmul.federated.inprocess import NODE, local_grid, wire
 from edge_qmul.federated.intake import REFUSAL_REASONS, Intake
 from edge_qmul.federated.protocol import DeviceBatch, ForgetRequest, ProtocolError, SignedRequest
 from edge_qmul.federated.store import FleetStore
 from edge_qmul.federated.task import EXPECTED_FAULT_REASONS, Device, PendingRequest
-from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from edge_qmul import data
-from edge_qmul.errors import ConfigError, ForgetRequestError
+from edge_qmul.errors import ConfigError, ForgetRequestError, UnlearningError
 from edge_qmul.ledger import Ledger
 
 NOW = 1_800_000_000
-NODE = 2**63 + 100  # Flower node ids are unsigned 64-bit; the first local node is beyond SQLite INTEGER
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -47,15 +42,8 @@ NODE = 2**63 + 100  # Flower node ids are unsigned 64-bit; the first local node 
 
 
 @pytest.fixture(autouse=True)
-def flower_process(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Flower state in a temporary FLWR_HOME, no telemetry, and the TaskIdentity Flower sets in a real
-    ServerApp / ClientApp process (messages take their run and sender from it): the "server" of run 1."""
-    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
-    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
-    monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+def _flower(flower_process: None) -> None:
+    """Every test here runs as a Flower process would (see conftest.flower_process)."""
 
 
 @pytest.fixture(scope="session")
@@ -100,77 +88,6 @@ def request(pid: int, ids: Iterable[int] = (), *, rid: str = "r1", kind: str = "
 
 def intake(run: Path, n: int = 3) -> Intake:
     return Intake(run, n, clock=lambda: float(NOW))
-
-
-def wire(message: Message) -> Message:
-    """Deflate a message into Flower's object store format and inflate it again (what the SuperLink does)."""
-    contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(message).items()}
-    out = inflate_object_from_contents(message.object_id, contents)
-    assert isinstance(out, Message)
-    out.metadata.__dict__["_message_id"] = message.metadata.message_id
-    return out
-
-
-class LocalGrid(Grid):
-    """A Grid that delivers messages to in-process ClientApps (one Context per node), through ``wire``.
-
-    ``drop(message)`` returning True simulates a node that never answers that message. A ClientApp that
-    raises answers with an error reply, as a SuperNode does.
-    """
-
-    def __init__(self, node_configs: dict[int, dict[str, object]], run_config: dict[str, object],
-                 drop: Callable[[Message], bool] = lambda m: False) -> None:
-        self.contexts = {
-            node: Context(run_id=1, node_id=node, node_config=cfg, state=RecordDict(), run_config=run_config)  # type: ignore[arg-type]
-            for node, cfg in node_configs.items()
-        }
-        self.drop = drop
-        self._replies: dict[str, Message] = {}
-
-    # Grid's run bookkeeping is not used by the app; this fake only routes messages.
-    def set_run(self, run: object) -> None:
-        raise NotImplementedError("the in-process grid has no run")
-
-    @property
-    def run(self) -> object:  # type: ignore[override]
-        raise NotImplementedError("the in-process grid has no run")
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages: Iterable[Message]) -> list[str]:
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = uuid4().hex
-            ids.append(msg.metadata.message_id)
-            received = wire(msg)
-            if self.drop(received):
-                continue
-            try:
-                reply = client_app.app(received, self.contexts[received.metadata.dst_node_id])
-            except Exception as err:  # mirrors the SuperNode: any ClientApp failure becomes an error reply
-                reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=received)
-            reply.metadata.__dict__["_message_id"] = uuid4().hex
-            self._replies[msg.metadata.message_id] = wire(reply)
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        return [self._replies.pop(i) for i in message_ids if i in self._replies]
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        return self.pull_messages(self.push_messages(messages))
-
-
-def local_grid(run: Path, tmp_path: Path, run_config: dict[str, object], n: int = 3,
-               drop: Callable[[Message], bool] = lambda m: False) -> LocalGrid:
-    nodes = {
-        NODE + p: {"partition-id": p, "num-partitions": n, "state-dir": str(tmp_path / f"device{p}")} for p in range(n)
-    }
-    return LocalGrid(nodes, {"run-dir": str(run), "num-clients": n, **run_config}, drop)
 
 
 def device_state(tmp_path: Path, pid: int) -> dict[str, Any]:
@@ -275,7 +192,7 @@ def test_run_and_node_config_reject_unknown_keys_and_bad_values(run: Path) -> No
     with pytest.raises(ConfigError, match="absolute"):
         FederatedConfig.from_run_config({"run-dir": "runs/x"})
     with pytest.raises(ConfigError, match="mode"):
-        FederatedConfig.from_run_config({"run-dir": str(run), "mode": "federated"})
+        FederatedConfig.from_run_config({"run-dir": str(run), "mode": "gossip"})
     with pytest.raises(ConfigError, match="must be of type int"):
         FederatedConfig.from_run_config({"run-dir": str(run), "num-clients": True})
     with pytest.raises(ConfigError, match="leave-partitions"):
@@ -630,3 +547,105 @@ def test_central_round_unlearns_marks_honoured_and_sends_receipts(trained_run: P
     again = run_round(grid, cfg)
     assert (again.accepted, again.model_version, again.receipts) == (0, None, 2)
     assert device_state(tmp_path, 1)["receipts"] == receipts
+
+
+# ---------------------------------------------------------------------------------------------------
+# Federated mode: Q-MUL rounds with the devices (fedqmul)
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_federated_round_unlearns_with_the_devices(trained_run: Path, tmp_path: Path) -> None:
+    from edge_qmul import pipeline
+    from edge_qmul.metrics import avg_gap
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    sent: list[Message] = []
+
+    def spy(message: Message) -> bool:
+        sent.append(message)
+        return False
+
+    grid = local_grid(run_dir, tmp_path, {"mode": "federated", "leave-partitions": "1", "unlearn-epochs": 3,
+                                          "samples-per-request": 5, "server-lr": 1.0}, drop=spy)
+    summary = run_round(grid, FederatedConfig.from_run_config(grid.contexts[NODE].run_config))
+    result = run_dir / "unlearn" / "fedqmul" / "result.pt"
+    assert summary.model_version == f"fedqmul-{pipeline.sha256_file(result)[:12]}"
+    assert (summary.accepted, summary.honoured, summary.receipts) == (7, 7, 3)
+    with Ledger(run_dir / "ledger.sqlite") as ledger:
+        rows, forget_ids = ledger.requests(), ledger.forget_ids()
+    assert {r.honoured_by for r in rows} == {summary.model_version}
+    # 3 rounds x (evaluate + train) x 3 devices; each device is sent only its own forget ids
+    rounds = [m for m in sent if m.metadata.message_type in ("evaluate", "train")]
+    assert len(rounds) == 3 * 2 * 3
+    split = data.Split.load(run_dir / "split.json")
+    for m in rounds:
+        pid = grid.contexts[m.metadata.dst_node_id].node_config["partition-id"]
+        _, spec = messages.content_to_round(m.content)
+        assert set(spec["forget-ids"]) <= set(partition.partition(split.train, 3, int(pid)))  # type: ignore[arg-type]
+        assert set(spec["forget-ids"]) == set(forget_ids) & set(partition.partition(split.train, 3, int(pid)))  # type: ignore[arg-type]
+    log = json.loads((run_dir / "unlearn" / "fedqmul" / "log.json").read_text())["log"]
+    assert [r["devices"] for r in log["rounds"]] == [3, 3, 3]
+    assert all(0 < r["w_f"] < 1 and abs(r["w_f"] + r["w_r"] - 1) < 1e-9 for r in log["rounds"])
+    # Same requests, same settings, central Q-MUL on the server's copy of the data: the two models agree
+    # closely (federated Q-MUL differs only in where the steps run and in per-round momentum restarts).
+    pipeline.run_unlearn(run_dir, pipeline.method_config("qmul", {"epochs": 3}), quiet=True)
+    report = pipeline.evaluate(run_dir, ["fedqmul", "qmul"])["methods"]
+    assert len(forget_ids) > 400
+    assert avg_gap(report["fedqmul"], report["qmul"]) < 2.0, report
+    assert report["fedqmul"]["TA"] > report["none"]["TA"] - 3
+
+
+def test_federated_round_waits_for_every_forget_holder(trained_run: Path, tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+
+    def silent_in_training(message: Message) -> bool:  # device 2 holds forget samples and stops answering
+        pid = grid.contexts[message.metadata.dst_node_id].node_config["partition-id"]
+        return message.metadata.message_type == "train" and pid == 2
+
+    grid = local_grid(run_dir, tmp_path, {"mode": "federated", "unlearn-epochs": 2, "reply-timeout": 1.0},
+                      drop=silent_in_training)
+    with caplog.at_level(logging.WARNING, logger="edge_qmul"):
+        summary = run_round(grid, FederatedConfig.from_run_config(grid.contexts[NODE].run_config))
+    assert summary.accepted == 6 and summary.model_version is None and summary.honoured == 0
+    assert "device(s) [2] hold forget samples and did not take part" in caplog.text
+    assert not (run_dir / "unlearn" / "fedqmul").exists()
+    with Ledger(run_dir / "ledger.sqlite") as ledger:
+        assert len(ledger.requests()) == 6 and all(r.honoured_by is None for r in ledger.requests())
+
+
+def test_fedavg_and_adaptive_weights(digits: Any) -> None:
+    import torch
+    from edge_qmul.federated import fedqmul
+
+    from edge_qmul import quant
+
+    head = quant.split_at_classifier(digits.qat())[1]
+    a = fedqmul.state_of(head)
+    b = {k: v * 3 if v.is_floating_point() else v for k, v in a.items()}
+    fedqmul.average_states(head, [(a, 1.0), (b, 3.0)])  # (1 x a + 3 x 3a) / 4 = 2.5a
+    out = fedqmul.state_of(head)
+    w = next(k for k in a if k.endswith("fc1.weight"))
+    assert torch.allclose(out[w], 2.5 * a[w])
+    fedqmul.average_states(head, [(a, 1.0)], server_lr=2.0)  # 2.5a + 2 (a - 2.5a) = -0.5a
+    assert torch.allclose(head.state_dict()[w], -0.5 * a[w])
+    fq = next(m for n, m in head.named_modules() if n.endswith("weight_fake_quant"))
+    scale, _ = fq.activation_post_process.calculate_qparams()
+    assert torch.equal(fq.scale, scale)  # re-derived from the averaged range
+    stats = [{"g-f-sum": 6.0, "f-batches": 2.0, "g-r-sum": 2.0, "r-batches": 2.0},
+             {"g-f-sum": 0.0, "f-batches": 0.0, "g-r-sum": 4.0, "r-batches": 4.0}]
+    w_f, w_r, gf, gr = fedqmul.adaptive_weights(stats)  # pooled: g_f = 3, g_r = 1
+    assert (gf, gr) == (3.0, 1.0) and (w_f, w_r) == (0.25, 0.75)
+    with pytest.raises(UnlearningError, match="no device reported forget batches"):
+        fedqmul.adaptive_weights([stats[1]])
+
+
+def test_device_refuses_to_forget_samples_it_does_not_hold(trained_run: Path) -> None:
+    from edge_qmul.federated import fedqmul
+
+    q, _ = fedqmul.load_for_device(trained_run)
+    other = own(trained_run, 1)[:2]
+    with pytest.raises(UnlearningError, match="device 0 was asked to forget 2 sample"):
+        fedqmul.local_data(q, trained_run, DeviceConfig(0, 3), other)

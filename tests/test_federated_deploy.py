@@ -7,165 +7,30 @@ process has its own FLWR_HOME under the test's tmp dir. Run with `pytest -m fede
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from edge_qmul.federated import protocol
+from edge_qmul.federated.loopback import Deployment
 from edge_qmul.federated.store import FleetStore
 from edge_qmul.federated.task import EXPECTED_FAULT_REASONS
 
 from edge_qmul import pipeline
+from edge_qmul.cli import main
 from edge_qmul.config import DataConfig, QuantConfig
 from edge_qmul.ledger import Ledger
 from edge_qmul.train import TrainConfig
 
 pytestmark = pytest.mark.federated
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 NODES = 3
-RUN_TIMEOUT = 480.0  # seconds for one `flwr run` (60–130 s seen on 2 cores; generous for a loaded machine)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Deployment:
-    """A SuperLink and ``NODES`` SuperNodes on 127.0.0.1, plus the `flwr` CLI pointed at them."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = free_port()
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self._logs: list[Any] = []
-        (root / "tmp").mkdir(parents=True)
-        cli_home = root / "home-cli"
-        cli_home.mkdir()
-        (cli_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "lb"\n\n[superlink.lb]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
-        )
-
-    def env(self, home: str) -> dict[str, str]:
-        path = self.root / home
-        path.mkdir(exist_ok=True)
-        return {
-            **os.environ,
-            "FLWR_HOME": str(path),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the SuperLink spawns helpers by name
-            "TMPDIR": str(self.root / "tmp"),
-        }
-
-    def _spawn(self, name: str, args: list[str]) -> None:
-        log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115  (closed in stop(), after the process)
-        self._logs.append(log)
-        self.procs[name] = subprocess.Popen(
-            args, cwd=self.root / "tmp", env=self.env(f"home-{name}"), stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def start(self) -> None:
-        self._spawn("superlink", [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
-                                  "--port", str(self.port), "--disable-runtime-dependency-installation"])
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as res:
-                    if res.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline or self.procs["superlink"].poll() is not None:
-                raise RuntimeError(f"SuperLink did not become healthy:\n{self.tail('superlink')}")
-            time.sleep(0.3)
-        for i in range(NODES):
-            state_dir = self.state_dir(i)
-            self._spawn(f"node{i}", [
-                str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                "--host", "127.0.0.1", "--port", str(free_port()),
-                "--node-config", f'partition-id={i} num-partitions={NODES} state-dir="{state_dir}"',
-            ])
-
-    def state_dir(self, i: int) -> Path:
-        return self.root / f"device{i}"
-
-    def device_state(self, i: int) -> dict[str, Any]:
-        path = self.state_dir(i) / "device.json"
-        return json.loads(path.read_text()) if path.exists() else {}
-
-    def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "flwr"), *args], cwd=self.root / "tmp", env=self.env("home-cli"),
-                              capture_output=True, text=True, timeout=timeout, check=False)
-
-    def run_app(self, run_config: str) -> int:
-        res = self.flwr("run", str(REPO), "lb", "--format", "json", "-c", run_config)
-        assert res.returncode == 0, f"flwr run failed:\n{res.stdout}\n{res.stderr}"
-        payload = json.loads(res.stdout[res.stdout.index("{"):])
-        assert payload["success"], payload
-        return int(payload["run-id"])
-
-    def status(self, run_id: int) -> str:
-        res = self.flwr("list", "lb", "--run-id", str(run_id), "--format", "json")
-        if res.returncode != 0:
-            return "unknown"
-        runs = json.loads(res.stdout[res.stdout.index("{"):])["runs"]
-        return str(runs[0]["status"]) if runs else "unknown"
-
-    def wait(self, run_id: int, timeout: float = RUN_TIMEOUT) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            status = self.status(run_id)
-            if status.startswith("finished"):
-                return status
-            time.sleep(2)
-        return "timeout"
-
-    def server_log(self, run_id: int) -> str:
-        res = self.flwr("log", str(run_id), "lb", "--show", timeout=30)
-        return res.stdout + res.stderr
-
-    def tail(self, name: str, lines: int = 40) -> str:
-        path = self.root / f"{name}.log"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
-
-    def kill(self, name: str) -> None:
-        """SIGKILL one process by its pid (a SuperNode's ClientApp children exit when their parent dies)."""
-        os.kill(self.procs[name].pid, signal.SIGKILL)
-        self.procs[name].wait(timeout=10)
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)  # pgid == pid: started with start_new_session
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-            # Helpers the process spawned (flwr-serverapp / flwr-clientapp) share its process group.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        for log in self._logs:
-            log.close()
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +44,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def deployment(tmp_path: Path) -> Iterator[Deployment]:
-    dep = Deployment(tmp_path / "deploy")
+    dep = Deployment(tmp_path / "deploy", NODES)
     try:
         dep.start()
         yield dep
@@ -272,3 +137,87 @@ def test_killed_supernode_loses_nothing_it_was_acknowledged_for(
     assert all(r.honoured_by == summary["model_version"] for r in rows.values())
     # The dead node either never answers or the SuperLink answers for it with an error: logged either way.
     assert re.search(r"node \d+ (gave no usable reply to|answered) query.receipt", deployment.server_log(run_id))
+
+
+def test_server_killed_after_acknowledging_loses_nothing(
+    deployment: Deployment, trained_run: Path, tmp_path: Path
+) -> None:
+    """SIGKILL the ServerApp between acknowledgement and unlearning; the next run honours every request."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    first = deployment.run_app(f'run-dir="{run}" hold-after-ack=900.0')
+    marker = run / "federated" / f"acked-{first}.json"
+    deadline = time.monotonic() + 240
+    while not marker.exists():
+        assert time.monotonic() < deadline, _report(deployment, first, "no acknowledgement within 240 s")
+        time.sleep(0.2)
+    pid = int(json.loads(marker.read_text())["pid"])
+    # The ServerApp process was spawned by our SuperLink (same process group): ours to kill.
+    assert os.getpgid(pid) == deployment.procs["superlink"].pid
+    os.kill(pid, signal.SIGKILL)
+    acked = {rid for i in range(NODES) for rid in deployment.device_state(i)["acked"]}
+    with Ledger(run / "ledger.sqlite") as ledger:
+        rows = ledger.requests()
+    assert len(acked) == 6 and {r.request_id for r in rows} == acked  # every acknowledged request is recorded
+    assert all(r.honoured_by is None for r in rows) and not (run / "unlearn").exists()
+
+    second = deployment.run_app(f'run-dir="{run}"')  # the restarted server
+    status = deployment.wait(second)
+    assert status == "finished:completed", _report(deployment, second, status)
+    summary = json.loads((run / "federated" / f"round-{second}.json").read_text())
+    print(f"\nserver killed after acknowledging (run {first}); restart: {json.dumps(summary)}")
+    assert summary["accepted"] == 0 and summary["honoured"] == 6  # nothing re-filed, all honoured now
+    with Ledger(run / "ledger.sqlite") as ledger:
+        honoured = {r.request_id: r.honoured_by for r in ledger.requests()}
+    assert honoured == dict.fromkeys(acked, summary["model_version"])
+    for i in range(NODES):
+        assert set(deployment.device_state(i)["receipts"]) == set(deployment.device_state(i)["acked"])
+
+
+def test_rollout_rolls_back_a_failed_wave_then_ships_a_fixed_model(trained_run: Path, tmp_path: Path) -> None:
+    """Waves over real SuperNodes: a broken board fails wave 2, which rolls back; once it is repaired, a
+    fixed model reaches every device."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    keys = tmp_path / "keys"
+    bundles = []
+    pipeline.forget(run, fraction=0.1, seed=0)
+    loose = tmp_path / "loose.toml"
+    loose.write_text("[budgets]\nmia_gap_to_retrain = 100\nfa_minus_ta = 100\nloss_auc = 1\n")
+    assert main(["keygen", "--out", str(keys)]) == 0
+    for method in ("qmul", "finetune"):
+        assert main(["unlearn", "--run", str(run), "--method", method, "--quiet"]) == 0
+        assert main(["export", "--run", str(run), "--method", method]) == 0
+        assert main(["validate", "--run", str(run), "--device", "x86-server", "--budgets", str(loose)]) == 0
+        out = tmp_path / f"{method}.tar"
+        assert main(["bundle", "--run", str(run), "--device", "x86-server", "--key", str(keys / "signing_key.pem"),
+                     "--out", str(out)]) == 0
+        bundles.append(out)
+    fleet_key = f'fleet-key="{keys / "public_key.hex"}"'
+    dep = Deployment(tmp_path / "deploy", NODES, {i: fleet_key for i in range(NODES)})
+    dep.node_extra[2] = f'{fleet_key} runtime-fault="broken-runtime"'
+    try:
+        dep.start()
+        first = dep.run_app(f'run-dir="{run}" mode="rollout" bundle="{bundles[0]}" waves="33,100"')
+        status = dep.wait(first)
+        assert status == "finished:completed", _report(dep, first, status)
+        (summary_path,) = (run / "rollouts").glob(f"*-run{first}.json")
+        summary = json.loads(summary_path.read_text())
+        assert summary["status"] == "rolled-back"
+        assert [(w["devices"], w["passed"]) for w in summary["waves"]] == [([0], [0]), ([1, 2], [1])]
+        assert summary["waves"][1]["rolled_back"] == [1]
+        actives = [dep.device_state(i).get("model", {}).get("active") for i in range(NODES)]
+        assert actives == [summary["model_version"], None, None]
+
+        dep.restart_node(2, fleet_key)  # the board's runtime is repaired
+        second = dep.run_app(f'run-dir="{run}" mode="rollout" bundle="{bundles[1]}" waves="33,66,100"')
+        status = dep.wait(second)
+        assert status == "finished:completed", _report(dep, second, status)
+        (fixed_path,) = (run / "rollouts").glob(f"*-run{second}.json")
+        fixed = json.loads(fixed_path.read_text())
+        print(f"\nrollout 1: {json.dumps(summary)}\nrollout 2: {json.dumps(fixed)}")
+        assert fixed["status"] == "completed" and len(fixed["waves"]) == 3
+        assert [dep.device_state(i)["model"]["active"] for i in range(NODES)] == [fixed["model_version"]] * NODES
+        assert "wave 2 failed" in dep.server_log(first)
+    finally:
+        dep.stop()

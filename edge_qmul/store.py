@@ -1,0 +1,105 @@
+"""The server's copy of the training pool (``samples.sqlite`` in the run directory).
+
+``edge-qmul train`` imports the training file into this store once; from then on the run reads its
+training samples from here (``pipeline.load_run_data``), so the dataset directory is only the import
+source. Each row keeps the sample's label and the sha256 of its raw bytes. Purging a sample (after its
+deletion certificate is issued) sets its pixels to NULL and records when and under which certificate;
+the sha256 stays, so a certificate can still name what was deleted. A purge ends with VACUUM and a WAL
+checkpoint, so the bytes leave the file rather than lingering in free pages or the write-ahead log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+
+import numpy as np
+
+from edge_qmul.errors import DataError
+from edge_qmul.ledger import SqliteStore
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS samples (
+    id          INTEGER PRIMARY KEY,   -- index into the training file
+    label       INTEGER NOT NULL,
+    sha256      TEXT NOT NULL,         -- of the raw uint8 pixels
+    pixels      BLOB,                  -- NULL once purged
+    purged_at   TEXT,
+    certificate TEXT                   -- request id of the certificate the purge followed
+);
+"""
+
+
+def sample_sha256(pixels: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()).hexdigest()
+
+
+class SampleStore(SqliteStore):
+    schema = _SCHEMA
+    what = "sample store"
+
+    def ingest(self, images: np.ndarray, labels: np.ndarray, scale: float) -> int:
+        """Import the whole training file once (a second call with the same shape is a no-op)."""
+        shape = [int(s) for s in images.shape[1:]]
+        meta = self.meta()
+        if meta:
+            if meta["shape"] != shape or meta["count"] != len(images):
+                raise DataError(f"{self.path} holds another training pool ({meta['count']} x {meta['shape']})",
+                                "use a fresh run directory")
+            return 0
+        with self._tx() as conn:
+            conn.executemany(
+                "INSERT INTO samples (id, label, sha256, pixels) VALUES (?, ?, ?, ?)",
+                ((i, int(labels[i]), sample_sha256(images[i]), images[i].tobytes()) for i in range(len(images))),
+            )
+            for key, value in (("shape", shape), ("count", len(images)), ("scale", float(scale))):
+                conn.execute("INSERT INTO store_meta VALUES (?, ?)", (key, json.dumps(value)))
+        return len(images)
+
+    def meta(self) -> dict[str, object]:
+        return {k: json.loads(v) for k, v in self._conn.execute("SELECT key, value FROM store_meta")}
+
+    def load(self) -> tuple[np.ndarray, np.ndarray, float, set[int]]:
+        """(images with purged rows zeroed, labels, scale, purged ids)."""
+        meta = self.meta()
+        shape = tuple(int(s) for s in meta["shape"])  # type: ignore[attr-defined]
+        count = int(meta["count"])  # type: ignore[call-overload]
+        images = np.zeros((count, *shape), dtype=np.uint8)
+        labels = np.zeros(count, dtype=np.int64)
+        purged: set[int] = set()
+        for i, label, pixels in self._conn.execute("SELECT id, label, pixels FROM samples"):
+            labels[i] = label
+            if pixels is None:
+                purged.add(int(i))
+            else:
+                images[i] = np.frombuffer(pixels, dtype=np.uint8).reshape(shape)
+        return images, labels, float(meta["scale"]), purged  # type: ignore[arg-type]
+
+    def hashes(self, ids: Sequence[int]) -> dict[int, str]:
+        out: dict[int, str] = {}
+        for chunk in range(0, len(ids), 900):
+            part = [int(i) for i in ids[chunk : chunk + 900]]
+            marks = ",".join("?" * len(part))
+            out.update(self._conn.execute(f"SELECT id, sha256 FROM samples WHERE id IN ({marks})", part).fetchall())
+        return out
+
+    def purged(self) -> set[int]:
+        return {int(r[0]) for r in self._conn.execute("SELECT id FROM samples WHERE pixels IS NULL")}
+
+    def purge(self, ids_by_certificate: Mapping[str, Sequence[int]]) -> int:
+        """Drop the pixels of these samples (keeping label and sha256); returns how many were dropped."""
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        n = 0
+        with self._tx() as conn:
+            for certificate, ids in ids_by_certificate.items():
+                for i in ids:
+                    cur = conn.execute(
+                        "UPDATE samples SET pixels = NULL, purged_at = ?, certificate = ? "
+                        "WHERE id = ? AND pixels IS NOT NULL", (now, certificate, int(i)))
+                    n += cur.rowcount
+        self._conn.execute("VACUUM")  # rewrite the file: no free page keeps the old bytes
+        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # and no WAL frame either
+        return n

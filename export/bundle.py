@@ -1,0 +1,203 @@
+"""Signed bundles: what ships to a board (DESIGN §9).
+
+A bundle is one uncompressed tar archive holding
+
+- ``model.int8.onnx`` — the validated int8 model;
+- ``probe.npz`` — probe inputs with the reference outputs the validation recorded;
+- ``runtime.py`` and ``ed25519.py`` — the on-board runtime (numpy + onnxruntime only) and its signature
+  check, for boards that do not have it installed yet;
+- ``manifest.json`` — format, model version, parent model version, device profile, the sha256 and size
+  of every other file, the validation metrics and budget checks, the honoured request ids;
+- ``manifest.sig`` — the Ed25519 signature of manifest.json's exact bytes.
+
+The signature covers the manifest and the manifest covers every file, so one signature check plus one
+hash per file verifies the whole bundle (``edge_qmul.devices.runtime.open_bundle``, run by the board's
+installed runtime with the fleet's public key pinned on the board).
+
+A model is bundled only with a validation report for it that is present, fresh (same model sha256, same
+device profile, same forget ledger) and passed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import onnx
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from edge_qmul.devices import ed25519, runtime
+from edge_qmul.devices.profiles import DeviceProfile
+
+from edge_qmul import __version__, pipeline
+from edge_qmul.atomic import write_bytes
+from edge_qmul.errors import BundleError
+
+KEY_FILE, PUBLIC_KEY_FILE = "signing_key.pem", "public_key.hex"
+MANIFEST_METRICS = ("FA", "RA", "TA", "MIA", "loss_auc", "tpr_at_1fpr", "parity_top1", "max_logit_diff",
+                    "latency_ms_p50", "latency_ms_p95", "peak_memory_mb", "size_bytes", "MIA_retrain")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Keys
+# ---------------------------------------------------------------------------------------------------
+
+
+def keygen(out_dir: Path) -> tuple[Path, Path]:
+    """A new Ed25519 signing key (PKCS#8 PEM, mode 0600) and its public key (hex) in ``out_dir``."""
+    key_path, pub_path = out_dir / KEY_FILE, out_dir / PUBLIC_KEY_FILE
+    for path in (key_path, pub_path):
+        if path.exists():
+            raise BundleError(f"{path} already exists; refusing to overwrite a key",
+                              "choose another --out directory, or move the old key away deliberately")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(pem)
+        fh.flush()
+        os.fsync(fh.fileno())
+    write_bytes(pub_path, public_key_hex(key).encode() + b"\n")
+    return key_path, pub_path
+
+
+def load_signing_key(path: Path) -> Ed25519PrivateKey:
+    fix = "pass the signing_key.pem written by `edge-qmul keygen --out DIR`"
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except FileNotFoundError as err:
+        raise BundleError(f"signing key {path} does not exist", fix) from err
+    except (ValueError, TypeError, OSError) as err:
+        raise BundleError(f"signing key {path} cannot be read ({err.__class__.__name__})", fix) from err
+    if not isinstance(key, Ed25519PrivateKey):
+        raise BundleError(f"signing key {path} is not an Ed25519 key", fix)
+    return key
+
+
+def public_key_hex(key: Ed25519PrivateKey) -> str:
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+
+
+def sign_json(key: Ed25519PrivateKey, obj: dict[str, Any]) -> tuple[bytes, bytes]:
+    """Canonical JSON bytes of ``obj`` and their Ed25519 signature."""
+    blob = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False).encode() + b"\n"
+    return blob, key.sign(blob)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bundles
+# ---------------------------------------------------------------------------------------------------
+
+
+def fresh_validation(run_dir: Path, profile: DeviceProfile) -> dict[str, Any]:
+    """The run's validation report, if it is for the current model, this device and this ledger, and passed."""
+    model = run_dir / runtime.MODEL_FILE
+    report_path = run_dir / "validation.json"
+    validate = f"run `edge-qmul validate --run {run_dir} --device {profile.name}`"
+    if not model.exists():
+        raise BundleError(f"{model} does not exist", f"run `edge-qmul export --run {run_dir}`, then validate")
+    if not report_path.exists():
+        raise BundleError(f"{report_path} does not exist: the model was never validated", validate)
+    try:
+        report = json.loads(report_path.read_text())
+        validated_sha, device, passed = report["model_sha256"], report["device"], report["passed"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise BundleError(f"{report_path} is unreadable or incomplete ({err.__class__.__name__})", validate) from err
+    actual = pipeline.sha256_file(model)
+    if validated_sha != actual:
+        raise BundleError(f"{report_path} is stale: it validated model sha256 {validated_sha[:12]}..., "
+                          f"{model.name} is now {actual[:12]}...", validate)
+    if device != profile.name:
+        raise BundleError(f"{report_path} validated the model for device {device!r}, not {profile.name!r}", validate)
+    meta = {p.key: p.value for p in onnx.load(str(model), load_external_data=False).metadata_props}
+    ledger_hash = pipeline.ids_hash(pipeline.ledger_forget_ids(run_dir))
+    if meta.get("forget_hash") != ledger_hash:
+        raise BundleError(f"{model.name} does not honour the current forget ledger (new requests arrived after it "
+                          "was made)", f"unlearn, export and validate again, then bundle: {validate}")
+    if passed is not True:
+        failed = sorted(name for name, c in report.get("checks", {}).items() if not c.get("passed"))
+        raise BundleError(f"{report_path}: the model failed validation ({', '.join(failed) or 'see the report'})",
+                          "fix the model (unlearning settings or budgets) and validate again; failed models never ship")
+    probe = run_dir / runtime.PROBE_FILE
+    if not probe.exists() or ("probe_sha256" in report and report["probe_sha256"] != pipeline.sha256_file(probe)):
+        raise BundleError(f"{probe} is missing or not the probe set the validation wrote", validate)
+    return {**report, "_onnx_metadata": meta}
+
+
+def model_version(method: str, onnx_sha256: str) -> str:
+    return f"{method}-{onnx_sha256[:12]}"
+
+
+def build_bundle(
+    run_dir: Path, profile: DeviceProfile, key_path: Path, *, out: Path | None = None, parent: str | None = None
+) -> Path:
+    """Check the validation, write and sign the bundle; returns its path (default: run/bundles/)."""
+    key = load_signing_key(key_path)
+    report = fresh_validation(run_dir, profile)
+    meta = report.pop("_onnx_metadata")
+    model_bytes = (run_dir / runtime.MODEL_FILE).read_bytes()
+    version = model_version(report["method"], hashlib.sha256(model_bytes).hexdigest())
+    devices_dir = Path(runtime.__file__).parent
+    files = {
+        runtime.MODEL_FILE: model_bytes,
+        runtime.PROBE_FILE: (run_dir / runtime.PROBE_FILE).read_bytes(),
+        "runtime.py": (devices_dir / "runtime.py").read_bytes(),
+        "ed25519.py": (devices_dir / "ed25519.py").read_bytes(),
+    }
+    manifest: dict[str, Any] = {
+        "format": runtime.BUNDLE_FORMAT,
+        "model_version": version,
+        "parent_version": parent,
+        "method": report["method"],
+        "device": profile.name,
+        "profile": {"arch": profile.arch, "cpu": profile.cpu, "threads": profile.threads,
+                    "quant_engine": profile.quant_engine, "latency_budget_ms": profile.latency_budget_ms,
+                    "memory_budget_mb": profile.memory_budget_mb},
+        "files": {n: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)} for n, b in sorted(files.items())},
+        "metrics": {k: report["metrics"].get(k) for k in MANIFEST_METRICS},
+        "budgets": report["checks"],
+        "validation_sha256": pipeline.sha256_file(run_dir / "validation.json"),
+        "honoured_request_ids": json.loads(meta.get("honoured_request_ids", "[]")),
+        "forget_hash": meta.get("forget_hash"),
+        "dataset": meta.get("dataset"),
+        "signing_key": public_key_hex(key),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "toolkit_version": __version__,
+    }
+    blob, signature = sign_json(key, manifest)
+    assert ed25519.verify(bytes.fromhex(manifest["signing_key"]), blob, signature)  # the board's check agrees
+    path = out or run_dir / "bundles" / f"{version}-{profile.name}.tar"
+    write_bytes(path, _tar({**files, runtime.MANIFEST: blob, runtime.SIGNATURE: signature}))
+    return path
+
+
+def _tar(files: dict[str, bytes]) -> bytes:
+    """A deterministic tar of flat files (fixed mtime, owner and mode)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def read_manifest(bundle: Path) -> dict[str, Any]:
+    """The manifest of a bundle this server built (no signature check: for status and certificates)."""
+    try:
+        with tarfile.open(bundle, mode="r:") as tar:
+            member = tar.extractfile(runtime.MANIFEST)
+            if member is None:
+                raise KeyError(runtime.MANIFEST)
+            return dict(json.loads(member.read()))
+    except (OSError, tarfile.TarError, KeyError, json.JSONDecodeError) as err:
+        raise BundleError(f"{bundle} is not a readable bundle ({err.__class__.__name__})",
+                          "rebuild it with `edge-qmul bundle`") from err

@@ -1,0 +1,172 @@
+"""A real Flower deployment on loopback: one ``flower-superlink`` and N ``flower-supernode`` processes.
+
+Used by the deployment tests (tests/test_federated_deploy.py) and the intake load check
+(bench/intake_load.py). Every process runs in its own session with its own FLWR_HOME under ``root``,
+listens on 127.0.0.1 only, and is stopped by its process-group id (helpers a process spawns, such as
+flwr-serverapp and flwr-clientapp, share its group). The app is started with `flwr run <repo> lb` and its
+status polled with `flwr list` (DESIGN §8: `flwr run` can exit 0 on a failed run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+# The app `flwr run` bundles: this checkout's pyproject (an editable install; tests and benches run there).
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+RUN_TIMEOUT = 480.0  # seconds for one `flwr run` (60–130 s seen on 2 cores; generous for a loaded machine)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Deployment:
+    """A SuperLink and ``nodes`` SuperNodes on 127.0.0.1, plus the `flwr` CLI pointed at them."""
+
+    def __init__(self, root: Path, nodes: int = 3, node_extra: dict[int, str] | None = None) -> None:
+        self.root = root
+        self.nodes = nodes
+        self.node_extra = dict(node_extra or {})  # partition -> extra node-config entries
+        self.port = free_port()
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._logs: list[Any] = []
+        (root / "tmp").mkdir(parents=True)
+        cli_home = root / "home-cli"
+        cli_home.mkdir()
+        (cli_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "lb"\n\n[superlink.lb]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        )
+
+    def env(self, home: str) -> dict[str, str]:
+        path = self.root / home
+        path.mkdir(exist_ok=True)
+        return {
+            **os.environ,
+            "FLWR_HOME": str(path),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the SuperLink spawns helpers by name
+            "TMPDIR": str(self.root / "tmp"),
+        }
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115  (closed in stop(), after the process)
+        self._logs.append(log)
+        self.procs[name] = subprocess.Popen(
+            args, cwd=self.root / "tmp", env=self.env(f"home-{name}"), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def start(self) -> None:
+        self._spawn("superlink", [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
+                                  "--port", str(self.port), "--disable-runtime-dependency-installation"])
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as res:
+                    if res.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline or self.procs["superlink"].poll() is not None:
+                raise RuntimeError(f"SuperLink did not become healthy:\n{self.tail('superlink')}")
+            time.sleep(0.3)
+        for i in range(self.nodes):
+            self.start_node(i, self.node_extra.get(i, ""))
+
+    def start_node(self, i: int, extra: str = "") -> None:
+        """Start SuperNode ``i`` (device partition i); ``extra`` adds node-config entries, e.g. 'fleet-key="..."'."""
+        config = f'partition-id={i} num-partitions={self.nodes} state-dir="{self.state_dir(i)}" {extra}'.strip()
+        self._spawn(f"node{i}", [
+            str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+            "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", config,
+        ])
+
+    def state_dir(self, i: int) -> Path:
+        return self.root / f"device{i}"
+
+    def device_state(self, i: int) -> dict[str, Any]:
+        path = self.state_dir(i) / "device.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "flwr"), *args], cwd=self.root / "tmp", env=self.env("home-cli"),
+                              capture_output=True, text=True, timeout=timeout, check=False)
+
+    def run_app(self, run_config: str) -> int:
+        """`flwr run` the app (the repository's pyproject) on this deployment; returns the run id."""
+        res = self.flwr("run", str(REPO), "lb", "--format", "json", "-c", run_config)
+        if res.returncode != 0 or "{" not in res.stdout:
+            raise RuntimeError(f"flwr run failed:\n{res.stdout}\n{res.stderr}")
+        payload = json.loads(res.stdout[res.stdout.index("{"):])
+        if not payload.get("success"):
+            raise RuntimeError(f"flwr run failed: {payload}")
+        return int(payload["run-id"])
+
+    def status(self, run_id: int) -> str:
+        res = self.flwr("list", "lb", "--run-id", str(run_id), "--format", "json")
+        if res.returncode != 0:
+            return "unknown"
+        runs = json.loads(res.stdout[res.stdout.index("{"):])["runs"]
+        return str(runs[0]["status"]) if runs else "unknown"
+
+    def wait(self, run_id: int, timeout: float = RUN_TIMEOUT) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.status(run_id)
+            if status.startswith("finished"):
+                return status
+            time.sleep(2)
+        return "timeout"
+
+    def server_log(self, run_id: int) -> str:
+        res = self.flwr("log", str(run_id), "lb", "--show", timeout=30)
+        return res.stdout + res.stderr
+
+    def tail(self, name: str, lines: int = 40) -> str:
+        path = self.root / f"{name}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one process by its pid (a SuperNode's ClientApp children exit when their parent dies)."""
+        os.kill(self.procs[name].pid, signal.SIGKILL)
+        self.procs[name].wait(timeout=10)
+
+    def restart_node(self, i: int, extra: str = "") -> None:
+        """Stop SuperNode ``i`` and its ClientApp helpers (its process group), then start it with ``extra``."""
+        proc = self.procs[f"node{i}"]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        self.node_extra[i] = extra
+        self.start_node(i, extra)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)  # pgid == pid: started with start_new_session
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+            # Helpers the process spawned (flwr-serverapp / flwr-clientapp) share its process group.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        for log in self._logs:
+            log.close()

@@ -1,0 +1,178 @@
+"""Staged rollout through the in-process Grid (the real ServerApp / ClientApp code and Flower serialization).
+
+The same flow through a real SuperLink and SuperNodes is in test_federated_deploy.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+from conftest import copy_run
+from edge_qmul.export.bundle import read_manifest
+from edge_qmul.federated.config import FederatedConfig
+from edge_qmul.federated.coordinator import run_rollout_round, run_round
+from edge_qmul.federated.inprocess import NODE, LocalGrid, local_grid
+from edge_qmul.federated.rollout import RolloutStore, parse_waves, wave_partitions
+from flwr.app import Message
+
+from edge_qmul.cli import main
+from edge_qmul.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("flower_process")
+
+LOOSE = "[budgets]\nmia_gap_to_retrain = 100\nfa_minus_ta = 100\nloss_auc = 1\n"
+
+
+@pytest.fixture(scope="module")
+def shipped(demo_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, Path]:
+    """A run with two signed bundles (qmul, then finetune as the 'fixed' model) and the fleet key."""
+    tmp = tmp_path_factory.mktemp("rollout")
+    run = copy_run(demo_run, tmp)
+    (tmp / "loose.toml").write_text(LOOSE)
+    assert main(["keygen", "--out", str(tmp / "keys")]) == 0
+    bundles = []
+    for method in ("qmul", "finetune"):
+        assert main(["export", "--run", str(run), "--method", method]) == 0
+        assert main(["validate", "--run", str(run), "--device", "x86-server", "--budgets", str(tmp / "loose.toml"),
+                     "--method", method]) == 0
+        out = tmp / f"{method}.tar"
+        assert main(["bundle", "--run", str(run), "--device", "x86-server", "--key",
+                     str(tmp / "keys" / "signing_key.pem"), "--out", str(out)]) == 0
+        bundles.append(out)
+    return run, bundles[0], bundles[1], tmp / "keys" / "public_key.hex"
+
+
+def grid_for(run: Path, state: Path, bundle: Path, key: Path, waves: str = "33,100",
+             faults: dict[int, str] | None = None, drop: object = None) -> LocalGrid:
+    grid = local_grid(run, state, {"mode": "rollout", "bundle": str(bundle), "waves": waves},
+                      node_config={"fleet-key": str(key)}, drop=drop or (lambda m: False))  # type: ignore[arg-type]
+    for pid, fault in (faults or {}).items():
+        grid.contexts[NODE + pid].node_config["runtime-fault"] = fault
+    return grid
+
+
+def roll(grid: LocalGrid) -> object:
+    return run_rollout_round(grid, FederatedConfig.from_run_config(grid.contexts[NODE].run_config))
+
+
+def active(state: Path, pid: int) -> str | None:
+    path = state / f"device{pid}" / "device.json"
+    return json.loads(path.read_text()).get("model", {}).get("active") if path.exists() else None
+
+
+def test_waves_are_cumulative_and_validated() -> None:
+    assert wave_partitions([5, 25, 100], 5) == [[0], [0, 1], [0, 1, 2, 3, 4]]  # at least one device per wave
+    assert wave_partitions([33, 100], 3) == [[0], [0, 1, 2]]
+    assert wave_partitions([50, 100], 3) == [[0, 1], [0, 1, 2]]
+    for bad in ("5,25", "25,5,100", "0,100", "a,100"):
+        with pytest.raises(ConfigError):
+            parse_waves(bad)
+
+
+def test_rollout_reaches_every_device_and_resumes_after_a_crash(shipped: tuple[Path, Path, Path, Path],
+                                                                 tmp_path: Path) -> None:
+    run, bundle, _, key = shipped
+    run = copy_run(run, tmp_path)
+    version = read_manifest(bundle)["model_version"]
+    installs: list[int] = []
+    crash = {"armed": True}
+
+    def crash_in_wave_two(message: Message) -> bool:
+        content = message.content.get("rollout")
+        if content is not None and content["phase"] == "install":
+            pid = message.metadata.dst_node_id - NODE
+            if pid != 0 and crash["armed"]:
+                crash["armed"] = False
+                raise RuntimeError("server crashed")  # the ServerApp dies mid-wave
+            installs.append(pid)
+        return False
+
+    grid = grid_for(run, tmp_path / "state", bundle, key, waves="33,100", drop=crash_in_wave_two)
+    with pytest.raises(RuntimeError, match="server crashed"):
+        roll(grid)
+    with RolloutStore(run / "rollout.sqlite") as store:
+        (state,) = store.all()
+        assert (state.status, state.next_wave) == ("running", 1)  # wave 1 recorded as passed
+    summary = roll(grid)  # the restarted server resumes at wave 2
+    assert summary.status == "completed"  # type: ignore[attr-defined]
+    assert installs == [0, 1, 2]  # device 0 (wave 1) was not sent the bundle again
+    assert [active(tmp_path / "state", p) for p in range(3)] == [version] * 3
+    with RolloutStore(run / "rollout.sqlite") as store:
+        assert {p: d["status"] for p, d in store.devices(state.rollout_id).items()} == dict.fromkeys(range(3),
+                                                                                                      "installed")
+    assert roll(grid).status == "completed"  # type: ignore[attr-defined]  # a finished rollout is final
+
+
+def test_failed_wave_rolls_back_then_a_fixed_model_reaches_everyone(shipped: tuple[Path, Path, Path, Path],
+                                                                     tmp_path: Path) -> None:
+    run, bad_run_bundle, fixed, key = shipped
+    run = copy_run(run, tmp_path)
+    state = tmp_path / "state"
+    # device 2's runtime is broken: wave 2 (devices 1 and 2) fails and device 1 goes back to the parent
+    grid = grid_for(run, state, bad_run_bundle, key, waves="33,100", faults={2: "broken-runtime"})
+    summary = roll(grid)
+    assert summary.status == "rolled-back"  # type: ignore[attr-defined]
+    wave = summary.waves[-1]  # type: ignore[attr-defined]
+    assert (wave["devices"], wave["passed"], wave["rolled_back"]) == ([1, 2], [1], [1])
+    first = summary.model_version  # type: ignore[attr-defined]
+    assert [active(state, p) for p in range(3)] == [first, None, None]
+    with RolloutStore(run / "rollout.sqlite") as store:
+        devices = store.devices(summary.rollout_id)  # type: ignore[attr-defined]
+    assert devices[1]["status"] == "rolled-back" and devices[2]["status"] == "failed"
+    assert "simulated broken runtime" in devices[2]["reasons"][0]
+
+    # the board is repaired; a fixed model rolls out to every client
+    grid = grid_for(run, state, fixed, key, waves="33,66,100")
+    again = roll(grid)
+    assert again.status == "completed"  # type: ignore[attr-defined]
+    assert [active(state, p) for p in range(3)] == [again.model_version] * 3  # type: ignore[attr-defined]
+
+
+def test_tampered_bundle_is_refused_by_the_first_wave(shipped: tuple[Path, Path, Path, Path], tmp_path: Path) -> None:
+    run, bundle, _, key = shipped
+    run = copy_run(run, tmp_path)
+    blob = bytearray(bundle.read_bytes())
+    with tarfile.open(bundle) as tar:
+        info = tar.getmember("model.int8.onnx")
+    blob[info.offset_data + info.size // 2] ^= 0xFF  # one byte of the ONNX inside the archive
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(bytes(blob))
+    summary = roll(grid_for(run, tmp_path / "state", bad, key))
+    assert summary.status == "rolled-back" and summary.waves[0]["passed"] == []  # type: ignore[attr-defined]
+    with RolloutStore(run / "rollout.sqlite") as store:
+        reasons = store.devices(summary.rollout_id)[0]["reasons"]  # type: ignore[attr-defined]
+    assert "bundle refused (hash-mismatch): sha256 mismatch for model.int8.onnx" in reasons[0]
+    assert active(tmp_path / "state", 0) is None
+
+
+def test_devices_that_filed_requests_check_their_forgotten_samples(shipped: tuple[Path, Path, Path, Path],
+                                                                   tmp_path: Path) -> None:
+    run, bundle, _, key = shipped
+    run = copy_run(run, tmp_path)
+    state = tmp_path / "state"
+    intake = local_grid(run, state, {"mode": "intake", "samples-per-request": 10})
+    assert run_round(intake, FederatedConfig.from_run_config(intake.contexts[NODE].run_config)).accepted == 6
+    summary = roll(grid_for(run, state, bundle, key, waves="100"))
+    assert summary.status == "completed"  # type: ignore[attr-defined]
+    with RolloutStore(run / "rollout.sqlite") as store:
+        results = store.devices(summary.rollout_id)  # type: ignore[attr-defined]
+    for pid in range(3):
+        assert results[pid]["result"]["forget-samples"] == 20
+        assert 0.0 <= results[pid]["result"]["forget-auc"] <= 0.75
+
+    # The same devices and bundle with an impossible AUC limit: every device fails its forget check.
+    strict_run = copy_run(shipped[0], tmp_path / "strict")
+    strict_state = tmp_path / "strict-state"
+    shutil.copytree(state, strict_state)
+    grid = grid_for(strict_run, strict_state, bundle, key, waves="100")
+    for ctx in grid.contexts.values():
+        ctx.run_config["max-forget-auc"] = 1e-6
+    failed = roll(grid)
+    assert failed.status == "rolled-back"  # type: ignore[attr-defined]
+    with RolloutStore(strict_run / "rollout.sqlite") as store:
+        reasons = store.devices(failed.rollout_id)[0]["reasons"]  # type: ignore[attr-defined]
+    assert "own forgotten samples still look like members: loss-attack AUC" in reasons[0]
