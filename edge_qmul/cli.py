@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edge_qmul.errors import EXIT_CODES, ConfigError, EdgeQmulError, ValidationFailed
+from edge_qmul.errors import EXIT_CODES, BundleError, ConfigError, EdgeQmulError, ValidationFailed
 
 
 def _ids(text: str) -> list[int]:
@@ -127,6 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("certify", "issue signed deletion certificates for the validated model, then purge the samples")
     p.add_argument("--key", type=Path, required=True, help="signing_key.pem from `edge-qmul keygen`")
     p.add_argument("--no-purge", action="store_true", help="only issue certificates; keep the raw samples")
+
+    p = cmd("rollout", "roll a signed bundle out to the fleet in waves, over a running Flower SuperLink")
+    p.add_argument("--bundle", type=Path, required=True, help="the bundle from `edge-qmul bundle`")
+    p.add_argument("--superlink", default="local", help="connection name in $FLWR_HOME/config.toml (default local)")
+    p.add_argument("--app", type=Path, default=Path("."), help="the edge-qmul checkout with the Flower app's "
+                   "pyproject.toml (default: the current directory)")
+    p.add_argument("--waves", default="5,25,100", help="cumulative percentages of the fleet (default 5,25,100)")
+    p.add_argument("--pass-rate", type=float, default=1.0, help="share of a wave that must pass (default 1.0)")
+    p.add_argument("--max-forget-auc", type=float, default=0.75, help="on-board forget check limit (default 0.75)")
+    p.add_argument("--num-clients", type=int, default=3, help="fleet size (default 3)")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the rollout (default 1800)")
+    p.add_argument("--flwr", default="flwr", help="the Flower CLI executable (default: flwr on PATH)")
 
     p = cmd("status", "the run's ledger, models, bundles, rollouts and certificates at a glance")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -258,6 +270,34 @@ def run_command(args: argparse.Namespace) -> int:
         res = certify(args.run, args.key, purge=not args.no_purge)
         print(f"model {res['model_version']}: {len(res['issued'])} certificate(s) issued, {res['certified']} in all; "
               f"{res['purged']} raw sample(s) purged -> {args.run / 'certificates'}")
+        return 0
+    if args.command == "rollout":
+        from edge_qmul.federated.flwr_cli import FlwrCli
+        from edge_qmul.federated.rollout import parse_waves
+
+        parse_waves(args.waves)
+        run_dir, bundle = args.run.resolve(), args.bundle.resolve()
+        if not bundle.is_file():
+            raise ConfigError(f"bundle {bundle} does not exist", "build it with `edge-qmul bundle`")
+        if not (args.app / "pyproject.toml").is_file():
+            raise ConfigError(f"{args.app} has no pyproject.toml with the Flower app", "pass --app CHECKOUT")
+        cli = FlwrCli(args.superlink, args.flwr)
+        run_id = cli.run_app(args.app, f'run-dir="{run_dir}" mode="rollout" bundle="{bundle}" waves="{args.waves}" '
+                                       f"wave-pass-rate={float(args.pass_rate)} "
+                                       f"max-forget-auc={float(args.max_forget_auc)} num-clients={args.num_clients}")
+        print(f"rollout started as Flower run {run_id} on {args.superlink}")
+        status = cli.wait(run_id, args.timeout)
+        found = sorted((run_dir / "rollouts").glob(f"*-run{run_id}.json"))
+        if status != "finished:completed" or not found:
+            raise BundleError(f"Flower run {run_id} ended as {status}", f"see `flwr log {run_id} {args.superlink}`")
+        summary = json.loads(found[-1].read_text())
+        for w in summary["waves"]:
+            print(f"wave {w['wave']} ({w['percent']}%): {len(w['passed'])}/{len(w['devices'])} passed"
+                  + (f", rolled back {w['rolled_back']}" if w.get("rolled_back") else ""))
+        print(f"rollout {summary['rollout_id']} of {summary['model_version']}: {summary['status']}")
+        if summary["status"] != "completed":
+            raise BundleError(f"rollout {summary['rollout_id']} was {summary['status']}",
+                              "see `edge-qmul status --run DIR` for each device's reasons; ship a fixed bundle")
         return 0
     if args.command == "status":
         from edge_qmul.status import collect, render

@@ -22,6 +22,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from edge_qmul.federated.flwr_cli import FlwrCli
+
 # The app `flwr run` bundles: this checkout's pyproject (an editable install; tests and benches run there).
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -103,39 +105,20 @@ class Deployment:
         path = self.state_dir(i) / "device.json"
         return json.loads(path.read_text()) if path.exists() else {}
 
-    def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / "flwr"), *args], cwd=self.root / "tmp", env=self.env("home-cli"),
-                              capture_output=True, text=True, timeout=timeout, check=False)
+    @property
+    def cli(self) -> FlwrCli:
+        """The `flwr` CLI pointed at this deployment (connection "lb")."""
+        return FlwrCli("lb", str(BIN / "flwr"), self.env("home-cli"), self.root / "tmp")
 
     def run_app(self, run_config: str) -> int:
         """`flwr run` the app (the repository's pyproject) on this deployment; returns the run id."""
-        res = self.flwr("run", str(REPO), "lb", "--format", "json", "-c", run_config)
-        if res.returncode != 0 or "{" not in res.stdout:
-            raise RuntimeError(f"flwr run failed:\n{res.stdout}\n{res.stderr}")
-        payload = json.loads(res.stdout[res.stdout.index("{"):])
-        if not payload.get("success"):
-            raise RuntimeError(f"flwr run failed: {payload}")
-        return int(payload["run-id"])
-
-    def status(self, run_id: int) -> str:
-        res = self.flwr("list", "lb", "--run-id", str(run_id), "--format", "json")
-        if res.returncode != 0:
-            return "unknown"
-        runs = json.loads(res.stdout[res.stdout.index("{"):])["runs"]
-        return str(runs[0]["status"]) if runs else "unknown"
+        return self.cli.run_app(REPO, run_config)
 
     def wait(self, run_id: int, timeout: float = RUN_TIMEOUT) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            status = self.status(run_id)
-            if status.startswith("finished"):
-                return status
-            time.sleep(2)
-        return "timeout"
+        return self.cli.wait(run_id, timeout)
 
     def server_log(self, run_id: int) -> str:
-        res = self.flwr("log", str(run_id), "lb", "--show", timeout=30)
-        return res.stdout + res.stderr
+        return self.cli.log(run_id)
 
     def tail(self, name: str, lines: int = 40) -> str:
         path = self.root / f"{name}.log"
@@ -145,6 +128,20 @@ class Deployment:
         """SIGKILL one process by its pid (a SuperNode's ClientApp children exit when their parent dies)."""
         os.kill(self.procs[name].pid, signal.SIGKILL)
         self.procs[name].wait(timeout=10)
+
+    def started(self, pid: int) -> bool:
+        """Whether ``pid`` is one of our processes or a descendant of one (e.g. the ServerApp the SuperLink
+        spawned): walks the parent chain in /proc."""
+        ours = {p.pid for p in self.procs.values()}
+        while pid > 1:
+            if pid in ours:
+                return True
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                return False
+            pid = int(stat[stat.rindex(")") + 2 :].split()[1])  # field 4: ppid (after the comm in parens)
+        return False
 
     def restart_node(self, i: int, extra: str = "") -> None:
         """Stop SuperNode ``i`` and its ClientApp helpers (its process group), then start it with ``extra``."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from edge_qmul.federated import protocol
-from edge_qmul.federated.loopback import Deployment
+from edge_qmul.federated.loopback import BIN, REPO, Deployment
 from edge_qmul.federated.store import FleetStore
 from edge_qmul.federated.task import EXPECTED_FAULT_REASONS
 
@@ -152,8 +152,8 @@ def test_server_killed_after_acknowledging_loses_nothing(
         assert time.monotonic() < deadline, _report(deployment, first, "no acknowledgement within 240 s")
         time.sleep(0.2)
     pid = int(json.loads(marker.read_text())["pid"])
-    # The ServerApp process was spawned by our SuperLink (same process group): ours to kill.
-    assert os.getpgid(pid) == deployment.procs["superlink"].pid
+    # The ServerApp process descends from our SuperLink: ours to kill.
+    assert deployment.started(pid) and pid != deployment.procs["superlink"].pid
     os.kill(pid, signal.SIGKILL)
     acked = {rid for i in range(NODES) for rid in deployment.device_state(i)["acked"]}
     with Ledger(run / "ledger.sqlite") as ledger:
@@ -174,7 +174,9 @@ def test_server_killed_after_acknowledging_loses_nothing(
         assert set(deployment.device_state(i)["receipts"]) == set(deployment.device_state(i)["acked"])
 
 
-def test_rollout_rolls_back_a_failed_wave_then_ships_a_fixed_model(trained_run: Path, tmp_path: Path) -> None:
+def test_rollout_rolls_back_a_failed_wave_then_ships_a_fixed_model(
+    trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Waves over real SuperNodes: a broken board fails wave 2, which rolls back; once it is repaired, a
     fixed model reaches every device."""
     run = tmp_path / "run"
@@ -210,10 +212,12 @@ def test_rollout_rolls_back_a_failed_wave_then_ships_a_fixed_model(trained_run: 
         assert actives == [summary["model_version"], None, None]
 
         dep.restart_node(2, fleet_key)  # the board's runtime is repaired
-        second = dep.run_app(f'run-dir="{run}" mode="rollout" bundle="{bundles[1]}" waves="33,66,100"')
-        status = dep.wait(second)
-        assert status == "finished:completed", _report(dep, second, status)
-        (fixed_path,) = (run / "rollouts").glob(f"*-run{second}.json")
+        for key, value in dep.env("home-cli").items():  # `edge-qmul rollout` drives the same deployment
+            monkeypatch.setenv(key, value)
+        code = main(["rollout", "--run", str(run), "--bundle", str(bundles[1]), "--superlink", "lb", "--app",
+                     str(REPO), "--waves", "33,66,100", "--flwr", str(BIN / "flwr")])
+        assert code == 0, dep.tail("superlink")
+        (fixed_path,) = set((run / "rollouts").glob("*.json")) - {summary_path}
         fixed = json.loads(fixed_path.read_text())
         print(f"\nrollout 1: {json.dumps(summary)}\nrollout 2: {json.dumps(fixed)}")
         assert fixed["status"] == "completed" and len(fixed["waves"]) == 3

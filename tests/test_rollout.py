@@ -176,3 +176,32 @@ def test_devices_that_filed_requests_check_their_forgotten_samples(shipped: tupl
     with RolloutStore(strict_run / "rollout.sqlite") as store:
         reasons = store.devices(failed.rollout_id)[0]["reasons"]  # type: ignore[attr-defined]
     assert "own forgotten samples still look like members: loss-attack AUC" in reasons[0]
+
+
+def test_rollout_cli_checks_its_inputs_before_starting_anything(shipped: tuple[Path, Path, Path, Path],
+                                                                tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    run, bundle, _, _ = shipped
+    assert main(["rollout", "--run", str(run), "--bundle", str(tmp_path / "none.tar")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["rollout", "--run", str(run), "--bundle", str(bundle), "--waves", "50,25"]) == 2
+    assert "must increase strictly" in capsys.readouterr().err
+    assert main(["rollout", "--run", str(run), "--bundle", str(bundle), "--app", str(tmp_path)]) == 2
+    assert "has no pyproject.toml" in capsys.readouterr().err
+    assert main(["rollout", "--run", str(run), "--bundle", str(bundle), "--flwr", str(tmp_path / "no-flwr")]) == 2
+    assert "Flower CLI" in capsys.readouterr().err
+
+
+def test_status_summarises_the_run(shipped: tuple[Path, Path, Path, Path], tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    run, bundle, _, key = shipped
+    run = copy_run(run, tmp_path)
+    roll(grid_for(run, tmp_path / "state", bundle, key, waves="100"))
+    assert main(["status", "--run", str(run), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["ledger"]["requests"] == 1 and status["validation"]["passed"] is True
+    assert status["rollouts"][0]["status"] == "completed" and status["rollouts"][0]["devices"] == {"installed": 3}
+    assert {m["method"] for m in status["models"]["results"]} >= {"qmul", "finetune", "retrain"}
+    assert main(["status", "--run", str(run)]) == 0
+    assert "rollout" in capsys.readouterr().out
+    assert main(["status", "--run", str(tmp_path / "nope")]) == 4
