@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from edge_qmul.federated.config import FederatedConfig
 from edge_qmul.federated.coordinator import run_round
-from edge_qmul.federated.inprocess import NODE, local_grid
+from edge_qmul.federated.inprocess import NODE, act_as_flower_process, local_grid
 
 from edge_qmul import pipeline
 from edge_qmul.config import DataConfig, QuantConfig
@@ -44,10 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--requests", type=int, default=6, help="requests per device")
     parser.add_argument("--samples", type=int, default=300, help="samples per request")
-    parser.add_argument("--server-lr", type=float, default=0.0, help="0 = number of devices")
+    parser.add_argument("--server-lr", type=float, default=1.0, help="server step towards the average (1 = FedAvg)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
+    act_as_flower_process()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     if not (args.model_run / "quantized.pt").exists():

@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", required=True, help="device profile the model was validated for")
     p.add_argument("--key", type=Path, required=True, help="signing_key.pem from `edge-qmul keygen`")
     p.add_argument("--out", type=Path, help="bundle path (default: RUN/bundles/VERSION-DEVICE.tar)")
-    p.add_argument("--parent", help="model version this one replaces on the fleet (default: none recorded)")
+    p.add_argument("--parent", help="model version this one replaces on the fleet (default: the last completed "
+                   "rollout's, from rollout.sqlite)")
 
     p = cmd("certify", "issue signed deletion certificates for the validated model, then purge the samples")
     p.add_argument("--key", type=Path, required=True, help="signing_key.pem from `edge-qmul keygen`")

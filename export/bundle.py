@@ -142,6 +142,8 @@ def build_bundle(
     """Check the validation, write and sign the bundle; returns its path (default: run/bundles/)."""
     key = load_signing_key(key_path)
     report = fresh_validation(run_dir, profile)
+    if parent is None:
+        parent = current_fleet_version(run_dir, profile.name)
     meta = report.pop("_onnx_metadata")
     model_bytes = (run_dir / runtime.MODEL_FILE).read_bytes()
     version = model_version(report["method"], hashlib.sha256(model_bytes).hexdigest())
@@ -177,6 +179,19 @@ def build_bundle(
     path = out or run_dir / "bundles" / f"{version}-{profile.name}.tar"
     write_bytes(path, _tar({**files, runtime.MANIFEST: blob, runtime.SIGNATURE: signature}))
     return path
+
+
+def current_fleet_version(run_dir: Path, device: str) -> str | None:
+    """The model version of the last rollout to this device profile that completed (None: the factory model)."""
+    db = run_dir / "rollout.sqlite"
+    if not db.exists():
+        return None
+    from edge_qmul.federated.rollout import RolloutStore
+
+    with RolloutStore(db) as store:
+        done = [r for r in store.all() if r.status == "completed" and Path(r.bundle).exists()
+                and read_manifest(Path(r.bundle)).get("device") == device]
+    return done[-1].model_version if done else None
 
 
 def _tar(files: dict[str, bytes]) -> bytes:

@@ -74,7 +74,7 @@ class FederatedConfig:
     # Q-MUL settings for both unlearning modes (0 = the method's recommended default)
     unlearn_epochs: int = 0
     unlearn_lr: float = 0.0
-    server_lr: float = 0.0  # federated mode: server step towards the devices' average (0 = number of devices)
+    server_lr: float = 1.0  # federated mode: server step towards the devices' average (1 = plain FedAvg)
     # rollout mode
     bundle: str = ""  # absolute path of the signed bundle to roll out
     waves: str = "5,25,100"  # cumulative percentages of the fleet per wave
@@ -107,7 +107,9 @@ class FederatedConfig:
         for key in ("connect_timeout", "reply_timeout"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{_field_key(key)}={getattr(self, key)} must be > 0 seconds")
-        for key in ("unlearn_lr", "server_lr", "hold_after_ack"):
+        if not self.server_lr > 0:
+            raise ConfigError(f"server-lr={self.server_lr} must be > 0", "use 1.0 (plain FedAvg)")
+        for key in ("unlearn_lr", "hold_after_ack"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{_field_key(key)}={getattr(self, key)} must be >= 0", "use 0 for the default")
         for key in ("class_partitions", "leave_partitions"):

@@ -261,7 +261,7 @@ def unlearn_federated(grid: Grid, cfg: FederatedConfig, participants: dict[int, 
         updates = {n: messages.content_to_update(r.content) for n, r in replies.items()}
         if not complete(updates, f"round {epoch} (train)"):
             return None, 0
-        server_lr = cfg.server_lr or float(len(updates))
+        server_lr = cfg.server_lr
         fedqmul.average_states(head, list(updates.values()), server_lr)
         nodes = {n: nodes[n] for n in updates}
         rounds.append({"epoch": epoch, "lr": lr, "server_lr": server_lr, "w_f": w_f, "w_r": w_r, "g_f": gf, "g_r": gr,

@@ -21,6 +21,16 @@ from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_conte
 NODE = 2**63 + 100  # Flower node ids are unsigned 64-bit; the first local node is beyond SQLite INTEGER
 
 
+def act_as_flower_process(run_id: int = 1) -> None:
+    """Set the TaskIdentity Flower sets in a real ServerApp / ClientApp process (messages take their run and
+    sender from it). For scripts; tests use the ``flower_process`` fixture, which restores it afterwards."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity._run_id = run_id  # type: ignore[attr-defined]
+    TaskIdentity._node_id = 1  # type: ignore[attr-defined]
+    TaskIdentity._task_id = 1  # type: ignore[attr-defined]
+
+
 def wire(message: Message) -> Message:
     """Deflate a message into Flower's object store format and inflate it again (what the SuperLink does)."""
     contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(message).items()}

@@ -567,7 +567,7 @@ def test_federated_round_unlearns_with_the_devices(trained_run: Path, tmp_path: 
         return False
 
     grid = local_grid(run_dir, tmp_path, {"mode": "federated", "leave-partitions": "1", "unlearn-epochs": 3,
-                                          "samples-per-request": 5, "server-lr": 1.0}, drop=spy)
+                                          "samples-per-request": 5}, drop=spy)
     summary = run_round(grid, FederatedConfig.from_run_config(grid.contexts[NODE].run_config))
     result = run_dir / "unlearn" / "fedqmul" / "result.pt"
     assert summary.model_version == f"fedqmul-{pipeline.sha256_file(result)[:12]}"

@@ -204,4 +204,11 @@ def test_status_summarises_the_run(shipped: tuple[Path, Path, Path, Path], tmp_p
     assert {m["method"] for m in status["models"]["results"]} >= {"qmul", "finetune", "retrain"}
     assert main(["status", "--run", str(run)]) == 0
     assert "rollout" in capsys.readouterr().out
+    # the next bundle names the model now on the fleet as its parent
+    from edge_qmul.devices.profiles import load_profile
+    from edge_qmul.export.bundle import build_bundle
+
+    keys = key.parent
+    nxt = build_bundle(run, load_profile("x86-server"), keys / "signing_key.pem", out=tmp_path / "next.tar")
+    assert read_manifest(nxt)["parent_version"] == status["rollouts"][0]["model_version"]
     assert main(["status", "--run", str(tmp_path / "nope")]) == 4
