@@ -38,6 +38,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int, help="training epochs")
     g.add_argument("--lr", type=float, help="training learning rate")
     g.add_argument("--batch-size", type=int, help="training batch size")
+    g.add_argument("--generations", type=int, help="train in N data generations with checkpoints (for exact "
+                   "replay by `unlearn --method auto`; default 1)")
 
 
 def _add_quant_flags(p: argparse.ArgumentParser) -> None:
@@ -92,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for --count / --fraction")
 
     p = cmd("unlearn", "unlearn every request in the ledger with one method")
-    p.add_argument("--method", required=True, help="qmul, retrain, finetune, random_label, grad_ascent, famr")
+    p.add_argument("--method", required=True, help="qmul, retrain, finetune, random_label, grad_ascent, famr, "
+                   "or auto (exact replay when cheaper, else qmul)")
     g = p.add_argument_group("unlearning (override the method's defaults)")
     g.add_argument("--epochs", type=int)
     g.add_argument("--lr", type=float)
@@ -159,7 +162,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     toml = config.load_toml(args.config)
     data_keys = ("dataset", "root", "seed")
-    train_keys = ("model", "width", "epochs", "lr", "batch_size")
+    train_keys = ("model", "width", "epochs", "lr", "batch_size", "generations")
     quant_keys = ("backend", "calibration_size")
     train_overrides = {**_overrides(args, train_keys), "seed": getattr(args, "seed", None)}
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edge_qmul import __version__, data, quant
+from edge_qmul import __version__, data, planner, quant
 from edge_qmul.atomic import write_bytes, write_json
 from edge_qmul.config import DataConfig, QuantConfig, config_hash
 from edge_qmul.errors import CheckpointError, DataError, ForgetRequestError, UnlearningError
@@ -38,7 +38,15 @@ from edge_qmul.metrics import EvalSets, avg_gap, evaluate_model
 from edge_qmul.models import DEFAULT_WIDTH, ModelConfig
 from edge_qmul.store import SampleStore
 from edge_qmul.train import TrainConfig, load_checkpoint, load_payload, save_checkpoint, train_float
-from edge_qmul.unlearn import REGISTRY, FeatureCache, UnlearnConfig, UnlearnContext, UnlearnResult, unlearn
+from edge_qmul.unlearn import (
+    REGISTRY,
+    FeatureCache,
+    TrainingHistory,
+    UnlearnConfig,
+    UnlearnContext,
+    UnlearnResult,
+    unlearn,
+)
 
 QUANTIZED_FORMAT = "edge-qmul/quantized/1"
 FEATURES_FORMAT = "edge-qmul/features/1"
@@ -149,9 +157,12 @@ def train(run_dir: Path, data_cfg: DataConfig, train_cfg: TrainConfig, *, quiet:
         train_cfg.model, c, h, source.num_classes, tuple(mean), tuple(std),
         width=train_cfg.width or DEFAULT_WIDTH[train_cfg.model],
     )
-    x, y = data.to_tensors(source.train, split.train)
-    model, log = train_float(model_cfg, train_cfg, x, y, quiet=quiet)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if train_cfg.generations > 1:
+        model, log = _train_generations(run_dir, source, split, model_cfg, train_cfg, quiet)
+    else:
+        x, y = data.to_tensors(source.train, split.train)
+        model, log = train_float(model_cfg, train_cfg, x, y, quiet=quiet)
     with SampleStore(run_dir / SAMPLE_STORE) as store:  # the server's own copy, from here on the source
         store.ingest(source.train.images, source.train.labels, source.train.scale)
     split.save(run_dir / "split.json")
@@ -172,6 +183,48 @@ def train(run_dir: Path, data_cfg: DataConfig, train_cfg: TrainConfig, *, quiet:
         },
     )
     return log
+
+
+GENERATIONS_FORMAT = "edge-qmul/generations/1"
+
+
+def _train_generations(
+    run_dir: Path, source: data.DatasetSource, split: data.Split, model_cfg: ModelConfig, cfg: TrainConfig,
+    quiet: bool,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Generation-by-generation training with a checkpoint per phase; writes generations.json."""
+    generations = planner.assign_generations(split.train, cfg.generations)
+    pool_x, pool_y = data.to_tensors(source.train, list(range(len(source.train.labels))))
+    model, phases = planner.train_phases(model_cfg, cfg, pool_x, pool_y, generations,
+                                         checkpoint_dir=run_dir / "generations", quiet=quiet)
+    write_json(run_dir / "generations.json", {
+        "format": GENERATIONS_FORMAT, "phase_epochs": planner.phase_epochs(cfg), "generations": generations,
+        "phases": [asdict(p) for p in phases],
+    })
+    with torch.no_grad():
+        x, y = pool_x[split.train], pool_y[split.train]
+        acc = 100.0 * float(torch.cat([model(b).argmax(1) for b in x.split(1024)]).eq(y).float().mean())
+    return model, {"epochs": [{"phase": p.phase, "train_acc": acc} for p in phases],
+                   "seconds": sum(p.seconds for p in phases)}
+
+
+def training_history(run_dir: Path, rd: RunData, forget_ids: list[int], q: Quantized) -> TrainingHistory:
+    """The run's training record for exact replay: generations + checkpoints, or one phase (from run.json)."""
+    live = rd.live
+    pool_x, pool_y = data.to_tensors(rd.source.train, list(range(len(rd.source.train.labels))))
+    gen_path = run_dir / "generations.json"
+    if gen_path.exists():
+        record = json.loads(gen_path.read_text())
+        generations = [live(g) for g in record["generations"]]
+        phases, ckpt = record["phases"], run_dir / "generations"
+    else:
+        run_info = json.loads((run_dir / "run.json").read_text())
+        generations = [live(rd.split.train)]
+        phases = [{"phase": 0, "samples": len(rd.split.train), "epochs": q.train_cfg.epochs,
+                   "seconds": float(run_info.get("train_seconds", 0.0)) or 1.0}]
+        ckpt = None
+    return TrainingHistory(generations, phases, ckpt, pool_x, pool_y, forget_ids,
+                           float(q.info.get("seconds", 1.0)))
 
 
 @dataclass
@@ -200,9 +253,11 @@ def quantize(run_dir: Path, quant_cfg: QuantConfig, *, quiet: bool = False) -> d
     rd = load_run_data(run_dir)
     x, _ = rd.tensors("train")
     calib = _calib_batches(x, quant_cfg.calibration_size)
+    t_quant = time.perf_counter()
     int8 = quant.quantize_ptq(model, calib, quant_cfg.backend)
     qat = quant.prepare_qat(model, quant_cfg.backend, calib[0])
     quant.calibrate_qat(qat, calib)
+    quant_seconds = time.perf_counter() - t_quant
     tx, ty = rd.tensors("test")
     with torch.no_grad():
         ptq_pred = torch.cat([int8(b).argmax(1) for b in tx.split(1024)])
@@ -215,6 +270,7 @@ def quantize(run_dir: Path, quant_cfg: QuantConfig, *, quiet: bool = False) -> d
         "ptq_qat_agreement": 100.0 * float((ptq_pred == qat_pred).float().mean()),
         "float_test_acc": 100.0 * float((float_pred == ty).float().mean()),
         "int8_test_acc": 100.0 * float((ptq_pred == ty).float().mean()),
+        "seconds": quant_seconds,  # PTQ + QAT copy with calibration: what a retrain's quantization costs
     }
     _save_torch(
         run_dir / "quantized.pt",
@@ -371,6 +427,8 @@ def method_config(method: str, overrides: dict[str, Any] | None = None) -> Unlea
 # UnlearnConfig defaults are the paper code's.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "qmul": {"layers": "classifier", "norm_batches": 16, "update": "mixed", "lr": 0.3, "epochs": 5},
+    # auto: exact replay when cheaper, else Q-MUL with Q-MUL's recommended settings
+    "auto": {"layers": "classifier", "norm_batches": 16, "update": "mixed", "lr": 0.3, "epochs": 5},
     "finetune": {"epochs": 2, "lr": 0.01},
     "random_label": {"epochs": 2, "lr": 0.01},
     "grad_ascent": {"epochs": 1, "lr": 0.001},
@@ -407,9 +465,14 @@ def run_unlearn(run_dir: Path, cfg: UnlearnConfig, *, quiet: bool = False) -> di
         model_cfg=q.model_cfg, train_cfg=q.train_cfg, backend=q.backend, calib_size=q.calibration_size,
         val_x=vx, val_y=vy, quiet=quiet,
         features=load_features(run_dir, q, rd.split, rd.purged) if cfg.layers == "classifier" else None,
+        history=training_history(run_dir, rd, rd.live(forget_ids), q) if needs_history(run_dir, cfg) else None,
     )
     result = unlearn(ctx, cfg)
     return save_result(run_dir, cfg.method, q, result, [r.request_id for r in requests], forget_ids)
+
+
+def needs_history(run_dir: Path, cfg: UnlearnConfig) -> bool:
+    return cfg.method == "auto" or (cfg.method == REFERENCE and (run_dir / "generations.json").exists())
 
 
 def save_result(

@@ -41,6 +41,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     seed: int = 0
+    generations: int = 1  # > 1: train generation by generation with checkpoints (edge_qmul.planner)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -51,6 +52,8 @@ class TrainConfig:
             raise ConfigError(f"train.batch_size={self.batch_size} must be >= 1", "use e.g. 128")
         if self.width < 0:
             raise ConfigError(f"train.width={self.width} must be >= 0", "use 0 for the default width")
+        if self.generations < 1:
+            raise ConfigError(f"train.generations={self.generations} must be >= 1", "use 1 for one-shot training")
 
 
 def batch_indices(n: int, batch_size: int, generator: torch.Generator, shuffle: bool = True) -> Iterator[torch.Tensor]:

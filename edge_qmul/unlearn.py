@@ -17,21 +17,22 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge_qmul import quant
+from edge_qmul import planner, quant
 from edge_qmul.errors import ConfigError, UnlearningError
-from edge_qmul.models import ModelConfig
+from edge_qmul.models import ModelConfig, build_model
 from edge_qmul.progress import Progress
 from edge_qmul.train import TrainConfig, batch_indices, cosine_lr, sgd, train_float
 
 SCHEDULES = ("cosine", "constant")
 UPDATES = ("sequential", "mixed")
-LABEL_VARIANTS = ("faithful", "paper_code")
+LABEL_VARIANTS = ("faithful", "paper_code", "random")  # "random": a uniformly random wrong class (ablation)
 FORGET_TARGETS = ("none", "val")
 LAYERS = ("all", "classifier")
 
@@ -48,7 +49,7 @@ class UnlearnConfig:
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     update: str = "sequential"
-    label_variant: str = "faithful"  # "paper_code": the released code's logit-distance variant
+    label_variant: str = "faithful"  # "paper_code": the released code's variant; "random": ablation
     reweight: bool = True  # False: w_f = w_r = 1 (ablation)
     # Bounded retain sampling: k > 0 draws k random retain batches per epoch, used both for ḡ_r and
     # for the retain update; 0 uses the whole retain set every epoch, as the paper's code does.
@@ -123,6 +124,20 @@ class UnlearnContext:
     # Classifier mode only: the deployed int8 model's features of forget / retain / val samples,
     # precomputed once per deployed model (see pipeline.quantize). Computed on the fly when absent.
     features: FeatureCache | None = None
+    history: TrainingHistory | None = None  # auto and generational retrain
+
+
+@dataclass
+class TrainingHistory:
+    """How the deployed float model was trained, for exact replay (``auto``) and generational retrain."""
+
+    generations: list[list[int]]  # sample ids per generation (one generation: the whole train list)
+    phase_logs: list[dict[str, Any]]  # per phase: samples, epochs, seconds (measured throughput)
+    checkpoint_dir: Path | None  # weights after each phase (None for a single-phase run)
+    pool_x: torch.Tensor  # the training pool by sample id
+    pool_y: torch.Tensor
+    forget_ids: list[int]
+    quantize_seconds: float  # measured PTQ + QAT calibration time of this run
 
 
 @dataclass
@@ -303,7 +318,9 @@ def unlearn(ctx: UnlearnContext, cfg: UnlearnConfig) -> UnlearnResult:
 # ---------------------------------------------------------------------------------------------------
 
 
-def similar_labels(logits: torch.Tensor, y: torch.Tensor, variant: str = "faithful") -> torch.Tensor:
+def similar_labels(
+    logits: torch.Tensor, y: torch.Tensor, variant: str = "faithful", generator: torch.Generator | None = None
+) -> torch.Tensor:
     """ỹ = argmin_{c != y} |p_c - p_y|: the wrong class the model confuses most with the true one.
 
     ``paper_code`` reproduces the released code: distances on logits, argmin over the vector with the
@@ -311,6 +328,9 @@ def similar_labels(logits: torch.Tensor, y: torch.Tensor, variant: str = "faithf
     the true label (when the nearest class sits just above it).
     """
     rows = torch.arange(len(y))
+    if variant == "random":  # ablation: a uniformly random wrong class instead of the most similar one
+        shift = torch.randint(1, logits.shape[1], (len(y),), generator=generator)
+        return (y + shift) % logits.shape[1]
     if variant == "faithful":
         p = logits.softmax(1)  # (N, C)
         dist = (p - p[rows, y].unsqueeze(1)).abs()
@@ -355,7 +375,7 @@ class QMul(Method):
     def begin_epoch(self, ctx: UnlearnContext, epoch: int) -> dict[str, float]:
         model = ctx.qat.eval()  # no BatchNorm statistics update while labels and norms are measured
         logits = predict_logits(model, ctx.forget_x)
-        self.forget_labels = similar_labels(logits, ctx.forget_y, self.cfg.label_variant)
+        self.forget_labels = similar_labels(logits, ctx.forget_y, self.cfg.label_variant, self.gen)
         self.retain_idx = self.retain_sample(ctx)
         info = {
             "forget_acc": 100.0 * float((logits.argmax(1) == ctx.forget_y).float().mean()),
@@ -380,6 +400,11 @@ class QMul(Method):
         g_f = [grad_norm_sum(model, ctx.forget_x[b], self.forget_labels[b], cap) for b in f_batches]
         g_r = [grad_norm_sum(model, ctx.retain_x[b], ctx.retain_y[b]) for b in self.retain_idx.split(bs)[:k]]
         gf, gr = sum(g_f) / len(g_f), sum(g_r) / len(g_r)
+        if not gf + gr > 0:
+            raise UnlearningError(
+                f"{self.name}: every gradient vanished at epoch {epoch} (g_f = g_r = 0: the model collapsed)",
+                "lower unlearn.lr (the recommended lr is for layers='classifier'; all layers need ~0.01)",
+            )
         self.w_f, self.w_r = gr / (gf + gr), gf / (gf + gr)
         return {**info, "g_f": gf, "g_r": gr, "w_f": self.w_f, "w_r": self.w_r}
 
@@ -482,6 +507,26 @@ class Famr(Method):
         return to_uniform + 0.5 * self.cfg.famr_lambda * drift
 
 
+def quantize_float(ctx: UnlearnContext, float_model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(QAT copy, int8 model) of a retrained float model, quantized the way the deployed one was."""
+    calib = list(ctx.retain_x[: ctx.calib_size].split(256))
+    int8 = quant.quantize_ptq(float_model, calib, ctx.backend)
+    qat = quant.prepare_qat(float_model, ctx.backend, calib[0])
+    quant.calibrate_qat(qat, calib)
+    return qat, int8
+
+
+def retrain_float(ctx: UnlearnContext, label: str = "retrain") -> tuple[nn.Module, list[dict[str, Any]]]:
+    """The original recipe from scratch without the forget set (generation by generation if it had them)."""
+    h = ctx.history
+    if h is not None and len(h.generations) > 1:
+        model, logs = planner.train_phases(ctx.model_cfg, ctx.train_cfg, h.pool_x, h.pool_y, h.generations,
+                                           exclude=frozenset(h.forget_ids), quiet=ctx.quiet)
+        return model, [asdict(p) for p in logs]
+    model, log = train_float(ctx.model_cfg, ctx.train_cfg, ctx.retain_x, ctx.retain_y, quiet=ctx.quiet, label=label)
+    return model, log["epochs"]
+
+
 @register
 class Retrain(Method):
     """The gold standard: float training from scratch on the retain set, then the same quantization."""
@@ -490,17 +535,96 @@ class Retrain(Method):
 
     def run(self, ctx: UnlearnContext) -> UnlearnResult:
         start = time.perf_counter()
-        float_model, train_log = train_float(
-            ctx.model_cfg, ctx.train_cfg, ctx.retain_x, ctx.retain_y, quiet=ctx.quiet, label="retrain"
-        )
-        calib = list(ctx.retain_x[: ctx.calib_size].split(256))
-        int8 = quant.quantize_ptq(float_model, calib, ctx.backend)
-        qat = quant.prepare_qat(float_model, ctx.backend, calib[0])
-        quant.calibrate_qat(qat, calib)
+        float_model, epochs = retrain_float(ctx)
+        qat, int8 = quantize_float(ctx, float_model)
         log = {
             "method": self.name,
             "config": {"train": asdict(ctx.train_cfg)},
-            "epochs": train_log["epochs"],
+            "epochs": epochs,
             "seconds": time.perf_counter() - start,
         }
         return UnlearnResult(self.name, qat, int8, log, float_model=float_model)
+
+
+@register
+class Auto(Method):
+    """The hybrid planner (DESIGN §4.3): exact replay from a generation checkpoint when that is estimated
+    to be cheaper than Q-MUL, Q-MUL (with this config) otherwise. See ``edge_qmul.planner``."""
+
+    name = "auto"
+
+    def run(self, ctx: UnlearnContext) -> UnlearnResult:
+        start = time.perf_counter()
+        h = ctx.history
+        if h is None:
+            raise UnlearningError("auto needs the run's training record", "run it through `edge-qmul unlearn`")
+        approx_cfg = replace(self.cfg, method="qmul")
+        approx = estimate_qmul_seconds(ctx, approx_cfg)
+        step = probe_train_step(ctx)
+        p = planner.plan(h.generations, set(h.forget_ids), ctx.train_cfg, step, h.quantize_seconds, approx)
+        if p.choice == "approximate":
+            result = QMul(approx_cfg).run(ctx)
+            extra: dict[str, Any] = {"qmul": result.log}
+            float_model = None
+            qat, int8 = result.qat, result.int8
+        elif len(h.generations) == 1 or p.first_affected == 0:
+            float_model, epochs = retrain_float(ctx, label="exact replay")
+            qat, int8 = quantize_float(ctx, float_model)
+            extra = {"replay": epochs}
+        else:
+            if h.checkpoint_dir is None:
+                raise UnlearningError("the run has generations but no checkpoints", "re-train it")
+            state = planner.load_phase(h.checkpoint_dir, p.first_affected - 1)
+            float_model, logs = planner.train_phases(
+                ctx.model_cfg, ctx.train_cfg, h.pool_x, h.pool_y, h.generations, exclude=frozenset(h.forget_ids),
+                start_phase=p.first_affected, start_state=state, quiet=ctx.quiet,
+            )
+            qat, int8 = quantize_float(ctx, float_model)
+            extra = {"replay": [asdict(x) for x in logs]}
+        seconds = time.perf_counter() - start
+        log = {"method": self.name, "config": asdict(self.cfg), "plan": p.to_dict(), "seconds": seconds, **extra}
+        return UnlearnResult(self.name, qat, int8, log, float_model=float_model)
+
+
+def probe_train_step(ctx: UnlearnContext, probes: int = 8) -> float:
+    """Seconds per step of the original recipe (forward + backward + SGD step on a fresh model)."""
+    torch.manual_seed(0)
+    model = build_model(ctx.model_cfg).train()
+    opt = sgd(model, ctx.train_cfg.lr, ctx.train_cfg.momentum, ctx.train_cfg.weight_decay)
+    x, y = ctx.retain_x[: ctx.train_cfg.batch_size], ctx.retain_y[: ctx.train_cfg.batch_size]
+    t0 = time.perf_counter()
+    for _ in range(probes):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return (time.perf_counter() - t0) / probes
+
+
+def estimate_qmul_seconds(ctx: UnlearnContext, cfg: UnlearnConfig, probes: int = 8) -> float:
+    """Q-MUL's cost on this context: its step count x a step time measured on the model, plus conversion.
+
+    The probe steps run forward and backward on real batches without an optimizer step, so the model is
+    unchanged. Classifier mode measures the head on the cached features.
+    """
+    work = classifier_context(ctx, with_val=False) if cfg.layers == "classifier" else ctx
+    model = work.qat
+    params = [p for p in model.parameters() if p.requires_grad]
+    n = len(work.forget_x) + (min(len(work.retain_x), cfg.retain_batches * cfg.batch_size) if cfg.retain_batches
+                              else len(work.retain_x))
+    x = torch.cat([work.forget_x[: cfg.batch_size], work.retain_x[: cfg.batch_size]])[: cfg.batch_size]
+    y = torch.cat([ctx.forget_y[: cfg.batch_size], ctx.retain_y[: cfg.batch_size]])[: cfg.batch_size]
+    was_training = model.training
+    t0 = time.perf_counter()
+    for _ in range(probes):
+        grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+        del grads
+    step = (time.perf_counter() - t0) / probes
+    model.train(was_training)
+    t1 = time.perf_counter()
+    quant.convert(ctx.qat)
+    convert = time.perf_counter() - t1
+    batches = math.ceil(len(work.forget_x) / cfg.batch_size), math.ceil((n - len(work.forget_x)) / cfg.batch_size)
+    norm = sum(min(cfg.norm_batches, b) if cfg.norm_batches else b for b in batches)
+    steps = cfg.epochs * (math.ceil(n / cfg.batch_size) + norm)
+    return steps * step + convert

@@ -148,3 +148,14 @@ def test_forget_target_val_skips_the_forget_pass_once_forgotten(digits) -> None:
     for epoch in result.log["epochs"]:
         assert epoch["forget_pass"] == float(epoch["forget_acc"] > epoch["val_acc"])
         assert ("loss_forget" in epoch) == bool(epoch["forget_pass"])
+
+
+def test_random_label_ablation_never_returns_the_true_label() -> None:
+    from edge_qmul.unlearn import similar_labels
+
+    y = torch.randint(0, 10, (500,))
+    logits = torch.randn(500, 10)
+    a = similar_labels(logits, y, "random", torch.Generator().manual_seed(3))
+    b = similar_labels(logits, y, "random", torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and not (a == y).any()
+    assert len(set(a.tolist())) == 10  # spread over the classes, unlike the similar label
