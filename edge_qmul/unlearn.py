@@ -556,21 +556,24 @@ class Auto(Method):
     def run(self, ctx: UnlearnContext) -> UnlearnResult:
         start = time.perf_counter()
         h = ctx.history
-        if h is None:
-            raise UnlearningError("auto needs the run's training record", "run it through `edge-qmul unlearn`")
         approx_cfg = replace(self.cfg, method="qmul")
         approx = estimate_qmul_seconds(ctx, approx_cfg)
         step = probe_train_step(ctx)
-        p = planner.plan(h.generations, set(h.forget_ids), ctx.train_cfg, step, h.quantize_seconds, approx)
+        if h is None:  # no training record (a context built by hand): one generation, quantization not timed
+            n_f = len(ctx.forget_y)
+            everything = list(range(n_f + len(ctx.retain_y)))
+            p = planner.plan([everything], set(everything[:n_f]), ctx.train_cfg, step, 0.0, approx)
+        else:
+            p = planner.plan(h.generations, set(h.forget_ids), ctx.train_cfg, step, h.quantize_seconds, approx)
         if p.choice == "approximate":
             result = QMul(approx_cfg).run(ctx)
-            extra: dict[str, Any] = {"qmul": result.log}
+            extra: dict[str, Any] = {"epochs": result.log["epochs"], "qmul": result.log}
             float_model = None
             qat, int8 = result.qat, result.int8
-        elif len(h.generations) == 1 or p.first_affected == 0:
+        elif h is None or len(h.generations) == 1 or p.first_affected == 0:
             float_model, epochs = retrain_float(ctx, label="exact replay")
             qat, int8 = quantize_float(ctx, float_model)
-            extra = {"replay": epochs}
+            extra = {"epochs": epochs, "replay": "from scratch"}
         else:
             if h.checkpoint_dir is None:
                 raise UnlearningError("the run has generations but no checkpoints", "re-train it")
@@ -580,7 +583,7 @@ class Auto(Method):
                 start_phase=p.first_affected, start_state=state, quiet=ctx.quiet,
             )
             qat, int8 = quantize_float(ctx, float_model)
-            extra = {"replay": [asdict(x) for x in logs]}
+            extra = {"epochs": [asdict(x) for x in logs], "replay": f"from phase {p.first_affected}"}
         seconds = time.perf_counter() - start
         log = {"method": self.name, "config": asdict(self.cfg), "plan": p.to_dict(), "seconds": seconds, **extra}
         return UnlearnResult(self.name, qat, int8, log, float_model=float_model)
