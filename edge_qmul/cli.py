@@ -118,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", type=Path, help="TOML overriding the default budgets")
     p.add_argument("--method", help="unlearning result the ONNX came from (default: from its metadata)")
 
+    p = cmd("audit", "reference-model membership audit (LiRA-style, offline) of the original and unlearned models")
+    p.add_argument("--references", type=int, default=4, help="reference models trained on random halves (default 4)")
+    p.add_argument("--methods", help="unlearning results to audit (default: all in the run)")
+    p.add_argument("--max-test", type=int, default=2000, help="test samples used as non-members (default 2000)")
+
     p = cmd("keygen", "make an Ed25519 signing key (bundles, certificates) and its public key", needs_run=False)
     p.add_argument("--out", type=Path, required=True, help="directory for signing_key.pem and public_key.hex")
 
@@ -252,6 +257,18 @@ def run_command(args: argparse.Namespace) -> int:
         if not v.passed:
             failed = [n for n, c in v.checks.items() if not c["passed"]]
             raise ValidationFailed(f"checks over budget: {', '.join(failed)}", "see validation.md")
+        return 0
+    if args.command == "audit":
+        from edge_qmul.audit import audit_run
+
+        methods = _methods(args.methods)
+        if methods is None:
+            methods = sorted(p.name for p in (args.run / "unlearn").glob("*") if (p / "result.pt").exists())
+        report = audit_run(args.run, methods, k=args.references, max_test=args.max_test, quiet=args.quiet)
+        print(f"{'target':<14}{'AUC':>8}{'TPR@1%':>9}{'TPR@0.1%':>10}  ({report['references']} references, "
+              f"{report['forget']} forget vs {report['test']} test samples)")
+        for r in report["targets"]:
+            print(f"{r['target']:<14}{r['auc']:8.3f}{r['tpr_at_1fpr']:9.3f}{r['tpr_at_01fpr']:10.3f}")
         return 0
     if args.command == "keygen":
         from edge_qmul.export.bundle import keygen

@@ -150,6 +150,33 @@ def set_trainable(qat: nn.Module, *, observe_activations: bool = False, update_b
             (mod.update_bn_stats if update_bn else mod.freeze_bn_stats)()
 
 
+def quantize_ptq_weights(
+    float_model: nn.Module, calib: Iterable[torch.Tensor], weight_bits: int, per_channel: bool
+) -> nn.Module:
+    """PTQ with the x86 activation preset and ``weight_bits``-bit symmetric weights (per channel or per
+    tensor). Fewer than 8 bits are emulated in the int8 container with a reduced range (4 bits: -8..7),
+    which is how the privacy ranking compares weight precisions on the same kernels."""
+    if not 2 <= weight_bits <= 8:
+        raise ConfigError(f"weight_bits={weight_bits} is not supported", "use 2..8")
+    backend = BACKENDS["x86"]
+    _set_engine(backend)
+    lo, hi = -(2 ** (weight_bits - 1)), 2 ** (weight_bits - 1) - 1
+    act = MinMaxObserver.with_args(dtype=torch.quint8, qscheme=torch.per_tensor_affine, quant_min=0,
+                                   quant_max=backend.act_quant_max)
+    if per_channel:
+        weight = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
+                                                    quant_min=lo, quant_max=hi, ch_axis=0)
+    else:
+        weight = MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, quant_min=lo,
+                                          quant_max=hi)
+    mapping = QConfigMapping().set_global(QConfig(activation=act, weight=weight)).set_module_name("normalize", None)
+    batches = list(calib)
+    model = copy.deepcopy(float_model).eval()
+    prepared = prepare_fx(model, mapping, example_inputs=(batches[0],))
+    _calibrate(prepared, batches)
+    return convert_fx(prepared)
+
+
 def convert(qat: nn.Module) -> nn.Module:
     """Convert a copy of the QAT model to int8; the QAT model stays trainable."""
     was_training = qat.training
