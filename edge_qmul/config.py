@@ -27,6 +27,7 @@ class DataConfig:
     seed: int = 0
     val_fraction: float = 0.1
     test_fraction: float = 0.2  # single-pool datasets only (digits, synthetic)
+    train_fraction: float = 1.0  # keep this share of the training list (smaller training sets; benchmarks)
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -34,6 +35,8 @@ class DataConfig:
         for key in ("val_fraction", "test_fraction"):
             if not 0.0 < getattr(self, key) < 1.0:
                 raise ConfigError(f"data.{key}={getattr(self, key)} must be in (0, 1)", "use e.g. 0.1")
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise ConfigError(f"data.train_fraction={self.train_fraction} must be in (0, 1]", "use 1.0 for all")
 
 
 @dataclass(frozen=True)

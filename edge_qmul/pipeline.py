@@ -151,6 +151,8 @@ def train(run_dir: Path, data_cfg: DataConfig, train_cfg: TrainConfig, *, quiet:
     split = data.make_split(
         source, data_cfg.seed, val_fraction=data_cfg.val_fraction, test_fraction=data_cfg.test_fraction
     )
+    if data_cfg.train_fraction < 1.0:  # the list is a seeded shuffle: its head is a random subset
+        split.train = split.train[: max(1, round(data_cfg.train_fraction * len(split.train)))]
     mean, std = data.channel_stats(source.train, split.train)
     c, h, _ = source.input_shape
     model_cfg = ModelConfig(

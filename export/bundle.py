@@ -97,8 +97,9 @@ def sign_json(key: Ed25519PrivateKey, obj: dict[str, Any]) -> tuple[bytes, bytes
 # ---------------------------------------------------------------------------------------------------
 
 
-def fresh_validation(run_dir: Path, profile: DeviceProfile) -> dict[str, Any]:
-    """The run's validation report, if it is for the current model, this device and this ledger, and passed."""
+def fresh_validation(run_dir: Path, profile: DeviceProfile) -> tuple[dict[str, Any], dict[str, str]]:
+    """The run's validation report, if it is for the current model, this device and this ledger, and passed;
+    with the ONNX model's metadata (honoured request ids, forget hash, ...)."""
     model = run_dir / runtime.MODEL_FILE
     report_path = run_dir / "validation.json"
     validate = f"run `edge-qmul validate --run {run_dir} --device {profile.name}`"
@@ -129,7 +130,7 @@ def fresh_validation(run_dir: Path, profile: DeviceProfile) -> dict[str, Any]:
     probe = run_dir / runtime.PROBE_FILE
     if not probe.exists() or ("probe_sha256" in report and report["probe_sha256"] != pipeline.sha256_file(probe)):
         raise BundleError(f"{probe} is missing or not the probe set the validation wrote", validate)
-    return {**report, "_onnx_metadata": meta}
+    return report, meta
 
 
 def model_version(method: str, onnx_sha256: str) -> str:
@@ -141,10 +142,9 @@ def build_bundle(
 ) -> Path:
     """Check the validation, write and sign the bundle; returns its path (default: run/bundles/)."""
     key = load_signing_key(key_path)
-    report = fresh_validation(run_dir, profile)
+    report, meta = fresh_validation(run_dir, profile)
     if parent is None:
         parent = current_fleet_version(run_dir, profile.name)
-    meta = report.pop("_onnx_metadata")
     model_bytes = (run_dir / runtime.MODEL_FILE).read_bytes()
     version = model_version(report["method"], hashlib.sha256(model_bytes).hexdigest())
     devices_dir = Path(runtime.__file__).parent
@@ -175,7 +175,9 @@ def build_bundle(
         "toolkit_version": __version__,
     }
     blob, signature = sign_json(key, manifest)
-    assert ed25519.verify(bytes.fromhex(manifest["signing_key"]), blob, signature)  # the board's check agrees
+    if not ed25519.verify(bytes.fromhex(manifest["signing_key"]), blob, signature):  # the board's check must agree
+        raise BundleError(f"the signature made with {key_path} does not verify on the board's verifier",
+                          "report this as a bug; do not ship the bundle")
     path = out or run_dir / "bundles" / f"{version}-{profile.name}.tar"
     write_bytes(path, _tar({**files, runtime.MANIFEST: blob, runtime.SIGNATURE: signature}))
     return path

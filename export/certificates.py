@@ -49,8 +49,7 @@ def certify(run_dir: Path, key_path: Path, *, purge: bool = True) -> dict[str, A
         raise BundleError(f"{report_path} does not exist: certificates cite a validated model",
                           f"run `edge-qmul validate --run {run_dir} --device PROFILE` first")
     device = json.loads(report_path.read_text()).get("device", "")
-    report = fresh_validation(run_dir, load_profile(device))
-    meta = report.pop("_onnx_metadata")
+    report, meta = fresh_validation(run_dir, load_profile(device))
     onnx_sha = report["model_sha256"]
     version = model_version(report["method"], onnx_sha)
     honoured = set(json.loads(meta.get("honoured_request_ids", "[]")))

@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -300,7 +301,9 @@ def _install(device: Device, rollout_id: str, blob: bytes, max_auc: float) -> di
     from edge_qmul.devices import runtime  # numpy + onnxruntime only
 
     models = device.state["model"]
-    root = Path(device.cfg.state_dir) if device.cfg.state_dir else Path(device.run_cfg.run_dir) / ".device-tmp"
+    # The verified model stays in the device's state dir (it is what the device now runs); a device
+    # without one keeps it in a private temporary directory for this process only.
+    root = Path(device.cfg.state_dir) if device.cfg.state_dir else Path(tempfile.mkdtemp(prefix="edge-qmul-device-"))
     base = root / "rollouts" / rollout_id
     base.mkdir(parents=True, exist_ok=True)
     (base / "bundle.tar").write_bytes(blob)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from conftest import copy_run
 
-from edge_qmul import pipeline, quant
+from edge_qmul import data, pipeline, quant
 
 
 def test_feature_cache_equals_the_int8_features(demo_run: Path, tmp_path: Path) -> None:
@@ -35,3 +35,14 @@ def test_stale_feature_cache_is_not_used(demo_run: Path, tmp_path: Path) -> None
     payload["quantized_sha256"] = "0" * 64
     torch.save(payload, run / "features.pt")
     assert pipeline.load_features(run, q, rd.split) is None
+
+
+def test_train_fraction_keeps_a_seeded_share_of_the_training_list(tmp_path: Path) -> None:
+    from edge_qmul.config import DataConfig
+    from edge_qmul.train import TrainConfig
+
+    full = data.make_split(data.load_dataset("digits"), seed=0)
+    pipeline.train(tmp_path / "half", DataConfig(dataset="digits", train_fraction=0.5), TrainConfig(epochs=1),
+                   quiet=True)
+    half = data.Split.load(tmp_path / "half" / "split.json")
+    assert half.train == full.train[: round(0.5 * len(full.train))] and half.test == full.test
