@@ -2,7 +2,8 @@
 
 Models are trained with the default recipe on the first 10%, 25%, 50% and 100% of the (shuffled)
 training list. For each, one request of 1,000 samples is unlearned with Q-MUL (recommended settings: every
-retain sample each epoch; and with a bounded retain sample, ``retain_batches=16``) and with retrain.
+retain sample each epoch; and with a retain sample of 3 x the forget set per epoch, ``retain_ratio=3``, the
+ratio chosen by bench/bounded_retain.py) and with retrain.
 
     python bench/cost_vs_train_size.py      # ~8 min; writes bench/results/cost_train_size.{md,json,png}
 """
@@ -24,7 +25,7 @@ from edge_qmul.train import TrainConfig
 FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "qmul (recommended)": ("qmul", {}),
-    "qmul (retain_batches=16)": ("qmul", {"retain_batches": 16}),
+    "qmul (retain_ratio=3)": ("qmul", {"retain_ratio": 3.0}),
     "retrain": ("retrain", {}),
 }
 

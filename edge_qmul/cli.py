@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--update", choices=["sequential", "mixed"])
     g.add_argument("--label-variant", choices=["faithful", "paper_code"])
     g.add_argument("--retain-batches", type=int, help="random retain batches per epoch (0 = all)")
+    g.add_argument("--retain-ratio", type=float,
+                   help="random retain samples per epoch = this x the forget set (0 = all): cost follows the request")
     g.add_argument("--repair-batches", type=int, help="retain-only repair batches after unlearning")
     g.add_argument("--layers", choices=["all", "classifier"], help="which parameters move")
     g.add_argument("--norm-batches", type=int, help="batches per side for the gradient-norm estimate (0 = all)")
@@ -222,8 +224,8 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"request {out['request_id']}: {out['samples']} samples {state}; {out['forget_total']} to forget in all")
         return 0
     if args.command == "unlearn":
-        keys = ("epochs", "lr", "batch_size", "update", "label_variant", "retain_batches", "repair_batches",
-                "layers", "norm_batches")
+        keys = ("epochs", "lr", "batch_size", "update", "label_variant", "retain_batches", "retain_ratio",
+                "repair_batches", "layers", "norm_batches")
         overrides = {**toml.get("unlearn", {}), **{k: v for k, v in _overrides(args, keys).items() if v is not None}}
         overrides.pop("method", None)
         cfg = config.build(config.UnlearnConfig, {**pipeline.method_config(args.method).__dict__, **overrides},
@@ -246,13 +248,13 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "validate":
         from edge_qmul.devices.profiles import load_profile
         from edge_qmul.export.budgets import load_budgets
-        from edge_qmul.export.validate import validate_run
+        from edge_qmul.export.validate import check_mark, check_value_text, validate_run
 
         v = validate_run(args.run, load_profile(args.device), load_budgets(args.budgets), method=args.method)
         for name, c in v.checks.items():
-            mark = "✓" if c["passed"] else "✗"
-            value = "skipped" if c["value"] is None else f"{c['value']:.4g}"
-            print(f"{mark} {name:<20} {value:>12}  limit {c['limit']:.4g}")
+            print(f"{check_mark(c)} {name:<20} {check_value_text(c):>22}  limit {c['limit']:.4g}")
+            if "inconclusive" in c:
+                print(f"  inconclusive: {c['inconclusive']}")
         print(f"report: {args.run / 'validation.md'}")
         if not v.passed:
             failed = [n for n, c in v.checks.items() if not c["passed"]]

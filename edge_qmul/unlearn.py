@@ -54,6 +54,10 @@ class UnlearnConfig:
     # Bounded retain sampling: k > 0 draws k random retain batches per epoch, used both for ḡ_r and
     # for the retain update; 0 uses the whole retain set every epoch, as the paper's code does.
     retain_batches: int = 0
+    # Retain sample proportional to the forget set: r > 0 draws ceil(r x |forget|) random retain samples
+    # per epoch (at least one batch), so the cost follows the forget set, not the training set, while the
+    # forget/retain balance of mixed batches stays the same whatever the request's size.
+    retain_ratio: float = 0.0
     # Retain-only repair pass after the unlearning epochs (0 = none), at repair_lr.
     repair_batches: int = 0
     repair_lr: float = 0.01
@@ -90,6 +94,8 @@ class UnlearnConfig:
             raise bad("label_variant", f"choose one of {LABEL_VARIANTS}")
         if self.retain_batches < 0 or self.repair_batches < 0:
             raise ConfigError("unlearn.retain_batches / repair_batches must be >= 0", "use 0 to disable")
+        if self.retain_ratio < 0 or (self.retain_ratio > 0 and self.retain_batches > 0):
+            raise bad("retain_ratio", "use a non-negative ratio, and not together with retain_batches")
         if not self.repair_lr > 0:
             raise bad("repair_lr", "use a positive learning rate")
         if self.layers not in LAYERS:
@@ -186,9 +192,9 @@ class Method:
 
     # -- shared helpers --------------------------------------------------------------------------
     def retain_sample(self, ctx: UnlearnContext) -> torch.Tensor:
-        """This epoch's retain indices: all of them, or ``retain_batches`` random batches' worth."""
+        """This epoch's retain indices: all of them, or a random ``retain_sample_size`` of them."""
         n = len(ctx.retain_x)
-        k = self.cfg.retain_batches * self.cfg.batch_size
+        k = retain_sample_size(self.cfg, len(ctx.forget_x), n)
         perm = torch.randperm(n, generator=self.gen)
         return perm if k == 0 or k >= n else perm[:k]
 
@@ -604,6 +610,18 @@ def probe_train_step(ctx: UnlearnContext, probes: int = 8) -> float:
     return (time.perf_counter() - t0) / probes
 
 
+def retain_sample_size(cfg: UnlearnConfig, n_forget: int, n_retain: int) -> int:
+    """Retain samples drawn per epoch (0 = every one): ``retain_batches`` batches, or ``retain_ratio`` x
+    the forget set (at least one batch), capped at the retain set."""
+    if cfg.retain_batches:
+        k = cfg.retain_batches * cfg.batch_size
+    elif cfg.retain_ratio:
+        k = max(cfg.batch_size, math.ceil(cfg.retain_ratio * n_forget))
+    else:
+        return 0
+    return 0 if k >= n_retain else k
+
+
 def estimate_qmul_seconds(ctx: UnlearnContext, cfg: UnlearnConfig, probes: int = 8) -> float:
     """Q-MUL's cost on this context: its step count x a step time measured on the model, plus conversion.
 
@@ -613,8 +631,7 @@ def estimate_qmul_seconds(ctx: UnlearnContext, cfg: UnlearnConfig, probes: int =
     work = classifier_context(ctx, with_val=False) if cfg.layers == "classifier" else ctx
     model = work.qat
     params = [p for p in model.parameters() if p.requires_grad]
-    n = len(work.forget_x) + (min(len(work.retain_x), cfg.retain_batches * cfg.batch_size) if cfg.retain_batches
-                              else len(work.retain_x))
+    n = len(work.forget_x) + (retain_sample_size(cfg, len(work.forget_x), len(work.retain_x)) or len(work.retain_x))
     x = torch.cat([work.forget_x[: cfg.batch_size], work.retain_x[: cfg.batch_size]])[: cfg.batch_size]
     y = torch.cat([ctx.forget_y[: cfg.batch_size], ctx.retain_y[: cfg.batch_size]])[: cfg.batch_size]
     was_training = model.training

@@ -15,6 +15,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,8 @@ from edge_qmul.errors import ExportError
 from edge_qmul.metrics import (
     EvalSets,
     accuracy,
+    accuracy_gap_null_se,
+    auc_null_se,
     evaluate_logits,
     logits_of,
     loss_attack,
@@ -149,6 +152,15 @@ def validate_run(
             continue
         ok = value >= limit if check.direction == "min" else value <= limit
         checks[name] = {"value": float(value), "limit": limit, "passed": bool(ok)}
+        if check.statistical:
+            n_f, n_t = len(sets.forget_y), len(sets.test_y)
+            if name == "fa_minus_ta":
+                power = fa_minus_ta_power(n_f, n_t, core["TA"] / 100.0, limit=limit, confidence=budgets.confidence)
+            else:
+                power = loss_auc_power(n_f, n_t, limit=limit, confidence=budgets.confidence)
+            checks[name].update(power)
+            if "inconclusive" in power:
+                checks[name]["passed"] = True  # its verdict would be noise at this size: reported, not blocking
     passed = all(c["passed"] for c in checks.values())
 
     report = {
@@ -161,7 +173,9 @@ def validate_run(
         "device": profile.name,
         "threads": profile.threads,
         "budgets": budgets.source,
+        "confidence": budgets.confidence,
         "passed": passed,
+        "inconclusive": [n for n, c in checks.items() if "inconclusive" in c],
         "checks": checks,
         "metrics": metrics,
         "on_board": board,
@@ -170,6 +184,65 @@ def validate_run(
     write_json(run_dir / "validation.json", report)
     write_text(run_dir / "validation.md", _markdown(report, plots))
     return Validation(checks, metrics, passed)
+
+
+def fa_minus_ta_power(
+    n_forget: int, n_test: int, test_accuracy: float, *, limit: float, confidence: float
+) -> dict[str, Any]:
+    """Can ``fa_minus_ta`` tell a forgotten set from a remembered one with ``n_forget`` samples?
+
+    See :func:`forget_set_power`; the ideal FA − TA is 0 points, its sampling error binomial at the
+    measured test accuracy.
+    """
+    return forget_set_power(
+        lambda n: accuracy_gap_null_se(test_accuracy, n, n_test), n_forget, ideal=0.0, limit=limit,
+        confidence=confidence, unit=" points",
+    )
+
+
+def loss_auc_power(n_forget: int, n_test: int, *, limit: float, confidence: float) -> dict[str, Any]:
+    """Can ``loss_auc`` tell a forgotten set from a remembered one with ``n_forget`` samples? (ideal 0.5)"""
+    return forget_set_power(lambda n: auc_null_se(n, n_test), n_forget, ideal=0.5, limit=limit,
+                            confidence=confidence, unit="")
+
+
+def forget_set_power(
+    null_se: Any, n_forget: int, *, ideal: float, limit: float, confidence: float, unit: str
+) -> dict[str, Any]:
+    """The sampling noise of a forget-set check, and whether its verdict means anything at this size.
+
+    ``noise`` is the one-sided ``confidence`` quantile of the estimate's sampling error for a perfectly
+    forgotten set (true value ``ideal``). If the limit is closer to the ideal than that, a perfectly
+    forgotten set would fail the check more than 1 − ``confidence`` of the time: the check is then
+    *inconclusive* (reported, not blocking), with the smallest forget set that makes it conclusive. A
+    limit at or below the ideal is always judged (more samples would not make it fairer).
+    """
+    z = NormalDist().inv_cdf(confidence)
+    noise = z * null_se(n_forget)
+    out: dict[str, Any] = {"noise": noise, "confidence": confidence}
+    margin = limit - ideal
+    if margin > 0 and noise > margin:
+        needed = _smallest_conclusive_n(lambda n: z * null_se(n) <= margin)
+        out["inconclusive"] = (
+            f"with {n_forget} forget samples a perfectly forgotten set would exceed {limit:g}{unit} more than "
+            f"{1 - confidence:.0%} of the time (sampling noise {noise:.3g}{unit}); "
+            + (f"{needed} or more samples make it conclusive" if needed else "no forget set can at this test-set size")
+        )
+    return out
+
+
+def _smallest_conclusive_n(conclusive: Any, ceiling: int = 10_000_000) -> int | None:
+    """The smallest n for which ``conclusive(n)`` holds (it is monotone in n), or None below ``ceiling``."""
+    hi = 1
+    while not conclusive(hi):
+        hi *= 2
+        if hi > ceiling:
+            return None
+    lo = hi // 2  # conclusive(lo) is false (or lo == 0)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if conclusive(mid) else (mid, hi)
+    return hi
 
 
 def _retrain_mia(run_dir: Path, q: pipeline.Quantized, forget_ids: list[int], sets: EvalSets) -> float | None:
@@ -187,6 +260,17 @@ def _write_probe(path: Path, pixels: torch.Tensor, logits: torch.Tensor) -> None
     buf = io.BytesIO()
     np.savez(buf, pixels=pixels.numpy().astype(np.float32), reference_logits=logits.numpy().astype(np.float32))
     write_bytes(path, buf.getvalue())
+
+
+def check_mark(c: dict[str, Any]) -> str:
+    """✓ passed, ✗ failed, ? could not fail at this sample size (does not block)."""
+    return "?" if "inconclusive" in c else "✓" if c["passed"] else "✗"
+
+
+def check_value_text(c: dict[str, Any]) -> str:
+    if c["value"] is None:
+        return "skipped"
+    return f"{c['value']:.4g}" + (f" ±{c['noise']:.2g}" if "noise" in c else "")
 
 
 def _plots(
@@ -266,8 +350,17 @@ def _markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
     ]
     for name, c in report["checks"].items():
         op = "≥" if CHECKS[name].direction == "min" else "≤"
-        value = "skipped" if c["value"] is None else f"{c['value']:.4g}"
-        lines.append(f"| {name} | {value} | {op} {c['limit']:.4g} | {'✓' if c['passed'] else '✗'} |")
+        lines.append(f"| {name} | {check_value_text(c)} | {op} {c['limit']:.4g} | {check_mark(c)} |")
+    statistical = [n for n in report["checks"] if CHECKS[n].statistical]
+    if statistical:
+        lines += [
+            "",
+            f"{' and '.join(statistical)} are estimated from the forget set. ± is the sampling noise of a "
+            f"perfectly forgotten set of this size (one-sided {report['confidence']:.0%}); when the limit is "
+            "closer to the ideal value (0 points; AUC 0.5) than that, the check is inconclusive (?) and does "
+            "not block: its verdict would be noise.",
+        ]
+    lines += [f"- **{n} inconclusive**: {report['checks'][n]['inconclusive']}." for n in report["inconclusive"]]
     shift = m["quantization_shift"]
     lines += [
         "",

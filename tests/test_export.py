@@ -93,6 +93,30 @@ def test_budgets_defaults_and_unknown_check(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_budgets(bad)
     assert "latency_p99" in str(err.value) and "latency_ms_p95" in str(err.value)
+    assert budgets.confidence == 0.95
+    point = tmp_path / "point.toml"
+    point.write_text("[budgets]\nconfidence = 0.5\n")
+    assert load_budgets(point).confidence == 0.5 and set(load_budgets(point).limits) == set(CHECKS)
+    for value in ("1.5", "0.2", '"high"'):
+        bad.write_text(f"[budgets]\nconfidence = {value}\n")
+        with pytest.raises(ConfigError) as err:
+            load_budgets(bad)
+        assert "confidence" in str(err.value) and str(bad) in str(err.value)
+
+
+def test_forget_set_checks_are_inconclusive_only_where_their_verdict_would_be_noise() -> None:
+    from edge_qmul.export.validate import fa_minus_ta_power, loss_auc_power
+
+    # one request of 20 samples, TA 91.67%: a perfectly forgotten set scatters by ~10 points of FA − TA,
+    # so a 3-point limit cannot be judged; from ~235 samples on it can
+    small = fa_minus_ta_power(20, 10_000, 0.9167, limit=3.0, confidence=0.95)
+    assert small["noise"] > 3.0 and "235 or more samples" in small["inconclusive"]
+    assert "inconclusive" not in fa_minus_ta_power(235, 10_000, 0.9167, limit=3.0, confidence=0.95)
+    assert "inconclusive" not in fa_minus_ta_power(5400, 10_000, 0.92, limit=3.0, confidence=0.95)
+    # confidence 0.5 judges every size; a limit at or below the ideal value is always judged
+    assert "inconclusive" not in fa_minus_ta_power(20, 10_000, 0.9167, limit=3.0, confidence=0.5)
+    assert "23 or more samples" in loss_auc_power(20, 10_000, limit=0.6, confidence=0.95)["inconclusive"]
+    assert "inconclusive" not in loss_auc_power(20, 10_000, limit=0.0, confidence=0.95)
 
 
 def test_validate_passes_writes_reports_and_fails_on_a_tight_budget(
@@ -106,6 +130,9 @@ def test_validate_passes_writes_reports_and_fails_on_a_tight_budget(
     report = json.loads((exported / "validation.json").read_text())
     assert report["passed"] is True
     assert set(report["checks"]) == set(CHECKS)
+    for name in ("fa_minus_ta", "loss_auc"):
+        c = report["checks"][name]
+        assert c["confidence"] == 0.95 and c["noise"] > 0
     m = report["metrics"]
     for key in ("FA", "RA", "TA", "MIA", "loss_auc", "tpr_at_1fpr", "parity_top1", "latency_ms_p50",
                 "latency_ms_p95", "size_bytes"):

@@ -70,3 +70,31 @@ def test_loss_attack_separates_memorised_from_unseen() -> None:
     same = loss_attack(rng.exponential(1.0, 500), unseen, bootstrap=50)
     assert abs(same["auc"] - 0.5) < 0.05
     assert same["auc_low"] < 0.5 < same["auc_high"] or abs(same["auc"] - 0.5) < 0.03
+
+
+def test_fast_auc_equals_sklearn_with_ties() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from edge_qmul.metrics import auc_low_loss_is_member, loss_attack
+
+    rng = np.random.default_rng(3)
+    forget, test = rng.integers(0, 40, 300).astype(float), rng.integers(0, 50, 1000).astype(float)
+    y = np.concatenate([np.ones(300), np.zeros(1000)])
+    assert auc_low_loss_is_member(forget, np.sort(test)) == pytest.approx(roc_auc_score(y, -np.r_[forget, test]))
+    a = loss_attack(forget, test, bootstrap=100)
+    assert a["auc_low"] <= a["auc"] <= a["auc_high"]
+
+
+@pytest.mark.parametrize("n_forget", [20, 200, 2000])
+def test_null_standard_errors_match_simulated_forgotten_sets(n_forget: int) -> None:
+    """A forget set the model treats exactly like unseen data: FA − TA and the loss-attack AUC scatter
+    around 0 and 0.5 with the standard errors the validation uses to decide whether a check is conclusive."""
+    from edge_qmul.metrics import accuracy_gap_null_se, auc_low_loss_is_member, auc_null_se
+
+    rng = np.random.default_rng(n_forget)
+    p, n_test, draws = 0.92, 10_000, 2000
+    gaps = 100.0 * (rng.binomial(n_forget, p, draws) / n_forget - rng.binomial(n_test, p, draws) / n_test)
+    assert np.std(gaps) == pytest.approx(accuracy_gap_null_se(p, n_forget, n_test), rel=0.1)
+    test_sorted = np.sort(rng.exponential(1.0, n_test))
+    aucs = [auc_low_loss_is_member(rng.exponential(1.0, n_forget), test_sorted) for _ in range(400)]
+    assert np.std(aucs) == pytest.approx(auc_null_se(n_forget, n_test), rel=0.15)

@@ -160,3 +160,30 @@ def test_random_label_ablation_never_returns_the_true_label() -> None:
     b = similar_labels(logits, y, "random", torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and not (a == y).any()
     assert len(set(a.tolist())) == 10  # spread over the classes, unlike the similar label
+
+
+def test_retain_ratio_draws_a_sample_proportional_to_the_forget_set() -> None:
+    from edge_qmul.errors import ConfigError
+    from edge_qmul.unlearn import retain_sample_size
+
+    cfg = UnlearnConfig(retain_ratio=3.0, batch_size=256)
+    assert retain_sample_size(cfg, 5400, 48_600) == 16_200  # 3 x the forget set
+    assert retain_sample_size(cfg, 1, 48_600) == 256  # at least one batch
+    assert retain_sample_size(cfg, 20_000, 30_000) == 0  # more than the retain set: every sample
+    assert retain_sample_size(UnlearnConfig(retain_batches=4, batch_size=256), 5400, 48_600) == 1024
+    assert retain_sample_size(UnlearnConfig(), 5400, 48_600) == 0
+    with pytest.raises(ConfigError, match="retain_ratio"):
+        UnlearnConfig(retain_ratio=2.0, retain_batches=4)
+    with pytest.raises(ConfigError, match="retain_ratio"):
+        UnlearnConfig(retain_ratio=-1.0)
+
+
+def test_qmul_with_a_retain_ratio_sees_that_many_retain_samples_per_epoch(digits) -> None:
+    from edge_qmul.unlearn import QMul
+
+    ctx = _ctx(digits)
+    method = QMul(UnlearnConfig(method="qmul", epochs=1, lr=0.01, retain_ratio=2.0, batch_size=16))
+    idx = method.retain_sample(ctx)
+    assert len(idx) == max(16, 2 * len(ctx.forget_x)) and len(set(idx.tolist())) == len(idx)
+    result = unlearn(ctx, UnlearnConfig(method="qmul", epochs=2, lr=0.01, retain_ratio=2.0))
+    assert len(result.log["epochs"]) == 2
