@@ -9,7 +9,7 @@ $(BIN)/edge-qmul: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-.PHONY: install demo test test-arm test-federated test-all lint
+.PHONY: install demo test test-slow test-arm test-federated test-all lint
 install: $(BIN)/edge-qmul
 
 demo: install
@@ -21,6 +21,10 @@ lint: install
 
 test: lint
 	$(BIN)/pytest -q -m "not slow and not federated and not arm"
+
+# Slow tests (minutes): bench/table.py end to end on a CIFAR-10 directory in the real format (~1.5 min).
+test-slow: install
+	$(BIN)/pytest -q -m slow
 
 # ARM emulation (qemu aarch64, DESIGN §7): builds a cached sysroot outside the repo; needs root once.
 test-arm: install

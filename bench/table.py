@@ -13,6 +13,8 @@ adaptive reweighting, and the number of retain batches used for ḡ_r.
 
     python bench/table.py                       # ~30 min on 2 cores; writes bench/results/table.{md,json,png}
     python bench/table.py --seeds 0 --quick     # one seed, a smoke run
+    python bench/table.py --dataset cifar10 --data-root DIR   # your CIFAR-10 python batches; CIFAR ResNet-8;
+                                                # writes bench/results/table-cifar10.{md,json,png}
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ from edge_qmul.metrics import avg_gap, evaluate_logits
 from edge_qmul.train import TrainConfig
 
 METHODS = ("retrain", "finetune", "random_label", "grad_ascent", "famr", "qmul", "auto")
-SCENARIOS: dict[str, dict[str, Any]] = {"random 10%": {"fraction": 0.1}, "class 0 (T-shirt/top)": {"klass": 0}}
+RANDOM, CLASS = "random 10%", "class 0"
+CLASS_NAMES = {"fashion-mnist": "T-shirt/top", "mnist": "digit 0", "cifar10": "airplane", "cifar100": "apple"}
+DEFAULT_MODEL = {"cifar10": "resnet8", "cifar100": "resnet8"}  # CPU-sized CIFAR ResNet; small CNN otherwise
 ABLATIONS: dict[str, dict[str, Any]] = {
     "qmul (similar labels, reweighting, ḡ_r on 16 batches)": {},
     "random wrong labels instead of similar": {"label_variant": "random"},
@@ -97,40 +101,51 @@ def run_methods(run: Path, methods: dict[str, dict[str, Any]]) -> dict[str, dict
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--root", type=Path, default=Path("runs/table"))
+    parser.add_argument("--root", type=Path, help="run directories (default runs/table, or runs/table-DATASET)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--quick", action="store_true", help="skip the ablations")
-    parser.add_argument("--dataset", default="fashion-mnist", help="digits for a fast smoke run")
+    parser.add_argument("--dataset", default="fashion-mnist",
+                        help="digits for a fast smoke run; cifar10 with --data-root")
+    parser.add_argument("--data-root", default="", help="dataset directory (default: the dataset's own location)")
+    parser.add_argument("--model", help="default: small_cnn, or resnet8 for CIFAR")
+    parser.add_argument("--train-epochs", type=int, help="override the training recipe's epochs (retrain uses it too)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     seeds = [int(s) for s in args.seeds.split(",")]
+    stem = "table" if args.dataset == "fashion-mnist" else f"table-{args.dataset}"
+    root = args.root or Path("runs") / stem
+    model = args.model or DEFAULT_MODEL.get(args.dataset, "small_cnn")
+    recipe = {"model": model, **({"epochs": args.train_epochs} if args.train_epochs else {})}
+    class_name = CLASS_NAMES.get(args.dataset)
+    scenarios = {RANDOM: {"fraction": 0.1}, f"{CLASS} ({class_name})" if class_name else CLASS: {"klass": 0}}
     t_start = time.perf_counter()
-    results: dict[str, dict[int, dict[str, dict[str, float]]]] = {s: {} for s in SCENARIOS}
+    results: dict[str, dict[int, dict[str, dict[str, float]]]] = {s: {} for s in scenarios}
     for seed in seeds:
-        base = args.root / f"seed{seed}"
+        base = root / f"seed{seed}"
         if not (base / "features.pt").exists():
-            pipeline.train(base, DataConfig(dataset=args.dataset, seed=seed), TrainConfig(seed=seed), quiet=True)
+            data_cfg = DataConfig(dataset=args.dataset, root=args.data_root, seed=seed)
+            pipeline.train(base, data_cfg, TrainConfig(seed=seed, **recipe), quiet=True)
             pipeline.quantize(base, QuantConfig(), quiet=True)
-        for scenario, request in SCENARIOS.items():
-            run = scenario_run(base, args.root / f"seed{seed}-{scenario.split()[0]}", request, seed)
+        for scenario, request in scenarios.items():
+            run = scenario_run(base, root / f"seed{seed}-{scenario.split()[0]}", request, seed)
             results[scenario][seed] = run_methods(run, {m: {} for m in METHODS})
             print(f"seed {seed}, {scenario}: " + ", ".join(
                 f"{m} {r['avg_gap']:.2f}" for m, r in results[scenario][seed].items()), flush=True)
     ablations: dict[str, dict[str, float]] = {}
     if not args.quick:
-        run = scenario_run(args.root / f"seed{seeds[0]}", args.root / "ablation", SCENARIOS["random 10%"], seeds[0])
+        run = scenario_run(root / f"seed{seeds[0]}", root / "ablation", scenarios[RANDOM], seeds[0])
         variants: dict[str, dict[str, Any]] = {"retrain": {}}
         for name, overrides in ABLATIONS.items():
             variants[name] = {"method": "qmul", **overrides}
         ablations = run_methods(run, variants)
     summary = summarise(results)
     args.out.mkdir(parents=True, exist_ok=True)
-    payload = {"seeds": seeds, "scenarios": results, "summary": summary, "ablations": ablations,
-               "seconds": time.perf_counter() - t_start}
-    (args.out / "table.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    md = markdown(summary, ablations, seeds, args.dataset)
-    (args.out / "table.md").write_text(md)
-    plot(summary, args.out / "table.png")
+    payload = {"dataset": args.dataset, "model": model, "recipe": recipe, "seeds": seeds, "scenarios": results,
+               "summary": summary, "ablations": ablations, "seconds": time.perf_counter() - t_start}
+    (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    md = markdown(summary, ablations, seeds, args.dataset, model)
+    (args.out / f"{stem}.md").write_text(md)
+    plot(summary, args.out / f"{stem}.png")
     print(md)
     return 0
 
@@ -152,8 +167,8 @@ def summarise(results: dict[str, dict[int, dict[str, dict[str, float]]]]) -> dic
 
 
 def markdown(summary: dict[str, dict[str, dict[str, Any]]], ablations: dict[str, dict[str, float]],
-             seeds: list[int], dataset: str) -> str:
-    lines = [f"# Unlearning methods on {dataset} (small CNN, int8 ONNX in onnxruntime)", "",
+             seeds: list[int], dataset: str, model: str = "small_cnn") -> str:
+    lines = [f"# Unlearning methods on {dataset} ({model}, int8 ONNX in onnxruntime)", "",
              f"Mean ± std over seeds {seeds}; Avg Gap against retrain of the same seed and scenario; seconds = the "
              "method's wall time on 2 cores. `none` is the deployed int8 model before unlearning.", ""]
     for scenario, rows in summary.items():
