@@ -8,11 +8,13 @@ central Q-MUL becomes one federated round:
 1. ``evaluate``: the server sends the head's QAT state and, to each device, the ids of its samples that
    the ledger says to forget (ids, never contents, and only ids the device itself contributed). At these
    weights the device computes its forget samples' similar labels and the gradient-norm sums g(B) over up
-   to ``norm_batches`` forget batches (similar labels) and retain batches, and replies the sums, the batch
-   counts and its forget / retain accuracy (``local_stats``).
+   to ``norm_batches`` forget batches (similar labels) and retain batches, and replies the sums weighted by
+   batch size, the sample counts and its forget / retain accuracy (``local_stats``).
 2. The server pools the sums into fleet-wide means ḡ_f, ḡ_r and forms w_f = ḡ_r / (ḡ_f + ḡ_r),
    w_r = ḡ_f / (ḡ_f + ḡ_r) (``adaptive_weights``): the weights central Q-MUL computes, from batches spread
-   over the fleet.
+   over the fleet. Each batch counts by its size: a device holding 10 forget samples has one 10-sample
+   batch, whose gradient norm is inflated by noise; counted as one batch like a full 256-sample one, it
+   doubled ḡ_f on digits (8.2 vs central's 4.5 at the same weights; 4.8 when counted by size).
 3. ``train``: the same state plus (w_f, w_r, lr); each device runs one local epoch of Q-MUL steps over its
    forget (similar labels) and retain samples (``local_update``: central Q-MUL's own step code) and
    replies its new head state and sample count.
@@ -45,7 +47,7 @@ from edge_qmul.train import sgd
 from edge_qmul.unlearn import QMul, UnlearnConfig, UnlearnContext, grad_norm_sum, predict_logits, similar_labels
 
 FEATURES_FORMAT = "edge-qmul/device-features/1"
-STAT_KEYS = ("g-f-sum", "f-batches", "g-r-sum", "r-batches", "forget-correct", "n-forget", "retain-correct",
+STAT_KEYS = ("g-f-sum", "f-samples", "g-r-sum", "r-samples", "forget-correct", "n-forget", "retain-correct",
              "n-retain")
 
 
@@ -133,13 +135,13 @@ def local_stats(head: nn.Module, local: LocalData, cfg: UnlearnConfig, seed: int
         sim = similar_labels(logits, local.forget_y, cfg.label_variant)
         out["forget-correct"] = float((logits.argmax(1) == local.forget_y).sum())
         batches = torch.randperm(len(sim), generator=gen).split(bs)[:k]
-        out["g-f-sum"] = sum(grad_norm_sum(model, local.forget_x[b], sim[b]) for b in batches)
-        out["f-batches"] = float(len(batches))
+        out["g-f-sum"] = sum(len(b) * grad_norm_sum(model, local.forget_x[b], sim[b]) for b in batches)
+        out["f-samples"] = float(sum(len(b) for b in batches))
     if len(local.retain_y):
         out["retain-correct"] = float((predict_logits(model, local.retain_x).argmax(1) == local.retain_y).sum())
         batches = torch.randperm(len(local.retain_y), generator=gen).split(bs)[:k]
-        out["g-r-sum"] = sum(grad_norm_sum(model, local.retain_x[b], local.retain_y[b]) for b in batches)
-        out["r-batches"] = float(len(batches))
+        out["g-r-sum"] = sum(len(b) * grad_norm_sum(model, local.retain_x[b], local.retain_y[b]) for b in batches)
+        out["r-samples"] = float(sum(len(b) for b in batches))
     return out
 
 
@@ -176,15 +178,15 @@ def local_update(
 
 
 def adaptive_weights(stats: list[dict[str, float]]) -> tuple[float, float, float, float]:
-    """(w_f, w_r, ḡ_f, ḡ_r) from the devices' gradient-norm sums, pooled over every batch in the fleet."""
-    f_batches = sum(s["f-batches"] for s in stats)
-    r_batches = sum(s["r-batches"] for s in stats)
-    if f_batches == 0:
+    """(w_f, w_r, ḡ_f, ḡ_r) from the devices' size-weighted gradient-norm sums, pooled over the fleet."""
+    f_samples = sum(s["f-samples"] for s in stats)
+    r_samples = sum(s["r-samples"] for s in stats)
+    if f_samples == 0:
         raise UnlearningError("no device reported forget batches", "the devices holding forget samples must take part")
-    if r_batches == 0:  # every participant is leaving the fleet: nothing to retain
-        return 1.0, 0.0, sum(s["g-f-sum"] for s in stats) / f_batches, 0.0
-    gf = sum(s["g-f-sum"] for s in stats) / f_batches
-    gr = sum(s["g-r-sum"] for s in stats) / r_batches
+    if r_samples == 0:  # every participant is leaving the fleet: nothing to retain
+        return 1.0, 0.0, sum(s["g-f-sum"] for s in stats) / f_samples, 0.0
+    gf = sum(s["g-f-sum"] for s in stats) / f_samples
+    gr = sum(s["g-r-sum"] for s in stats) / r_samples
     return gr / (gf + gr), gf / (gf + gr), gf, gr
 
 

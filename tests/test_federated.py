@@ -556,7 +556,6 @@ def test_central_round_unlearns_marks_honoured_and_sends_receipts(trained_run: P
 
 def test_federated_round_unlearns_with_the_devices(trained_run: Path, tmp_path: Path) -> None:
     from edge_qmul import pipeline
-    from edge_qmul.metrics import avg_gap
 
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run, run_dir)
@@ -587,12 +586,19 @@ def test_federated_round_unlearns_with_the_devices(trained_run: Path, tmp_path: 
     log = json.loads((run_dir / "unlearn" / "fedqmul" / "log.json").read_text())["log"]
     assert [r["devices"] for r in log["rounds"]] == [3, 3, 3]
     assert all(0 < r["w_f"] < 1 and abs(r["w_f"] + r["w_r"] - 1) < 1e-9 for r in log["rounds"])
-    # Same requests, same settings, central Q-MUL on the server's copy of the data: the two models agree
-    # closely (federated Q-MUL differs only in where the steps run and in per-round momentum restarts).
+    # Same requests, same settings, central Q-MUL on the server's copy of the data. At round 0 both see the
+    # deployed weights: the fleet's pooled statistics must measure what central Q-MUL measures. The forget
+    # accuracy is the same number; w_f comes from different batches (device-sized vs 256), so it agrees to
+    # sampling error (0.147 vs 0.166 here; 0.090 when a 10-sample device batch counted as a full batch).
     pipeline.run_unlearn(run_dir, pipeline.method_config("qmul", {"epochs": 3}), quiet=True)
-    report = pipeline.evaluate(run_dir, ["fedqmul", "qmul"])["methods"]
+    central = json.loads((run_dir / "unlearn" / "qmul" / "log.json").read_text())["log"]["epochs"]
     assert len(forget_ids) > 400
-    assert avg_gap(report["fedqmul"], report["qmul"]) < 2.0, report
+    assert log["rounds"][0]["forget_acc"] == pytest.approx(central[0]["forget_acc"], abs=1e-4)
+    assert abs(log["rounds"][0]["w_f"] - central[0]["w_f"]) < 0.05
+    # The end models are not compared by Avg Gap here: on digits (359 test samples) the MIA term is noise
+    # (central Q-MUL alone: 33.3 after 3 epochs, 12.5 after 5). The end-to-end comparison of both modes
+    # against retrain is bench/federated_modes.py on Fashion-MNIST.
+    report = pipeline.evaluate(run_dir, ["fedqmul"])["methods"]
     assert report["fedqmul"]["TA"] > report["none"]["TA"] - 3
 
 
@@ -634,10 +640,14 @@ def test_fedavg_and_adaptive_weights(digits: Any) -> None:
     fq = next(m for n, m in head.named_modules() if n.endswith("weight_fake_quant"))
     scale, _ = fq.activation_post_process.calculate_qparams()
     assert torch.equal(fq.scale, scale)  # re-derived from the averaged range
-    stats = [{"g-f-sum": 6.0, "f-batches": 2.0, "g-r-sum": 2.0, "r-batches": 2.0},
-             {"g-f-sum": 0.0, "f-batches": 0.0, "g-r-sum": 4.0, "r-batches": 4.0}]
+    stats = [{"g-f-sum": 6.0, "f-samples": 2.0, "g-r-sum": 2.0, "r-samples": 2.0},
+             {"g-f-sum": 0.0, "f-samples": 0.0, "g-r-sum": 4.0, "r-samples": 4.0}]
     w_f, w_r, gf, gr = fedqmul.adaptive_weights(stats)  # pooled: g_f = 3, g_r = 1
     assert (gf, gr) == (3.0, 1.0) and (w_f, w_r) == (0.25, 0.75)
+    # batches count by their size: a device's 10-sample batch (g = 8) against another's 90 samples (g = 4)
+    uneven = [{"g-f-sum": 10 * 8.0, "f-samples": 10.0, "g-r-sum": 1.0 * 256, "r-samples": 256.0},
+              {"g-f-sum": 90 * 4.0, "f-samples": 90.0, "g-r-sum": 0.0, "r-samples": 0.0}]
+    assert fedqmul.adaptive_weights(uneven)[2:] == pytest.approx((4.4, 1.0))
     with pytest.raises(UnlearningError, match="no device reported forget batches"):
         fedqmul.adaptive_weights([stats[1]])
 
