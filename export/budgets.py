@@ -33,7 +33,8 @@ class Check:
 CHECKS: dict[str, Check] = {
     c.name: c
     for c in (
-        Check("parity_top1", "min", "% top-1 agreement of onnxruntime with the torch int8 model (test set)"),
+        Check("parity_top1", "min",
+              "% top-1 agreement of onnxruntime with the torch int8 model (test set; a class tied for the top counts)"),
         Check("max_logit_diff", "max", "largest |logit difference| onnxruntime vs torch int8 (test set)"),
         Check("ta_drop", "max", "test-accuracy points lost against the deployed model before unlearning"),
         Check("fa_minus_ta", "max", "forget accuracy minus test accuracy: a forgotten set should look unseen",

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from edge_qmul.devices.profiles import DeviceProfile
+from edge_qmul.devices.runtime import top1_agrees
 from edge_qmul.export.budgets import CHECKS, Budgets
 from edge_qmul.export.onnx_export import INPUT, check_contract, require_file
 
@@ -51,6 +52,14 @@ class Validation:
     checks: dict[str, dict[str, Any]]
     metrics: dict[str, Any]
     passed: bool
+
+
+def _top_ties(logits: torch.Tensor) -> int:
+    """Samples whose top logit is shared by two or more classes (argmax alone would pick by index)."""
+    if len(logits) == 0:
+        return 0
+    top2 = logits.topk(min(2, logits.shape[1]), dim=1).values
+    return int((top2[:, 0] == top2[:, -1]).sum()) if logits.shape[1] > 1 else 0
 
 
 def ort_session(path: Path, threads: int) -> Any:
@@ -120,7 +129,8 @@ def validate_run(
         "loss_auc": attack["auc"],
         "loss_auc_interval": [attack["auc_low"], attack["auc_high"]],
         "tpr_at_1fpr": attack["tpr_at_1fpr"],
-        "parity_top1": 100.0 * float((t.argmax(1) == t_torch.argmax(1)).float().mean()),
+        "parity_top1": 100.0 * float(top1_agrees(t.numpy(), t_torch.numpy()).mean()),
+        "parity_ties": int(_top_ties(t_torch)),
         "max_logit_diff": float((t - t_torch).abs().max()),
         "latency_ms_p50": board["latency_ms_p50"],
         "latency_ms_p95": board["latency_ms_p95"],

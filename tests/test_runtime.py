@@ -122,6 +122,29 @@ def test_tampered_reference_fails_the_check(files: dict[str, Path], capsys: pyte
     assert "FAIL" in capsys.readouterr().out
 
 
+def test_top1_agreement_counts_a_class_tied_for_the_top() -> None:
+    """int8 logits sit on a grid, so exact ties at the top happen (8 of 360 digits test samples for a
+    fine-tuned model here); one backend breaking a tie by one output step is agreement, a different
+    winner is not."""
+    step = 0.105
+    reference = np.array([
+        [2 * step, 2 * step, 0.0],  # tie between classes 0 and 1
+        [2 * step, 2 * step, 0.0],
+        [3 * step, step, 0.0],  # clear winner 0
+        [3 * step, step, 0.0],
+    ], dtype=np.float32)
+    board = np.array([
+        [step, 2 * step, 0.0],  # picks 1: one of the tied classes -> agrees
+        [step, step, 2 * step],  # picks 2: not tied in the reference -> disagrees
+        [3 * step, 3 * step, 0.0],  # ties 0 and 1: contains the reference's winner -> agrees
+        [step, 3 * step, 0.0],  # picks 1 -> disagrees
+    ], dtype=np.float32)
+    assert runtime.top1_agrees(board, reference).tolist() == [True, False, True, False]
+    assert runtime.top1_agrees(reference, board).tolist() == [True, False, True, False]  # symmetric
+    assert (np.argmax(board, 1) == np.argmax(reference, 1)).tolist() == [False, False, True, False]
+    assert runtime.top1_agrees(board[:0], reference[:0]).shape == (0,)
+
+
 def test_atol_exceeded_is_reported_but_passes(files: dict[str, Path]) -> None:
     result = runtime.run_check(files["model"], files["probe"], runs=3, warmup=0, atol=0.0)
     if result["max_abs_diff"] == 0.0:  # bit-identical on this machine: nothing to exceed
