@@ -752,6 +752,13 @@ def to_tensors(ds: ArrayDataset, indices: Sequence[int] | np.ndarray) -> tuple[t
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
+def to_labels(ds: ArrayDataset, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
+    """The int64 labels (n,) of ``indices``, without touching the images."""
+    import torch  # local import: loading data must not require torch
+
+    return torch.from_numpy(ds.labels[_index_array(ds, indices)].astype(np.int64))
+
+
 def channel_stats(ds: ArrayDataset, indices: Sequence[int] | np.ndarray) -> tuple[list[float], list[float]]:
     """Per-channel mean and std (floored at 1e-3) of the [0, 1]-scaled images at ``indices``.
 

@@ -112,7 +112,12 @@ class UnlearnConfig:
 
 @dataclass
 class UnlearnContext:
-    """Everything a method may use. Tensors are float32 images in [0, 1] and int64 labels."""
+    """Everything a method may use. Tensors are float32 images in [0, 1] and int64 labels.
+
+    With a feature cache, a head-only method (``layers="classifier"``, the shared ``Method.run``) reads
+    the retain / val features instead of pixels, and ``pipeline.run_unlearn`` passes empty placeholders
+    for retain_x / val_x.
+    """
 
     qat: nn.Module  # trained in place
     forget_x: torch.Tensor

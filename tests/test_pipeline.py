@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import copy_run
 
@@ -23,6 +24,31 @@ def test_feature_cache_equals_the_int8_features(demo_run: Path, tmp_path: Path) 
         extractor = quant.int8_features(q.qat)
         assert torch.equal(cache.forget, extractor(fx))
         assert torch.equal(cache.retain, extractor(rx))
+
+
+def test_feature_cache_leaves_purged_samples_out_and_refuses_a_cache_missing_one(
+    demo_run: Path, tmp_path: Path
+) -> None:
+    run = copy_run(demo_run, tmp_path)
+    q = pipeline.load_quantized(run)
+    rd = pipeline.load_run_data(run)
+    rd.split.forget = pipeline.ledger_forget_ids(run)
+    full = pipeline.load_features(run, q, rd.split)
+    assert full is not None and full.val is not None
+    retain = rd.split.retain()
+    purged = frozenset(retain[::7] + rd.split.forget[:2])
+    cache = pipeline.load_features(run, q, rd.split, purged)
+    assert cache is not None and cache.val is not None
+    keep_f = [k for k, i in enumerate(rd.split.forget) if i not in purged]
+    keep_r = [k for k, i in enumerate(retain) if i not in purged]
+    assert torch.equal(cache.forget, full.forget[keep_f]) and torch.equal(cache.retain, full.retain[keep_r])
+    assert torch.equal(cache.val, full.val)
+
+    payload = torch.load(run / "features.pt", weights_only=True)
+    held = payload["indices"] != retain[3]
+    payload["indices"], payload["values"] = payload["indices"][held], payload["values"][held]
+    torch.save(payload, run / "features.pt")
+    assert pipeline.load_features(run, q, rd.split) is None  # a sample it does not hold: computed afresh
 
 
 def test_stale_feature_cache_is_not_used(demo_run: Path, tmp_path: Path) -> None:
@@ -46,3 +72,33 @@ def test_train_fraction_keeps_a_seeded_share_of_the_training_list(tmp_path: Path
                    quiet=True)
     half = data.Split.load(tmp_path / "half" / "split.json")
     assert half.train == full.train[: round(0.5 * len(full.train))] and half.test == full.test
+
+
+def test_head_only_unlearning_reads_no_pixels_and_matches_computing_features_afresh(
+    demo_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the feature cache, qmul loads labels only for retain / val (no pixels) and gives the same
+    model, bit for bit, as a run without the cache (features computed from pixels by the int8 model)."""
+    cached = copy_run(demo_run, tmp_path / "cached")
+    fresh = copy_run(demo_run, tmp_path / "fresh")
+    (fresh / "features.pt").unlink()
+    cfg = pipeline.method_config("qmul", {"epochs": 2})
+    gathered: list[str] = []
+    tensors = pipeline.RunData.tensors
+    monkeypatch.setattr(pipeline.RunData, "tensors", lambda self, which: gathered.append(which) or tensors(self, which))
+    pipeline.run_unlearn(cached, cfg, quiet=True)
+    assert gathered == ["forget"]  # retain / val pixels never gathered
+    pipeline.run_unlearn(fresh, cfg, quiet=True)
+    assert gathered[1:] == ["forget", "retain", "val"]
+    a, b = (torch.load(r / "unlearn" / "qmul" / "result.pt", weights_only=True) for r in (cached, fresh))
+    assert a["int8_state"].keys() == b["int8_state"].keys()
+    for key in a["int8_state"]:
+        assert _same(a["int8_state"][key], b["int8_state"][key]), key
+
+
+def _same(x: object, y: object) -> bool:
+    if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+        return torch.equal(x.dequantize() if x.is_quantized else x, y.dequantize() if y.is_quantized else y)
+    if isinstance(x, (tuple, list)) and isinstance(y, (tuple, list)):
+        return len(x) == len(y) and all(_same(u, v) for u, v in zip(x, y, strict=True))
+    return x == y
