@@ -40,6 +40,7 @@ import hashlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -574,6 +575,35 @@ def check_bundle(
                        expected_sha256=manifest["files"][MODEL_FILE]["sha256"], **options)
     result["bundle"] = {k: manifest.get(k) for k in ("model_version", "parent_version", "device", "method")}
     return result
+
+
+def check_bundle_in_fresh_process(
+    archive: str | os.PathLike[str], public_key: bytes, dest: str | os.PathLike[str], *, threads: int = 1,
+    runs: int = 50, warmup: int = 5,
+) -> dict[str, Any]:
+    """``check_bundle`` in a new Python process running only this module, as the board runs it.
+
+    Peak RSS is a process's high-water mark, so measured inside a device app (torch, its data partition)
+    or a test process it is theirs, not the runtime's: a rollout test once failed a 1024 MB budget at
+    1033 MB of pytest's own peak. A refused bundle raises ``BadInputError`` with the runtime's reason.
+    """
+    with tempfile.TemporaryDirectory(prefix="edge-qmul-check-") as tmp:
+        out = Path(tmp) / "result.json"
+        proc = subprocess.run(
+            [sys.executable, "-m", "edge_qmul.devices.runtime", "--bundle", str(archive), "--public-key",
+             public_key.hex(), "--extract-to", str(dest), "--threads", str(threads), "--runs", str(runs),
+             "--warmup", str(warmup), "--out", str(out)],
+            capture_output=True, text=True, check=False,
+        )
+        if proc.returncode in (EXIT_PASSED, EXIT_FAILED) and out.exists():
+            return dict(json.loads(out.read_text()))
+    lines = proc.stderr.strip().splitlines()
+    last = lines[-1].removeprefix("error: ") if lines else f"exit code {proc.returncode}"
+    if proc.returncode == EXIT_BAD_INPUT and " (fix: " in last:
+        message, _, fix = last.partition(" (fix: ")
+        raise BadInputError(message, fix.removesuffix(")"))
+    raise BadInputError(f"the on-board runtime failed (exit {proc.returncode}): {last}",
+                        "run `python -m edge_qmul.devices.runtime --bundle ...` on the board and read its error")
 
 
 def _write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -316,7 +316,8 @@ def _install(device: Device, rollout_id: str, blob: bytes, max_auc: float) -> di
         if device.cfg.runtime_fault == "broken-runtime":
             raise runtime.BadInputError("onnxruntime failed to create a session (simulated broken runtime)",
                                         "repair the board's runtime")
-        result = runtime.check_bundle(base / "bundle.tar", key, base / "files", runs=20, warmup=2)
+        result = runtime.check_bundle_in_fresh_process(base / "bundle.tar", key, base / "files", runs=20,
+                                                        warmup=2)
         manifest = json.loads((base / "files" / runtime.MANIFEST).read_text())
         out["version"] = manifest["model_version"]
         reasons += result["reasons"]

@@ -12,6 +12,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import copy_run
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -173,6 +174,24 @@ def test_board_cli_refuses_a_flipped_byte_with_the_reason(bundle: Path, keys: Pa
                         capture_output=True, text=True, check=False)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(out.read_text())["bundle"]["device"] == "x86-server"
+
+
+def test_fresh_process_check_reports_the_runtime_own_peak_memory(bundle: Path, keys: Path, tmp_path: Path) -> None:
+    """A device app measures the bundle in a new process: its peak RSS is the runtime's, not the caller's."""
+    ballast = np.ones(300 * 1024 * 1024 // 8)  # lift this process's high-water mark by 300 MB
+    caller_peak = runtime.peak_rss_mb()
+    result = runtime.check_bundle_in_fresh_process(bundle, public_key(keys), tmp_path / "board", runs=5, warmup=1)
+    assert result["passed"] and (tmp_path / "board" / "model.int8.onnx").exists()
+    assert caller_peak is not None and caller_peak > 300 and result["peak_rss_mb"] < caller_peak - 200
+    del ballast
+
+    model = bytearray(members(bundle)["model.int8.onnx"])
+    model[-100] ^= 0x01
+    bad = rewrite(bundle, tmp_path / "bad.tar", {"model.int8.onnx": bytes(model)})
+    with pytest.raises(runtime.BadInputError) as err:
+        runtime.check_bundle_in_fresh_process(bad, public_key(keys), tmp_path / "board2", runs=5, warmup=1)
+    assert err.value.message.startswith("bundle refused (hash-mismatch): sha256 mismatch for model.int8.onnx")
+    assert not (tmp_path / "board2").exists()
 
 
 def test_the_bundled_runtime_runs_on_its_own(bundle: Path, keys: Path, tmp_path: Path) -> None:
