@@ -306,23 +306,24 @@ def infer_all(session: ort.InferenceSession, model_path: Path, pixels: np.ndarra
     return np.concatenate([_run(session, model_path, pixels[i : i + step]) for i in range(0, len(pixels), step)])
 
 
+def top_classes(logits: np.ndarray) -> np.ndarray:
+    """Boolean mask (n, classes) of each sample's top-scoring classes: several where logits tie at the top.
+
+    An int8 model's logits lie on a grid (one output quantization step apart), so exact ties are common.
+    """
+    x = np.asarray(logits, dtype=np.float64)
+    best = x.max(axis=1, keepdims=True) if x.shape[0] else np.zeros((0, 1))
+    return np.asarray(x >= best - 1e-6 * np.maximum(1.0, np.abs(best)))
+
+
 def top1_agrees(logits: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """Per sample: does ``logits`` pick the same class as ``reference``?
 
-    An int8 model's logits lie on a grid (one output quantization step apart), so two classes often
-    share the top value exactly; argmax then names the first by index, which is not a prediction. Two
-    outputs agree when their sets of top-scoring classes intersect: a 1-step difference that breaks a
-    tie the other way is agreement, a different winner is not.
+    Where classes tie at the top, argmax names the first by index, which is not a prediction. Two outputs
+    agree when their sets of top-scoring classes intersect: a 1-step difference that breaks a tie the
+    other way is agreement, a different winner is not.
     """
-    a, b = np.asarray(logits, dtype=np.float64), np.asarray(reference, dtype=np.float64)
-    if a.shape[0] == 0:
-        return np.zeros(0, dtype=bool)
-
-    def top(x: np.ndarray) -> np.ndarray:
-        best = x.max(axis=1, keepdims=True)
-        return x >= best - 1e-6 * np.maximum(1.0, np.abs(best))
-
-    return np.asarray((top(a) & top(b)).any(axis=1))
+    return np.asarray((top_classes(logits) & top_classes(reference)).any(axis=1))
 
 
 def measure_latency(
@@ -577,26 +578,31 @@ def check_bundle(
     return result
 
 
+def run_in_fresh_process(cli_args: list[str]) -> tuple[dict[str, Any] | None, subprocess.CompletedProcess[str]]:
+    """This module's CLI in a new Python process: the result JSON (None if it wrote none) and the process.
+
+    Peak RSS is a process's high-water mark, so measured inside a device app (torch, its data partition),
+    a validator or a test process it is theirs, not the runtime's (a rollout test once failed a 1024 MB
+    budget at 1033 MB of pytest's own peak); a board runs the runtime alone.
+    """
+    with tempfile.TemporaryDirectory(prefix="edge-qmul-check-") as tmp:
+        out = Path(tmp) / "result.json"
+        proc = subprocess.run([sys.executable, "-m", "edge_qmul.devices.runtime", *cli_args, "--out", str(out)],
+                              capture_output=True, text=True, check=False)
+        return (dict(json.loads(out.read_text())) if out.exists() else None), proc
+
+
 def check_bundle_in_fresh_process(
     archive: str | os.PathLike[str], public_key: bytes, dest: str | os.PathLike[str], *, threads: int = 1,
     runs: int = 50, warmup: int = 5,
 ) -> dict[str, Any]:
-    """``check_bundle`` in a new Python process running only this module, as the board runs it.
-
-    Peak RSS is a process's high-water mark, so measured inside a device app (torch, its data partition)
-    or a test process it is theirs, not the runtime's: a rollout test once failed a 1024 MB budget at
-    1033 MB of pytest's own peak. A refused bundle raises ``BadInputError`` with the runtime's reason.
-    """
-    with tempfile.TemporaryDirectory(prefix="edge-qmul-check-") as tmp:
-        out = Path(tmp) / "result.json"
-        proc = subprocess.run(
-            [sys.executable, "-m", "edge_qmul.devices.runtime", "--bundle", str(archive), "--public-key",
-             public_key.hex(), "--extract-to", str(dest), "--threads", str(threads), "--runs", str(runs),
-             "--warmup", str(warmup), "--out", str(out)],
-            capture_output=True, text=True, check=False,
-        )
-        if proc.returncode in (EXIT_PASSED, EXIT_FAILED) and out.exists():
-            return dict(json.loads(out.read_text()))
+    """``check_bundle`` as the board runs it (``run_in_fresh_process``). A refused bundle raises
+    ``BadInputError`` with the runtime's reason."""
+    result, proc = run_in_fresh_process(
+        ["--bundle", str(archive), "--public-key", public_key.hex(), "--extract-to", str(dest),
+         "--threads", str(threads), "--runs", str(runs), "--warmup", str(warmup)])
+    if result is not None:
+        return result
     lines = proc.stderr.strip().splitlines()
     last = lines[-1].removeprefix("error: ") if lines else f"exit code {proc.returncode}"
     if proc.returncode == EXIT_BAD_INPUT and " (fix: " in last:

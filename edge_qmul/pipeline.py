@@ -355,13 +355,11 @@ def load_features(
         return None  # made for another deployed model: computed afresh instead
     indices, values, scale, zp = payload["indices"], payload["values"], payload["scale"], payload["zero_point"]
     gone = torch.tensor(sorted(purged), dtype=torch.long)
-    wanted = []
-    for ids in (split.forget, split.retain(), split.val):
-        t = torch.tensor(ids, dtype=torch.long)
-        wanted.append(t[~torch.isin(t, gone)] if len(gone) else t)  # the order of RunData.tensors
+    sets = (torch.tensor(ids, dtype=torch.long) for ids in (split.forget, split.retain(), split.val))
+    wanted = [t[~torch.isin(t, gone)] for t in sets]  # purged samples left out, in RunData.tensors' order
     # row_of[sample id] = its row in the cache, -1 if absent: one vectorised lookup per set
-    size = 1 + max([int(indices.max()) if len(indices) else -1] + [int(t.max()) for t in wanted if len(t)])
-    row_of = torch.full((size,), -1, dtype=torch.long)
+    every = torch.cat([indices, *wanted])
+    row_of = torch.full((int(every.max()) + 1 if len(every) else 0,), -1, dtype=torch.long)
     row_of[indices] = torch.arange(len(indices))
     rows = [row_of[t] for t in wanted]
     if any(bool((r < 0).any()) for r in rows):

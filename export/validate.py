@@ -9,10 +9,6 @@ copy is measured too, to show whether quantizing it moved forgetting. Results go
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
@@ -21,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from edge_qmul.devices.profiles import DeviceProfile
-from edge_qmul.devices.runtime import top1_agrees
+from edge_qmul.devices.runtime import run_in_fresh_process, top1_agrees, top_classes
 from edge_qmul.export.budgets import CHECKS, Budgets
 from edge_qmul.export.onnx_export import INPUT, check_contract, require_file
 
@@ -54,14 +50,6 @@ class Validation:
     passed: bool
 
 
-def _top_ties(logits: torch.Tensor) -> int:
-    """Samples whose top logit is shared by two or more classes (argmax alone would pick by index)."""
-    if len(logits) == 0:
-        return 0
-    top2 = logits.topk(min(2, logits.shape[1]), dim=1).values
-    return int((top2[:, 0] == top2[:, -1]).sum()) if logits.shape[1] > 1 else 0
-
-
 def ort_session(path: Path, threads: int) -> Any:
     import onnxruntime as ort
 
@@ -79,17 +67,12 @@ def ort_logits(session: Any, x: torch.Tensor, batch_size: int = 512) -> torch.Te
 
 def run_on_board_check(model: Path, probe: Path, threads: int, runs: int = 200) -> dict[str, Any]:
     """The on-board runtime in a fresh process: latency and peak RSS as a board would see them."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        proc = subprocess.run(
-            [sys.executable, "-m", "edge_qmul.devices.runtime", "--model", str(model), "--probe", str(probe),
-             "--threads", str(threads), "--runs", str(runs), "--out", str(out)],
-            capture_output=True, text=True, check=False,
-        )
-        if not out.exists():
-            raise ExportError(f"the on-board runtime failed on {model}: {proc.stderr.strip()}",
-                              "run `python -m edge_qmul.devices.runtime --help` and check the model file")
-        return dict(json.loads(out.read_text()))
+    result, proc = run_in_fresh_process(["--model", str(model), "--probe", str(probe), "--threads", str(threads),
+                                         "--runs", str(runs)])
+    if result is None:
+        raise ExportError(f"the on-board runtime failed on {model}: {proc.stderr.strip()}",
+                          "run `python -m edge_qmul.devices.runtime --help` and check the model file")
+    return result
 
 
 def validate_run(
@@ -130,7 +113,7 @@ def validate_run(
         "loss_auc_interval": [attack["auc_low"], attack["auc_high"]],
         "tpr_at_1fpr": attack["tpr_at_1fpr"],
         "parity_top1": 100.0 * float(top1_agrees(t.numpy(), t_torch.numpy()).mean()),
-        "parity_ties": int(_top_ties(t_torch)),
+        "parity_ties": int((top_classes(t_torch.numpy()).sum(axis=1) > 1).sum()),
         "max_logit_diff": float((t - t_torch).abs().max()),
         "latency_ms_p50": board["latency_ms_p50"],
         "latency_ms_p95": board["latency_ms_p95"],
