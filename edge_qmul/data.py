@@ -5,17 +5,24 @@ tensors happens late (``to_tensors``) so a whole dataset costs one byte per pixe
 files must already be on disk, and a missing or malformed file raises ``DataError`` naming it and the fix.
 
 CIFAR files are Python pickles. Pickles can execute code, so they are read with ``_RestrictedUnpickler``,
-which only resolves the handful of globals needed to rebuild numpy arrays and plain containers.
+which only resolves the handful of globals needed to rebuild numpy arrays and plain containers. The user's
+own ``.npz`` archives are read with ``allow_pickle=False``, so an object array in one is refused.
+
+Every sample has a content id (``content_ids``): the sha256 of the image file's bytes for image folders (a
+device holding the file can name it without decoding it), else the sha256 of its uint8 (C, H, W) pixels.
 """
 
 from __future__ import annotations
 
 import codecs
 import gzip
+import hashlib
 import importlib
 import io
 import json
+import os
 import pickle
+import zipfile
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,8 +36,21 @@ from edge_qmul.errors import ConfigError, DataError, ForgetRequestError
 
 if TYPE_CHECKING:
     import torch
+    from PIL import Image
 
-DATASETS: tuple[str, ...] = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "synthetic")
+DATASETS: tuple[str, ...] = (
+    "digits",
+    "fashion-mnist",
+    "mnist",
+    "cifar10",
+    "cifar100",
+    "synthetic",
+    "imagefolder",
+    "npz",
+)
+COLORS: tuple[str, ...] = ("auto", "grayscale", "rgb")  # the ``color`` choices of ``load_dataset``
+IMAGE_SIZE_RANGE: tuple[int, int] = (4, 1024)  # allowed ``image_size`` values, inclusive
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg")  # matched case-insensitively
 DEFAULT_ROOTS: dict[str, str] = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}
 
 FASHION_MNIST_CLASSES: tuple[str, ...] = (
@@ -76,6 +96,9 @@ class ArrayDataset:
     images: np.ndarray  # uint8, (N, C, H, W)
     labels: np.ndarray  # int64, (N,)
     scale: float  # 255.0 for 8-bit images, 16.0 for sklearn digits
+    # One sha256 hex digest per sample (the image file's bytes for image folders); None = the pixel hashes,
+    # computed on demand by ``content_ids``.
+    content_ids: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != np.uint8 or self.images.ndim != 4:
@@ -89,9 +112,63 @@ class ArrayDataset:
             )
         if not self.scale > 0:
             raise ConfigError(f"scale must be positive, got {self.scale}")
+        if self.content_ids is not None:
+            ids = self.content_ids
+            fix = "pass one sha256 hex digest per image (hash_file / hash_pixels), or None for the pixel hashes"
+            if isinstance(ids, str | bytes) or not isinstance(ids, Sequence):
+                raise ConfigError(f"content_ids must be a tuple of sha256 hex strings, got {type(ids).__name__}", fix)
+            if len(ids) != self.images.shape[0]:
+                raise ConfigError(
+                    f"content_ids must hold one id per image ({self.images.shape[0]}), got {len(ids)}", fix
+                )
+            bad = next((i for i in ids if not _is_sha256_hex(i)), None)
+            if bad is not None:
+                raise ConfigError(f"content_ids must be 64-character lowercase sha256 hex digests, got {bad!r}", fix)
+            object.__setattr__(self, "content_ids", tuple(ids))  # frozen: a list given by a caller becomes a tuple
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
+
+
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
+
+def _is_sha256_hex(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX_DIGITS
+
+
+def hash_pixels(image: np.ndarray) -> str:
+    """Content id of one image held as pixels: sha256 hex of its uint8 (C, H, W) values in C order.
+
+    The same digest as ``store.sample_sha256``; a device computes it from the array the dataset holds
+    (an HWC array must be transposed to CHW first, ``image.transpose(2, 0, 1)``).
+    """
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 3:
+        raise ConfigError(
+            f"hash_pixels takes one uint8 image of shape (C, H, W), got {array.dtype} {array.shape}",
+            "pass the image as the dataset holds it: uint8 values 0..255 in (C, H, W) layout",
+        )
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def hash_file(path: str | Path) -> str:
+    """Content id of an image file: sha256 hex of its bytes exactly as stored on disk."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc}", "check that the file exists and is readable") from exc
+    return digest.hexdigest()
+
+
+def content_ids(ds: ArrayDataset) -> list[str]:
+    """One content id per sample: the stored ids (image files' sha256) if any, else ``hash_pixels`` of each."""
+    if ds.content_ids is not None:
+        return list(ds.content_ids)
+    return [hash_pixels(image) for image in ds.images]
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,12 +208,43 @@ class DatasetSource:
 
 
 def load_dataset(
-    name: str, root: str | Path | None = None, *, synthetic_size: int = 600, seed: int = 0
+    name: str,
+    root: str | Path | None = None,
+    *,
+    synthetic_size: int = 600,
+    seed: int = 0,
+    image_size: int | None = None,
+    color: str = "auto",
 ) -> DatasetSource:
-    """Load dataset ``name`` from ``root`` (or its default location); ``seed`` only affects "synthetic"."""
+    """Load dataset ``name`` from ``root`` (or its default location).
+
+    ``root`` is a directory, except for "npz" where it is the ``.npz`` file. ``seed`` only affects
+    "synthetic". ``image_size`` (resize to image_size x image_size) and ``color`` ("auto", "grayscale" or
+    "rgb") apply to "imagefolder" (see ``_load_image_folder``); they are validated for every dataset,
+    ignored by the built-in ones, and refused for "npz", whose arrays are loaded as stored.
+    """
     key = name.strip().lower().replace("_", "-")
     if key not in DATASETS:
         raise ConfigError(f"unknown dataset {name!r}", f"choose one of: {', '.join(DATASETS)}")
+    lo, hi = IMAGE_SIZE_RANGE
+    if image_size is not None and (
+        isinstance(image_size, bool) or not isinstance(image_size, int) or not lo <= image_size <= hi
+    ):
+        raise ConfigError(
+            f"image_size must be an integer between {lo} and {hi}, got {image_size!r}",
+            f"pass --image-size N with {lo} <= N <= {hi}, or leave it out to keep the images' own size",
+        )
+    if color not in COLORS:
+        raise ConfigError(f"unknown color {color!r}", f"choose one of: {', '.join(COLORS)}")
+    if key == "npz":
+        if image_size is not None or color != "auto":
+            raise ConfigError(
+                "image_size and color apply to image folders, not to npz arrays (which load as stored)",
+                "resize or convert the arrays before saving the .npz, or leave out --image-size / --color",
+            )
+        return _load_npz(_resolve_npz(root))
+    if key == "imagefolder":
+        return _load_image_folder(_resolve_root(key, root), image_size, color)
     if key == "digits":
         return _load_digits()
     if key == "synthetic":
@@ -169,6 +277,8 @@ def _resolve_root(name: str, root: str | Path | None) -> Path:
 
 
 def _missing_fix(name: str, directory: Path) -> str:
+    if name == "imagefolder":
+        return f"point --data-root at a directory holding {_IMAGE_FOLDER_LAYOUT}"
     if name == "fashion-mnist":
         return (
             f"expected the Fashion-MNIST IDX files in {directory}; install with "
@@ -425,8 +535,13 @@ def _cifar_batch(path: Path, label_key: bytes, num_classes: int, fix: str) -> Ar
 
 
 def _concat(parts: Sequence[ArrayDataset]) -> ArrayDataset:
+    ids = [p.content_ids for p in parts]
+    joined = None if any(i is None for i in ids) else tuple(x for i in ids for x in i or ())
     return ArrayDataset(
-        np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]), parts[0].scale
+        np.concatenate([p.images for p in parts]),
+        np.concatenate([p.labels for p in parts]),
+        parts[0].scale,
+        joined,
     )
 
 
@@ -461,6 +576,421 @@ def _load_cifar100(root: Path) -> DatasetSource:
     test = _cifar_batch(directory / "test", b"fine_labels", 100, fix)
     classes = _cifar_names(directory / "meta", b"fine_label_names", 100, fix)
     return DatasetSource("cifar100", str(root), train, test, classes or tuple(str(i) for i in range(100)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Image folders (class sub-folders of PNG / JPEG files, decoded with Pillow)
+# --------------------------------------------------------------------------------------------------
+
+_IMAGE_FOLDER_LAYOUT = (
+    "one sub-folder per class of .png/.jpg/.jpeg files (or train/ and test/ folders that each hold the "
+    "same class sub-folders)"
+)
+_IMAGE_FORMATS = ("PNG", "JPEG")  # the only Pillow decoders an image folder may use
+# Pillow modes of 8-bit images; 16-bit ("I;16"), 32-bit ("I") and float ("F") images are refused rather
+# than clipped to 0..255 by Pillow's conversion.
+_GRAY_MODES = ("1", "L", "LA")
+_PALETTE_MODES = ("P", "PA")
+_COLOR_MODES = ("RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
+
+
+@dataclass(frozen=True)
+class _ImageFile:
+    path: Path
+    pool: str  # "train" or "test"
+    label: int
+
+
+def _load_image_folder(root: Path, image_size: int | None, color: str) -> DatasetSource:
+    """Read an image folder into uint8 arrays; the file hashes become the samples' content ids.
+
+    Layout: ``root/<class>/*.png|jpg|jpeg`` is one pool, which ``make_split`` carves into train/val/test;
+    ``root/train/<class>/...`` plus ``root/test/<class>/...`` (same class names) are the two files. Class
+    names are the sorted sub-folder names and a label is its class's index; a class folder's own
+    sub-folders are read as part of that class. Files are read in order of relative path; hidden files
+    and folders (names starting with ".") are ignored, and any other file that is not .png/.jpg/.jpeg
+    (case-insensitive) is an error.
+
+    Pixels: EXIF orientation is applied (images load the way viewers show them) and alpha is dropped.
+    ``color`` "grayscale" gives C=1 (Pillow mode L, luma 0.299 R + 0.587 G + 0.114 B), "rgb" gives C=3,
+    "auto" gives C=1 if every image is single-channel (mode 1 or L, with or without alpha, or a palette
+    whose used colours are all gray) and C=3 otherwise (gray images then repeat their channel).
+    ``image_size`` resizes every image to image_size x image_size with Pillow's bilinear filter (which
+    widens its support when shrinking, so downscaling averages rather than aliases; the aspect ratio is
+    not kept). Without it all images must have one size. Values stay uint8 with scale 255.
+    """
+    train_dir, test_dir = root / "train", root / "test"
+    if train_dir.is_dir() != test_dir.is_dir():
+        present, missing = ("train", "test") if train_dir.is_dir() else ("test", "train")
+        raise DataError(
+            f"{root} has a {present}/ folder but no {missing}/ folder",
+            f"add {root / missing} with the same class folders as {root / present}, or put the class "
+            f"folders directly in {root} for one pool that edge-qmul splits with the seed",
+        )
+    if train_dir.is_dir():
+        _class_folders(root, allowed={"train", "test"})  # refuses stray files next to train/ and test/
+        classes = _class_folders(train_dir)
+        test_classes = _class_folders(test_dir)
+        if classes != test_classes:
+            only_train = sorted(set(classes) - set(test_classes))
+            only_test = sorted(set(test_classes) - set(classes))
+            diff = "; ".join(
+                f"only in {where}/: {', '.join(names)}"
+                for where, names in (("train", only_train), ("test", only_test))
+                if names
+            )
+            raise DataError(
+                f"{train_dir} and {test_dir} have different class folders ({diff})",
+                "give train/ and test/ the same class sub-folders (an empty class folder is not allowed)",
+            )
+        pools = {"train": train_dir, "test": test_dir}
+    else:
+        classes = _class_folders(root)
+        pools = {"train": root}
+
+    files = [
+        _ImageFile(path, pool, label)
+        for pool, directory in pools.items()
+        for label, name in enumerate(classes)
+        for path in _image_files(directory / name, root)
+    ]
+    arrays, ids = _decode_images(files, image_size, color)
+    datasets: dict[str, ArrayDataset] = {}
+    for pool in pools:
+        picked = [i for i, f in enumerate(files) if f.pool == pool]
+        datasets[pool] = ArrayDataset(
+            np.stack([arrays[i] for i in picked]),  # (N, C, H, W)
+            np.array([files[i].label for i in picked], dtype=np.int64),  # (N,)
+            255.0,
+            tuple(ids[i] for i in picked),
+        )
+    return DatasetSource("imagefolder", str(root), datasets["train"], datasets.get("test"), tuple(classes))
+
+
+def _class_folders(directory: Path, allowed: set[str] | None = None) -> list[str]:
+    """Sorted non-hidden sub-folder names of ``directory`` (or check that only ``allowed`` ones exist)."""
+    try:
+        entries = sorted(e for e in directory.iterdir() if not e.name.startswith("."))
+    except OSError as exc:
+        raise DataError(f"cannot list {directory}: {exc}", "check that the folder is readable") from exc
+    for entry in entries:
+        if not entry.is_dir():
+            raise DataError(
+                f"{entry} is a file where only class folders belong",
+                f"move it into a class folder or out of {directory}; {directory} must hold {_IMAGE_FOLDER_LAYOUT}",
+            )
+        if allowed is not None and entry.name not in allowed:
+            raise DataError(
+                f"{entry} sits next to train/ and test/, so it is not read",
+                f"move the folder into {directory / 'train'} and {directory / 'test'}, or remove it",
+            )
+    names = [e.name for e in entries]
+    if allowed is not None:
+        return names
+    if not names:
+        raise DataError(f"{directory} has no class folders", f"{directory} must hold {_IMAGE_FOLDER_LAYOUT}")
+    if len(names) < 2:
+        raise DataError(
+            f"{directory} has a single class folder ({names[0]}); a classifier needs at least 2 classes",
+            f"add a folder of images for each other class to {directory}",
+        )
+    return names
+
+
+def _image_files(class_dir: Path, root: Path) -> list[Path]:
+    """The image files under ``class_dir`` (recursively), sorted by path relative to ``root``."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(class_dir, onerror=_raise_walk_error, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # prune hidden folders
+        for filename in filenames:
+            if filename.startswith("."):
+                continue
+            path = Path(dirpath, filename)
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                raise DataError(
+                    f"{path} is not a PNG or JPEG image (image folders hold only "
+                    f"{', '.join(IMAGE_EXTENSIONS)} files)",
+                    f"remove it or move it out of {root}, or convert it to PNG; hidden files are ignored",
+                )
+            found.append(path)
+    if not found:
+        raise DataError(
+            f"class folder {class_dir} holds no images",
+            "add .png/.jpg/.jpeg files to it, or remove the folder (and the class)",
+        )
+    return sorted(found, key=lambda p: p.relative_to(root).parts)
+
+
+def _raise_walk_error(exc: OSError) -> None:
+    raise DataError(f"cannot list {exc.filename}: {exc.strerror}", "check that the folder is readable") from exc
+
+
+def _decode_images(
+    files: Sequence[_ImageFile], image_size: int | None, color: str
+) -> tuple[list[np.ndarray], list[str]]:
+    """Decode every file to a uint8 (C, H, W) array with one C for all; also return the files' sha256."""
+    arrays: list[np.ndarray] = []
+    ids: list[str] = []
+    first: tuple[Path, tuple[int, int]] | None = None  # the size every image must share without image_size
+    for f in files:
+        try:
+            raw = f.path.read_bytes()
+        except OSError as exc:
+            raise DataError(f"cannot read {f.path}: {exc}", "check that the file is readable") from exc
+        image = _open_image(f.path, raw)
+        if image_size is None:
+            if first is None:
+                first = (f.path, image.size)
+            elif image.size != first[1]:
+                (w0, h0), (w1, h1) = first[1], image.size
+                raise DataError(
+                    f"images differ in size: {first[0]} is {w0}x{h0} pixels but {f.path} is {w1}x{h1}",
+                    "pass --image-size N (image_size=N) to resize every image to NxN, or resize the files "
+                    "to one size",
+                )
+        gray = color == "grayscale" or (color == "auto" and _is_single_channel(image))
+        image = image.convert("L" if gray else "RGB")
+        if image_size is not None:
+            from PIL import Image
+
+            image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        pixels = np.asarray(image, dtype=np.uint8)  # (H, W) or (H, W, 3)
+        arrays.append(pixels[None] if gray else pixels.transpose(2, 0, 1))  # (C, H, W)
+        ids.append(hashlib.sha256(raw).hexdigest())
+    if color == "auto" and any(a.shape[0] == 3 for a in arrays):
+        # One colour image makes the dataset RGB; a gray image's RGB form repeats its channel (as Pillow's
+        # L -> RGB conversion does).
+        arrays = [np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a for a in arrays]
+    return arrays, ids
+
+
+def _open_image(path: Path, raw: bytes) -> Image.Image:
+    """Decode ``raw`` (the bytes of ``path``) as PNG or JPEG, fully, with EXIF orientation applied."""
+    from PIL import Image, ImageOps, UnidentifiedImageError  # local import: only image folders need Pillow
+
+    fix = "replace the file with an intact PNG or JPEG (re-export it), or delete it"
+    try:
+        with Image.open(io.BytesIO(raw), formats=_IMAGE_FORMATS) as opened:
+            opened.load()  # decode now: a truncated file fails here, not later
+            image = ImageOps.exif_transpose(opened)  # a new image, independent of the closed file
+    except UnidentifiedImageError as exc:  # its message names the in-memory buffer, not the file
+        raise DataError(f"cannot decode {path}: its content is not a PNG or JPEG image", fix) from exc
+    except Exception as exc:  # a corrupt image fails in many ways (OSError, SyntaxError, ...): all mean "bad file"
+        raise DataError(f"cannot decode {path} as a PNG or JPEG image: {type(exc).__name__}: {exc}", fix) from exc
+    if image.mode not in _GRAY_MODES + _PALETTE_MODES + _COLOR_MODES:
+        raise DataError(
+            f"{path} has Pillow mode {image.mode!r} (16-bit, 32-bit or float pixels); image folders hold "
+            "8-bit images",
+            "save it as an 8-bit grayscale or RGB PNG/JPEG (scale 16-bit values down by 257)",
+        )
+    return image
+
+
+def _is_single_channel(image: Image.Image) -> bool:
+    """Gray (mode 1 / L / LA), or a palette image whose used colours are all gray."""
+    if image.mode in _GRAY_MODES:
+        return True
+    if image.mode in _PALETTE_MODES:
+        rgb = np.asarray(image.convert("RGB"))  # (H, W, 3)
+        return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+    return False
+
+
+# --------------------------------------------------------------------------------------------------
+# NumPy archives (.npz with x_train, y_train, x_test, y_test and optional classes)
+# --------------------------------------------------------------------------------------------------
+
+NPZ_KEYS: tuple[str, ...] = ("x_train", "y_train", "x_test", "y_test")
+_NPZ_OPTIONAL: tuple[str, ...] = ("classes",)
+_NPZ_FIX = (
+    "save it with np.savez(FILE, x_train=..., y_train=..., x_test=..., y_test=..., classes=np.array(names)): "
+    "uint8 images (N, H, W), (N, H, W, C) or (N, C, H, W) with C 1 or 3, and integer labels 0..K-1"
+)
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def _resolve_npz(root: str | Path | None) -> Path:
+    if root is None:
+        raise ConfigError("dataset 'npz' needs the path of the .npz file", "pass --data-root FILE.npz")
+    path = Path(root).expanduser().resolve()
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise DataError(f"npz file {path} {what}", f"pass --data-root FILE.npz; {_NPZ_FIX}")
+    return path
+
+
+def _load_npz(path: Path) -> DatasetSource:
+    """Load an ``.npz`` archive (never unpickling anything) and check its arrays.
+
+    Image layout, decided per array from its shape: (N, H, W) is grayscale; for (N, a, b, c), NHWC if
+    c is 1 or 3 and a is not, else NCHW if a is 1 or 3 (so (N, 3, 32, 3) is NCHW); (N, 3, 3, 3), which
+    both readings fit with the same image shape, is refused. Labels are 0..K-1 with K = len(classes)
+    when ``classes`` is given, else K = the largest label + 1 (classes are then named "0".."K-1"); every
+    class needs a training sample. Content ids are the pixel hashes of the (C, H, W) images.
+    """
+    try:
+        is_zip = zipfile.is_zipfile(path)
+        with open(path, "rb") as fh:
+            head = fh.read(len(_NPY_MAGIC))
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc}", _NPZ_FIX) from exc
+    if not is_zip:
+        what = "a single .npy array" if head == _NPY_MAGIC else "not a zip archive"
+        raise DataError(f"{path} is not a valid .npz file ({what})", _NPZ_FIX)
+
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = set(npz.files)
+            missing = [k for k in NPZ_KEYS if k not in keys]
+            if missing:
+                raise DataError(
+                    f"{path} has no {', '.join(repr(k) for k in missing)} (keys: {', '.join(sorted(keys)) or 'none'})",
+                    _NPZ_FIX,
+                )
+            unexpected = sorted(keys - set(NPZ_KEYS) - set(_NPZ_OPTIONAL))
+            if unexpected:
+                raise DataError(
+                    f"{path} has unexpected key(s) {', '.join(repr(k) for k in unexpected)}; only "
+                    f"{', '.join(NPZ_KEYS + _NPZ_OPTIONAL)} are read",
+                    "remove them (the validation set is carved out of x_train with the seed)",
+                )
+            for key in sorted(keys):
+                arrays[key] = _npz_member(npz, path, key)
+    except DataError:
+        raise
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DataError(
+            f"cannot read {path}: {type(exc).__name__}: {exc}", f"the archive is damaged: re-create it; {_NPZ_FIX}"
+        ) from exc
+
+    x_train = _npz_images(path, "x_train", arrays["x_train"])
+    x_test = _npz_images(path, "x_test", arrays["x_test"])
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(
+            f"{path}: 'x_train' images are {_chw(x_train)} but 'x_test' images are {_chw(x_test)} (C x H x W)",
+            "store train and test images with the same size and number of channels",
+        )
+    y_train = _npz_labels(path, "y_train", arrays["y_train"], "x_train", len(x_train))
+    y_test = _npz_labels(path, "y_test", arrays["y_test"], "x_test", len(x_test))
+    if "classes" in arrays:
+        classes = _npz_classes(path, arrays["classes"])
+        for key, labels in (("y_train", y_train), ("y_test", y_test)):
+            if int(labels.max()) >= len(classes):
+                raise DataError(
+                    f"{path}: {key!r} has label {int(labels.max())} but 'classes' names {len(classes)} "
+                    f"classes (labels 0..{len(classes) - 1})",
+                    "fix the labels, or list every class in 'classes' (in label order)",
+                )
+    else:
+        k = int(max(y_train.max(), y_test.max())) + 1
+        if k < 2:
+            raise DataError(
+                f"{path}: every label is 0, so there is a single class; a classifier needs at least 2",
+                "store the samples of at least two classes, labelled 0..K-1",
+            )
+        classes = tuple(str(i) for i in range(k))
+    counts = np.bincount(y_train, minlength=len(classes))  # (K,)
+    empty = [i for i in range(len(classes)) if counts[i] == 0]
+    if empty:
+        names = ", ".join(f"{i} ({classes[i]!r})" for i in empty[:5]) + (" ..." if len(empty) > 5 else "")
+        raise DataError(
+            f"{path}: class(es) {names} have no sample in 'y_train'; labels must be 0..K-1 with every class "
+            "present in training",
+            "relabel the classes to consecutive integers 0..K-1 or add training samples of the empty classes",
+        )
+    return DatasetSource(
+        "npz", str(path), ArrayDataset(x_train, y_train, 255.0), ArrayDataset(x_test, y_test, 255.0), classes
+    )
+
+
+def _npz_member(npz: Any, path: Path, key: str) -> np.ndarray:
+    """``npz[key]`` as an array; object arrays (which only a pickle can hold) are refused."""
+    try:
+        value = npz[key]
+    except ValueError as exc:
+        if "pickle" not in str(exc).lower() and "object arrays" not in str(exc).lower():
+            raise
+        raise DataError(
+            f"{path}: {key!r} is an object array, which needs pickle to load; pickles are refused because "
+            "loading one can run code",
+            f"store {key!r} as a plain numeric array (class names as np.array(names, dtype=str))",
+        ) from exc
+    if not isinstance(value, np.ndarray):  # a zip member that is not a .npy file comes back as bytes
+        raise DataError(f"{path}: {key!r} is not a numpy array (.npy member)", _NPZ_FIX)
+    return value
+
+
+def _chw(x: np.ndarray) -> str:
+    return "x".join(str(d) for d in x.shape[1:])
+
+
+def _npz_images(path: Path, key: str, x: np.ndarray) -> np.ndarray:
+    """``x`` as a contiguous uint8 (N, C, H, W) array; the layout rule is in ``_load_npz``."""
+    if x.dtype != np.uint8:
+        if x.dtype.kind == "f":
+            fix = (
+                f"convert {key!r} to uint8 0..255: (x * 255).round().astype(np.uint8) for values in [0, 1], "
+                "x.round().astype(np.uint8) for values already in 0..255"
+            )
+        else:
+            fix = f"convert {key!r} to uint8 0..255 (x.astype(np.uint8) once its values lie in 0..255)"
+        raise DataError(f"{path}: {key!r} has dtype {x.dtype}; images must be uint8 (0..255)", fix)
+    layouts = "(N, H, W), (N, H, W, C) or (N, C, H, W) with C 1 or 3"
+    if x.ndim == 3:
+        out = x[:, None]  # (N, 1, H, W)
+    elif x.ndim == 4:
+        a, b, c = x.shape[1:]
+        if c in (1, 3) and a not in (1, 3):
+            out = x.transpose(0, 3, 1, 2)  # NHWC -> NCHW
+        elif a in (1, 3):
+            if a == b == c == 3:
+                raise DataError(
+                    f"{path}: {key!r} has shape {x.shape}, which reads as NCHW and as NHWC alike",
+                    "the images are too small to tell channels from pixels: store larger images, or "
+                    "grayscale ones as (N, H, W)",
+                )
+            out = x
+        else:
+            raise DataError(
+                f"{path}: {key!r} has shape {x.shape} with no channel dimension of size 1 or 3",
+                f"store the images as {layouts}",
+            )
+    else:
+        raise DataError(f"{path}: {key!r} has shape {x.shape}; images must be {layouts}", _NPZ_FIX)
+    if out.shape[0] == 0 or 0 in out.shape[2:]:
+        raise DataError(f"{path}: {key!r} holds no images (shape {x.shape})", _NPZ_FIX)
+    return np.ascontiguousarray(out)
+
+
+def _npz_labels(path: Path, key: str, y: np.ndarray, images_key: str, n: int) -> np.ndarray:
+    if y.ndim != 1 or y.dtype.kind not in "iu":
+        raise DataError(
+            f"{path}: {key!r} must be a 1-D integer array, got {y.dtype} {y.shape}",
+            f"store {key!r} as integers 0..K-1, one per image: y.astype(np.int64)",
+        )
+    if len(y) != n:
+        raise DataError(
+            f"{path}: {key!r} has {len(y)} labels but {images_key!r} has {n} images",
+            "store exactly one label per image",
+        )
+    if int(y.min()) < 0:
+        raise DataError(f"{path}: {key!r} has negative label {int(y.min())}", "labels must be 0..K-1")
+    if int(y.max()) > np.iinfo(np.int64).max:
+        raise DataError(f"{path}: {key!r} has label {int(y.max())}, too large", "labels must be 0..K-1")
+    return y.astype(np.int64)
+
+
+def _npz_classes(path: Path, names: np.ndarray) -> tuple[str, ...]:
+    fix = "store 'classes' as a 1-D string array of distinct names in label order: np.array(names, dtype=str)"
+    if names.ndim != 1 or names.dtype.kind not in "US":
+        raise DataError(f"{path}: 'classes' must be a 1-D string array, got {names.dtype} {names.shape}", fix)
+    classes = tuple(n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n) for n in names.tolist())
+    if len(classes) < 2:
+        raise DataError(f"{path}: 'classes' names {len(classes)} class(es); a classifier needs at least 2", fix)
+    if len(set(classes)) != len(classes) or not all(classes):
+        raise DataError(f"{path}: 'classes' has empty or repeated names", fix)
+    return classes
 
 
 # --------------------------------------------------------------------------------------------------

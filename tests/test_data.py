@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import builtins
 import gzip
+import hashlib
+import io
 import json
 import os
 import pickle
+import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from imagedata import digits_uint8, write_image_folder
+from PIL import Image
 
 from edge_qmul.data import (
     CIFAR10_CLASSES,
@@ -23,12 +28,15 @@ from edge_qmul.data import (
     DatasetSource,
     Split,
     channel_stats,
+    content_ids,
+    hash_file,
+    hash_pixels,
     load_dataset,
     make_split,
     select_forget,
     to_tensors,
 )
-from edge_qmul.errors import ConfigError, DataError, ForgetRequestError
+from edge_qmul.errors import ConfigError, DataError, EdgeQmulError, ForgetRequestError
 
 N_TRAIN, N_TEST = 20, 10
 
@@ -652,3 +660,537 @@ def test_array_dataset_validates() -> None:
 def test_pool_rejects_unknown() -> None:
     with pytest.raises(ConfigError, match="unknown pool"):
         _fake_source(10, 5).pool("holdout")
+
+
+# --------------------------------------------------------------------------------------------------
+# Bring-your-own data: image folders (real PNG / JPEG files) and .npz archives
+# --------------------------------------------------------------------------------------------------
+
+DIGIT_NAMES = tuple(f"digit{i}" for i in range(10))
+
+
+def expect_error(error_type: type[EdgeQmulError], call: Callable[[], object], *needles: str) -> EdgeQmulError:
+    """``call()`` raises exactly ``error_type`` (not a subclass) naming every needle and a fix, and returns
+    nothing."""
+    result: object = None
+    with pytest.raises(error_type) as info:
+        result = call()
+    assert result is None
+    assert type(info.value) is error_type
+    for needle in needles:
+        assert needle in str(info.value), f"{needle!r} not in {info.value}"
+    assert info.value.fix
+    return info.value
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def pixel_sha256(image: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(image, dtype=np.uint8).tobytes()).hexdigest()
+
+
+def read_order(paths: list[Path], root: Path) -> list[int]:
+    """Indices of ``paths`` in the order the loader reads them: sorted by path relative to ``root``."""
+    return sorted(range(len(paths)), key=lambda i: paths[i].relative_to(root).parts)
+
+
+@pytest.fixture(scope="module")
+def digits40() -> tuple[np.ndarray, np.ndarray]:
+    images, labels = digits_uint8(40)
+    assert set(labels.tolist()) == set(range(10))
+    return images, labels
+
+
+@pytest.fixture
+def digit_folder(tmp_path: Path, digits40: tuple[np.ndarray, np.ndarray]) -> tuple[Path, list[Path]]:
+    root = tmp_path.resolve() / "digits"
+    return root, write_image_folder(root, *digits40, DIGIT_NAMES)
+
+
+def test_image_folder_round_trip(
+    digit_folder: tuple[Path, list[Path]], digits40: tuple[np.ndarray, np.ndarray]
+) -> None:
+    root, paths = digit_folder
+    (root / ".DS_Store").write_bytes(b"\x00junk")  # hidden files and folders are ignored
+    (root / "digit3" / ".hidden.png").write_bytes(b"not an image")
+    (root / "digit4" / ".cache").mkdir()
+    (root / "digit4" / ".cache" / "x.txt").write_text("ignored")
+    images, labels = digits40
+    source = load_dataset("imagefolder", root)
+
+    order = read_order(paths, root)
+    assert source.name == "imagefolder" and source.root == str(root) and source.single_pool
+    assert source.classes == DIGIT_NAMES and source.input_shape == (1, 8, 8)
+    ds = source.train
+    assert ds.scale == 255.0 and ds.images.dtype == np.uint8 and ds.labels.dtype == np.int64
+    np.testing.assert_array_equal(ds.images, images[order])  # PNG is lossless
+    np.testing.assert_array_equal(ds.labels, labels[order])
+    expected_ids = [sha256_of(paths[i]) for i in order]
+    assert ds.content_ids == tuple(expected_ids)
+    assert content_ids(ds) == expected_ids == [hash_file(paths[i]) for i in order]
+    assert np.array_equal(load_dataset("imagefolder", root).train.images, ds.images)  # deterministic
+    split = make_split(source, seed=0)
+    assert split.single_pool and len(split.train) + len(split.val) + len(split.test) == len(paths)
+
+
+def test_image_folder_train_test(tmp_path: Path, digits40: tuple[np.ndarray, np.ndarray]) -> None:
+    root = tmp_path.resolve() / "data"
+    images, labels = digits40
+    train_paths = write_image_folder(root, images[:20], labels[:20], DIGIT_NAMES, split="train")
+    test_paths = write_image_folder(root, images[20:30], labels[20:30], DIGIT_NAMES, split="test")
+    source = load_dataset("imagefolder", root)
+    assert source.test is not None and source.classes == DIGIT_NAMES
+    for ds, paths, imgs, labs in (
+        (source.train, train_paths, images[:20], labels[:20]),
+        (source.test, test_paths, images[20:30], labels[20:30]),
+    ):
+        order = read_order(paths, root)
+        np.testing.assert_array_equal(ds.images, imgs[order])
+        np.testing.assert_array_equal(ds.labels, labs[order])
+        assert content_ids(ds) == [sha256_of(paths[i]) for i in order]
+    split = make_split(source, seed=0)
+    assert not split.single_pool and split.test == list(range(len(test_paths)))
+
+
+def test_image_folder_train_test_class_mismatch(tmp_path: Path, digits40: tuple[np.ndarray, np.ndarray]) -> None:
+    root = tmp_path.resolve() / "data"
+    images, labels = digits40
+    write_image_folder(root, images, labels, DIGIT_NAMES, split="train")
+    write_image_folder(root, images, labels, DIGIT_NAMES[:9] + ("nine",), split="test")
+    error = expect_error(DataError, lambda: load_dataset("imagefolder", root), str(root / "train"), str(root / "test"))
+    assert "only in train/: digit9" in str(error) and "only in test/: nine" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("kind", "fmt", "color", "channels", "pillow_mode"),
+    [
+        ("gray", "png", "auto", 1, "L"),
+        ("gray", "png", "grayscale", 1, "L"),
+        ("gray", "png", "rgb", 3, "RGB"),
+        ("rgb", "jpg", "auto", 3, "RGB"),
+        ("rgb", "jpeg", "rgb", 3, "RGB"),
+        ("rgb", "jpg", "grayscale", 1, "L"),
+        ("rgb", "png", "auto", 3, "RGB"),
+    ],
+)
+def test_image_folder_color(tmp_path: Path, kind: str, fmt: str, color: str, channels: int, pillow_mode: str) -> None:
+    rng = np.random.default_rng(1)
+    c = 1 if kind == "gray" else 3
+    # Smooth random images (JPEG keeps them close, though not exact; the expected values are Pillow's own
+    # decoding of the written files).
+    base = rng.integers(0, 256, size=(12, c, 3, 3), dtype=np.uint8)
+    images = np.repeat(np.repeat(base, 4, axis=2), 4, axis=3)  # (12, c, 12, 12)
+    labels = np.arange(12) % 3
+    root = tmp_path.resolve() / "imgs"
+    paths = write_image_folder(root, images, labels, ("a", "b", "c"), fmt=fmt)
+    upper = paths[0].with_suffix(paths[0].suffix.upper())  # extensions match case-insensitively
+    paths[0] = paths[0].rename(upper)
+
+    ds = load_dataset("imagefolder", root, color=color).train
+    assert ds.images.shape == (12, channels, 12, 12)
+    for row, i in enumerate(read_order(paths, root)):
+        with Image.open(paths[i]) as im:
+            expected = np.asarray(im.convert(pillow_mode))
+        expected = expected[None] if channels == 1 else expected.transpose(2, 0, 1)
+        np.testing.assert_array_equal(ds.images[row], expected)
+    if fmt == "png" and channels == c:
+        assert np.array_equal(ds.images, images[read_order(paths, root)])
+
+
+@pytest.mark.parametrize(
+    ("extra", "channels"), [("gray-palette", 1), ("color-palette", 3), ("rgb", 3), ("bilevel", 1)]
+)
+def test_image_folder_auto_color(
+    digit_folder: tuple[Path, list[Path]], digits40: tuple[np.ndarray, np.ndarray], extra: str, channels: int
+) -> None:
+    """"auto" is grayscale only if every image is single-channel; one colour image makes it RGB."""
+    root, paths = digit_folder
+    images, _ = digits40
+    gray = Image.fromarray(images[0, 0], mode="L")
+    if extra == "gray-palette":
+        odd = gray.convert("P")  # a palette whose used colours are all gray
+    elif extra == "color-palette":
+        odd = Image.merge("RGB", (gray, gray.point(lambda v: 255 - v), gray)).convert("P")
+    elif extra == "rgb":
+        odd = Image.merge("RGB", (gray, gray, gray.point(lambda v: v // 2)))
+    else:
+        odd = gray.convert("1")
+    odd_path = root / "digit5" / "zz-extra.png"
+    odd.save(odd_path)
+    with Image.open(odd_path) as im:
+        assert im.mode == {"gray-palette": "P", "color-palette": "P", "rgb": "RGB", "bilevel": "1"}[extra]
+
+    ds = load_dataset("imagefolder", root).train
+    assert ds.images.shape[1] == channels
+    order = read_order([*paths, odd_path], root)
+    row = order.index(len(paths))
+    with Image.open(odd_path) as im:
+        expected = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+    np.testing.assert_array_equal(ds.images[row], expected[None] if channels == 1 else expected.transpose(2, 0, 1))
+    # The gray digits repeat their one channel when the dataset is RGB.
+    first_digit = order.index(0)
+    assert all(np.array_equal(ds.images[first_digit, k], images[0, 0]) for k in range(channels))
+
+
+def test_image_folder_image_size(digit_folder: tuple[Path, list[Path]]) -> None:
+    root, paths = digit_folder
+    odd = root / "digit2" / "big.png"
+    Image.fromarray(np.arange(120, dtype=np.uint8).reshape(10, 12), mode="L").save(odd)  # 12x10, not 8x8
+    paths = [*paths, odd]
+    ds = load_dataset("imagefolder", root, image_size=16).train
+    assert ds.images.shape == (len(paths), 1, 16, 16)
+    for row, i in enumerate(read_order(paths, root)):
+        with Image.open(paths[i]) as im:
+            expected = np.asarray(im.resize((16, 16), Image.Resampling.BILINEAR))
+        np.testing.assert_array_equal(ds.images[row, 0], expected)
+    assert ds.content_ids == tuple(sha256_of(paths[i]) for i in read_order(paths, root))  # file bytes, not pixels
+
+
+def test_image_folder_mixed_sizes(digit_folder: tuple[Path, list[Path]]) -> None:
+    root, paths = digit_folder
+    odd = root / "digit2" / "big.png"
+    Image.new("L", (12, 10)).save(odd)
+    first = paths[read_order(paths, root)[0]]
+    error = expect_error(DataError, lambda: load_dataset("imagefolder", root), str(first), str(odd), "12x10")
+    assert "--image-size" in str(error)
+
+
+def _truncate_file(root: Path) -> Path:
+    path = root / "digit3" / "00003.png"
+    path.write_bytes(path.read_bytes()[:60])
+    return path
+
+
+def _garbage_png(root: Path) -> Path:
+    path = root / "digit1" / "00001.png"
+    path.write_bytes(b"this is not a png at all")
+    return path
+
+
+def _gif_named_png(root: Path) -> Path:
+    path = root / "digit1" / "00001.png"
+    Image.new("L", (8, 8)).save(path, format="GIF")  # only the PNG and JPEG decoders are allowed
+    return path
+
+
+def _sixteen_bit(root: Path) -> Path:
+    path = root / "digit7" / "deep.png"
+    Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(path)
+    return path
+
+
+def _empty_class(root: Path) -> Path:
+    for f in (root / "digit6").iterdir():
+        f.unlink()
+    return root / "digit6"
+
+
+def _stray_in_class(root: Path) -> Path:
+    path = root / "digit8" / "notes.txt"
+    path.write_text("labels are folder names")
+    return path
+
+
+def _stray_at_root(root: Path) -> Path:
+    path = root / "README.md"
+    path.write_text("my data")
+    return path
+
+
+def _single_class(root: Path) -> Path:
+    for name in DIGIT_NAMES[1:]:
+        shutil.rmtree(root / name)
+    return root
+
+
+def _no_classes(root: Path) -> Path:
+    for name in DIGIT_NAMES:
+        shutil.rmtree(root / name)
+    return root
+
+
+def _train_without_test(root: Path) -> Path:
+    (root / "train").mkdir()
+    return root / "train"
+
+
+def _extra_folder_next_to_splits(root: Path) -> Path:
+    (root / "train").mkdir()
+    (root / "test").mkdir()
+    return root / "digit0"
+
+
+def _root_is_file(root: Path) -> Path:
+    shutil.rmtree(root)
+    root.write_bytes(b"")
+    return root
+
+
+def _root_missing(root: Path) -> Path:
+    shutil.rmtree(root)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("break_folder", "needle"),
+    [
+        (_truncate_file, "cannot decode"),
+        (_garbage_png, "cannot decode"),
+        (_gif_named_png, "cannot decode"),
+        (_sixteen_bit, "8-bit"),
+        (_empty_class, "holds no images"),
+        (_stray_in_class, "not a PNG or JPEG"),
+        (_stray_at_root, "only class folders"),
+        (_single_class, "single class folder (digit0)"),
+        (_no_classes, "no class folders"),
+        (_train_without_test, "no test/ folder"),
+        (_extra_folder_next_to_splits, "next to train/ and test/"),
+        (_root_is_file, "is not a directory"),
+        (_root_missing, "does not exist"),
+    ],
+    ids=lambda v: v.__name__.strip("_") if callable(v) else None,
+)
+def test_image_folder_errors(
+    digit_folder: tuple[Path, list[Path]], break_folder: Callable[[Path], Path], needle: str
+) -> None:
+    root, _ = digit_folder
+    culprit = break_folder(root)
+    expect_error(DataError, lambda: load_dataset("imagefolder", root), str(culprit), needle)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"image_size": 3}, "image_size"),
+        ({"image_size": 2000}, "image_size"),
+        ({"image_size": True}, "image_size"),
+        ({"image_size": 16.0}, "image_size"),
+        ({"color": "grey"}, "grey"),
+    ],
+)
+@pytest.mark.parametrize("name", ["digits", "imagefolder", "npz"])
+def test_image_options_validated(tmp_path: Path, name: str, kwargs: dict[str, Any], needle: str) -> None:
+    expect_error(ConfigError, lambda: load_dataset(name, tmp_path, **kwargs), needle)
+
+
+def test_image_options_ignored_by_builtin_and_refused_for_npz(tmp_path: Path) -> None:
+    plain = load_dataset("digits")
+    sized = load_dataset("digits", image_size=32, color="rgb")
+    assert np.array_equal(plain.train.images, sized.train.images)
+    expect_error(ConfigError, lambda: load_dataset("npz", tmp_path / "d.npz", image_size=16), "npz")
+    expect_error(ConfigError, lambda: load_dataset("npz", tmp_path / "d.npz", color="rgb"), "npz")
+    expect_error(ConfigError, lambda: load_dataset("imagefolder"), "imagefolder")
+    expect_error(ConfigError, lambda: load_dataset("npz"), "npz")
+
+
+# --------------------------------------------------------------------------------------------------
+# .npz archives
+# --------------------------------------------------------------------------------------------------
+
+
+def canonical_images(channels: int, n: int, seed: int = 0) -> np.ndarray:
+    """uint8 (n, C, 8, 6) images: digits for C=1, random colour for C=3 (H != W catches a transposition)."""
+    if channels == 1:
+        return np.ascontiguousarray(digits_uint8(n)[0][:, :, :, :6])
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 3, 8, 6), dtype=np.uint8)
+
+
+def as_layout(x: np.ndarray, layout: str) -> np.ndarray:
+    """Canonical (N, C, H, W) images stored in ``layout``."""
+    if layout == "NHW":
+        return x[:, 0]
+    return x.transpose(0, 2, 3, 1) if layout == "NHWC" else x
+
+
+def npz_arrays(channels: int = 1, layout: str = "NCHW", n_train: int = 30, n_test: int = 12) -> dict[str, Any]:
+    x = canonical_images(channels, n_train + n_test)
+    y = np.arange(n_train + n_test, dtype=np.int64) % 3
+    return {
+        "x_train": as_layout(x[:n_train], layout),
+        "y_train": y[:n_train],
+        "x_test": as_layout(x[n_train:], layout),
+        "y_test": y[n_train:],
+    }
+
+
+@pytest.mark.parametrize("with_classes", [True, False], ids=["classes", "no-classes"])
+@pytest.mark.parametrize(
+    ("layout", "channels"), [("NHW", 1), ("NHWC", 1), ("NCHW", 1), ("NHWC", 3), ("NCHW", 3)]
+)
+def test_npz_round_trip(tmp_path: Path, layout: str, channels: int, with_classes: bool) -> None:
+    x = canonical_images(channels, 42)
+    arrays = npz_arrays(channels, layout)
+    arrays["y_train"] = arrays["y_train"].astype(np.uint8)  # any integer dtype
+    if with_classes:
+        arrays["classes"] = np.array(["cat", "dog", "emu"])
+    path = tmp_path / "mine.npz"
+    np.savez(path, **arrays)
+
+    source = load_dataset("npz", path)
+    assert source.name == "npz" and source.root == str(path.resolve()) and source.test is not None
+    assert source.classes == (("cat", "dog", "emu") if with_classes else ("0", "1", "2"))
+    assert source.input_shape == (channels, 8, 6)
+    for ds, expected, labels in ((source.train, x[:30], arrays["y_train"]), (source.test, x[30:], arrays["y_test"])):
+        assert ds.images.flags.c_contiguous and ds.scale == 255.0 and ds.content_ids is None
+        np.testing.assert_array_equal(ds.images, expected)
+        np.testing.assert_array_equal(ds.labels, labels)
+        assert ds.labels.dtype == np.int64
+        assert content_ids(ds) == [pixel_sha256(img) for img in expected] == [hash_pixels(img) for img in expected]
+
+
+def test_npz_content_ids_independent_of_layout(tmp_path: Path) -> None:
+    ids = []
+    for layout in ("NHWC", "NCHW"):
+        np.savez(tmp_path / f"{layout}.npz", **npz_arrays(3, layout))
+        ids.append(content_ids(load_dataset("npz", tmp_path / f"{layout}.npz").train))
+    assert ids[0] == ids[1]
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected_chw"),
+    [((4, 3, 32, 3), (3, 32, 3)), ((4, 1, 1, 1), (1, 1, 1)), ((4, 32, 32, 3), (3, 32, 32)), ((4, 3, 5, 7), (3, 5, 7))],
+)
+def test_npz_layout_rule(tmp_path: Path, shape: tuple[int, ...], expected_chw: tuple[int, int, int]) -> None:
+    x = np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
+    y = np.array([0, 1, 0, 1])
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    assert load_dataset("npz", tmp_path / "d.npz").input_shape == expected_chw
+
+
+def _with(labels: np.ndarray, index: int, value: int) -> np.ndarray:
+    out = labels.copy()
+    out[index] = value
+    return out
+
+
+# (id, the keys to replace (None = drop) given the good arrays, what the message must name)
+Changes = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray | None]]
+NPZ_ERRORS: list[tuple[str, Changes, tuple[str, ...]]] = [
+    ("missing-key", lambda a: {"y_test": None}, ("'y_test'",)),
+    (
+        "float-pixels",
+        lambda a: {"x_train": a["x_train"].astype(np.float32) / 255},
+        ("'x_train'", "float32", "uint8", "0..255"),
+    ),
+    ("int-pixels", lambda a: {"x_test": a["x_test"].astype(np.int64)}, ("'x_test'", "int64")),
+    ("length-mismatch", lambda a: {"y_train": a["y_train"][:-1]}, ("'y_train'", "'x_train'", "29")),
+    ("float-labels", lambda a: {"y_test": a["y_test"].astype(np.float64)}, ("'y_test'", "integer")),
+    ("2d-labels", lambda a: {"y_train": a["y_train"][:, None]}, ("'y_train'", "1-D")),
+    ("negative-label", lambda a: {"y_train": _with(a["y_train"], 4, -1)}, ("'y_train'", "-1")),
+    (
+        "label-out-of-range",
+        lambda a: {"classes": np.array(["a", "b", "c"]), "y_test": _with(a["y_test"], 0, 3)},
+        ("'y_test'", "label 3", "3 classes"),
+    ),
+    ("empty-class", lambda a: {"y_train": np.where(a["y_train"] == 1, 3, a["y_train"])}, ("class(es) 1", "'y_train'")),
+    ("empty-named-class", lambda a: {"classes": np.array(["a", "b", "c", "d"])}, ("3 ('d')", "'y_train'")),
+    (
+        "one-class",
+        lambda a: {"y_train": np.zeros_like(a["y_train"]), "y_test": np.zeros_like(a["y_test"])},
+        ("single class",),
+    ),
+    (
+        "shape-mismatch",
+        lambda a: {"x_test": a["x_test"][:, :, :5]},
+        ("'x_train'", "'x_test'", "1x8x6", "1x5x6"),
+    ),
+    ("no-channel-dim", lambda a: {"x_train": np.zeros((30, 8, 8, 2), np.uint8)}, ("'x_train'", "(30, 8, 8, 2)")),
+    ("ambiguous-layout", lambda a: {"x_train": np.zeros((30, 3, 3, 3), np.uint8)}, ("'x_train'", "NCHW and as NHWC")),
+    ("five-dims", lambda a: {"x_test": np.zeros((12, 1, 1, 8, 6), np.uint8)}, ("'x_test'", "(12, 1, 1, 8, 6)")),
+    ("no-images", lambda a: {"x_test": a["x_test"][:0], "y_test": a["y_test"][:0]}, ("'x_test'", "no images")),
+    ("unexpected-key", lambda a: {"x_val": np.zeros((2, 8, 6), np.uint8)}, ("'x_val'",)),
+    ("classes-not-strings", lambda a: {"classes": np.array([0, 1, 2])}, ("'classes'",)),
+    ("repeated-class-names", lambda a: {"classes": np.array(["a", "b", "a"])}, ("'classes'", "repeated")),
+    ("object-array", lambda a: {"classes": np.array(["a", "b", 3], dtype=object)}, ("'classes'", "pickle")),
+]
+
+
+@pytest.mark.parametrize(("changes", "needles"), [e[1:] for e in NPZ_ERRORS], ids=[e[0] for e in NPZ_ERRORS])
+def test_npz_errors(tmp_path: Path, changes: Changes, needles: tuple[str, ...]) -> None:
+    arrays: dict[str, Any] = npz_arrays()
+    for key, value in changes(arrays).items():
+        if value is None:
+            del arrays[key]
+        else:
+            arrays[key] = value
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    expect_error(DataError, lambda: load_dataset("npz", path), str(path.resolve()), *needles)
+
+
+def test_npz_pickle_payload_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    arrays: dict[str, Any] = npz_arrays()
+    arrays["classes"] = np.array([_Evil(os.system, (f"touch {marker}",))], dtype=object)
+    path = tmp_path / "evil.npz"
+    np.savez(path, **arrays)
+    expect_error(DataError, lambda: load_dataset("npz", path), str(path), "'classes'", "pickle")
+    assert not marker.exists(), "the payload was executed"
+
+
+def _npy_bytes() -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((2, 8, 8), np.uint8))
+    return buffer.getvalue()
+
+
+def _corrupt_npz() -> bytes:
+    buffer = io.BytesIO()
+    arrays: dict[str, Any] = npz_arrays()
+    np.savez(buffer, **arrays)
+    data = buffer.getvalue()
+    # The central directory at the end survives (so it is still a zip); a member's bytes do not (bad CRC).
+    return data[:100] + b"\x00" * 200 + data[300:]
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (b"x_train,y_train\n1,2\n", "not a zip archive"),
+        (_npy_bytes(), "single .npy array"),
+        (_corrupt_npz(), "cannot read"),
+        ("directory", "is a directory"),
+        (None, "does not exist"),
+    ],
+    ids=["text", "npy", "corrupt-zip", "directory", "missing"],
+)
+def test_npz_not_an_npz(tmp_path: Path, content: bytes | str | None, needle: str) -> None:
+    path = tmp_path.resolve() / "data.npz"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content == "directory":
+        path.mkdir()
+    expect_error(DataError, lambda: load_dataset("npz", path), str(path), needle)
+
+
+# --------------------------------------------------------------------------------------------------
+# Content ids
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["digits", "synthetic"])
+def test_content_ids_of_array_datasets(name: str) -> None:
+    ds = load_dataset(name).train
+    assert ds.content_ids is None
+    ids = content_ids(ds)
+    assert ids == [pixel_sha256(img) for img in ds.images] and len(set(ids)) > len(ids) // 2
+
+
+def test_content_ids_validated() -> None:
+    images, labels = np.zeros((2, 1, 2, 2), np.uint8), np.zeros(2, np.int64)
+    good = [hashlib.sha256(b"a").hexdigest(), hashlib.sha256(b"b").hexdigest()]
+    ds = ArrayDataset(images, labels, 255.0, good)  # type: ignore[arg-type]
+    assert ds.content_ids == tuple(good) and content_ids(ds) == good
+    for ids, needle in (((good[0],), "one id per image"), ((good[0], "ABC"), "'ABC'"), ("ab", "tuple")):
+        expect_error(ConfigError, lambda ids=ids: ArrayDataset(images, labels, 255.0, ids), needle)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("bad", [np.zeros((1, 4, 4), np.float32), np.zeros((4, 4), np.uint8)], ids=["float", "2-D"])
+def test_hash_pixels_refuses_non_chw_uint8(bad: np.ndarray) -> None:
+    expect_error(ConfigError, lambda: hash_pixels(bad), str(bad.shape))
+
+
+def test_hash_file_missing(tmp_path: Path) -> None:
+    expect_error(DataError, lambda: hash_file(tmp_path / "gone.png"), "gone.png")
