@@ -24,6 +24,7 @@ import torch
 from qmul_vs_retrain import metrics_of
 
 from edge_qmul import pipeline
+from edge_qmul.config import method_config
 from edge_qmul.metrics import avg_gap
 
 FIXED = (16, 64)  # retain_batches, for comparison
@@ -45,7 +46,7 @@ def scratch_copy(run: Path, dst: Path) -> Path:
 
 def measure(run: Path, overrides: dict[str, int]) -> dict[str, float]:
     ref = metrics_of(run, "retrain")
-    pipeline.run_unlearn(run, pipeline.method_config("qmul", overrides), quiet=True)
+    pipeline.run_unlearn(run, method_config("qmul", overrides), quiet=True)
     m = metrics_of(run, "qmul")
     return {**m, "avg_gap": avg_gap(m, ref), "ratio": m["seconds"] / ref["seconds"]}
 

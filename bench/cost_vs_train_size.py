@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from edge_qmul import pipeline
-from edge_qmul.config import DataConfig, QuantConfig
+from edge_qmul.config import DataConfig, QuantConfig, method_config
 from edge_qmul.train import TrainConfig
 
 FRACTIONS = (0.1, 0.25, 0.5, 1.0)
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         pipeline.forget(run, count=args.forget, seed=0, request_id="bench")
         n_train = len(pipeline.load_run_data(run).split.train)
         for label, (method, overrides) in VARIANTS.items():
-            meta = pipeline.run_unlearn(run, pipeline.method_config(method, overrides), quiet=True)
+            meta = pipeline.run_unlearn(run, method_config(method, overrides), quiet=True)
             rows.append({"train_samples": n_train, "variant": label, "seconds": float(meta["seconds"])})
             print(f"train {n_train:>6}: {label:<26} {meta['seconds']:.2f}s", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

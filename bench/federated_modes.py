@@ -31,7 +31,7 @@ from edge_qmul.federated.coordinator import run_round
 from edge_qmul.federated.inprocess import NODE, act_as_flower_process, local_grid
 
 from edge_qmul import pipeline
-from edge_qmul.config import DataConfig, QuantConfig
+from edge_qmul.config import DataConfig, QuantConfig, method_config
 from edge_qmul.train import TrainConfig
 
 SHARED = ("split.json", "run.json", "float.pt", "quantized.pt", "features.pt")
@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     if summary.model_version is None:
         print("federated mode made no model; see the log above", file=sys.stderr)
         return 1
-    pipeline.run_unlearn(args.run, pipeline.method_config("qmul"), quiet=True)
-    pipeline.run_unlearn(args.run, pipeline.method_config("retrain"), quiet=True)
+    pipeline.run_unlearn(args.run, method_config("qmul"), quiet=True)
+    pipeline.run_unlearn(args.run, method_config("retrain"), quiet=True)
     report = pipeline.evaluate(args.run, ["retrain", "qmul", "fedqmul"])
     table = pipeline.format_table(report)
     fed_log = json.loads((args.run / "unlearn" / "fedqmul" / "log.json").read_text())["log"]

@@ -24,6 +24,7 @@ import torch
 from qmul_vs_retrain import forget_sets, fresh_copy, prepare
 
 from edge_qmul import pipeline
+from edge_qmul.config import method_config
 
 # stage -> (file suffix, function name) whose cumulative time is the stage's time
 STAGES: dict[str, tuple[str, str]] = {
@@ -74,7 +75,7 @@ def top_functions(stats: pstats.Stats, n: int = 12) -> list[dict[str, Any]]:
 
 
 def profile_case(run: Path, label: str) -> dict[str, Any]:
-    cfg = pipeline.method_config("qmul")
+    cfg = method_config("qmul")
     t0 = time.perf_counter()
     meta = pipeline.run_unlearn(run, cfg, quiet=True)  # unprofiled: the wall time
     wall = time.perf_counter() - t0

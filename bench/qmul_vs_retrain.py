@@ -19,7 +19,6 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +26,14 @@ import numpy as np
 import torch
 
 from edge_qmul import data, pipeline
-from edge_qmul.config import DataConfig, QuantConfig
+from edge_qmul.config import DataConfig, QuantConfig, method_config
 from edge_qmul.ledger import Ledger
 from edge_qmul.metrics import avg_gap, evaluate_model
 from edge_qmul.train import TrainConfig
 
 # Candidates: the forget/retain balance is set by the update mode (sequential: all forget batches,
 # then retain batches; mixed: both shuffled into the same batches) and by how hard and how long the
-# classifier is pushed (lr x epochs); everything else is the method's default (pipeline.METHOD_DEFAULTS).
+# classifier is pushed (lr x epochs); everything else is the method's default (its class in edge_qmul.config).
 GRID: list[dict[str, Any]] = [
     *({"update": "sequential", "lr": lr, "epochs": epochs} for lr in (0.1, 0.15) for epochs in (5, 10)),
     *({"update": "mixed", "lr": lr, "epochs": 5} for lr in (0.1, 0.2, 0.3, 0.5)),
@@ -96,13 +95,13 @@ def tune(run: Path, sets: list[list[int]], quiet: bool) -> tuple[dict[str, Any],
     refs, dirs = [], []
     for k, ids in enumerate(sets):
         tdir = fresh_copy(run, run.parent / f"{run.name}-tuning{k}", ids, f"tuning-set-{k}")
-        pipeline.run_unlearn(tdir, pipeline.method_config("retrain"), quiet=quiet)
+        pipeline.run_unlearn(tdir, method_config("retrain"), quiet=quiet)
         refs.append(metrics_of(tdir, "retrain"))
         dirs.append(tdir)
         print(f"tuning set {k}: retrain {fmt(refs[-1])}")
     rows = []
     for cand in GRID:
-        cfg = pipeline.method_config("qmul", {**BASE, **cand})
+        cfg = method_config("qmul", {**BASE, **cand})
         per_set = []
         for tdir, ref in zip(dirs, refs, strict=True):
             pipeline.run_unlearn(tdir, cfg, quiet=quiet)
@@ -149,10 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     tuned, grid_rows = tune(args.run, tuning, args.quiet)
 
     rdir = fresh_copy(args.run, args.run.parent / f"{args.run.name}-reported", reported, "reported-set")
-    pipeline.run_unlearn(rdir, pipeline.method_config("retrain"), quiet=args.quiet)
-    pipeline.run_unlearn(rdir, pipeline.method_config("qmul", tuned["chosen"]), quiet=args.quiet)
+    pipeline.run_unlearn(rdir, method_config("retrain"), quiet=args.quiet)
+    pipeline.run_unlearn(rdir, method_config("qmul", tuned["chosen"]), quiet=args.quiet)
     for method in OTHERS:
-        pipeline.run_unlearn(rdir, pipeline.method_config(method), quiet=args.quiet)
+        pipeline.run_unlearn(rdir, method_config(method), quiet=args.quiet)
     report = pipeline.evaluate(rdir, ["retrain", "qmul", *OTHERS])
     table = pipeline.format_table(report)
     rows = report["methods"]
@@ -179,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         "tuning": {"grid": grid_rows, **tuned},
         "reported": report,
         "summary": summary,
-        "qmul_config": asdict(pipeline.method_config("qmul", tuned["chosen"])),
+        "qmul_config": method_config("qmul", tuned["chosen"]).to_dict(),
     }
     (args.out / "qmul_vs_retrain.json").write_text(json.dumps(result, indent=2) + "\n")
     grid_md = "\n".join(

@@ -2,8 +2,8 @@
 
 For each seed: train the small CNN with the default recipe (seed = data split, initialisation, batches),
 quantize (x86); then for each scenario — 10% random forgetting and forgetting one whole class — file the
-request and run every method with its recommended settings (pipeline.METHOD_DEFAULTS; none of them was
-tuned on these forget sets: Q-MUL's came from bench/qmul_vs_retrain.py's tuning sets of seed 0). Each
+request and run every method with its recommended settings (its config class's defaults, edge_qmul.config; none
+of them was tuned on these forget sets: Q-MUL's came from bench/qmul_vs_retrain.py's tuning sets of seed 0). Each
 result is exported to int8 ONNX (`edge-qmul export`) and FA / RA / TA / MIA-efficacy come from
 onnxruntime's logits; Avg Gap is against retrain's ONNX figures of the same seed and scenario; seconds is
 the method's wall time. The table reports mean ± std over the seeds.
@@ -34,7 +34,7 @@ from edge_qmul.export.stage import export_run
 from edge_qmul.export.validate import ort_logits, ort_session
 
 from edge_qmul import pipeline
-from edge_qmul.config import DataConfig, QuantConfig
+from edge_qmul.config import DataConfig, QuantConfig, method_config
 from edge_qmul.metrics import avg_gap, evaluate_logits
 from edge_qmul.train import TrainConfig
 
@@ -84,7 +84,7 @@ def run_methods(run: Path, methods: dict[str, dict[str, Any]]) -> dict[str, dict
     rows: dict[str, dict[str, float]] = {"none": {**onnx_metrics(run, None), "seconds": 0.0}}
     for name, spec in methods.items():
         method = str(spec.get("method", name))
-        cfg = pipeline.method_config(method, {k: v for k, v in spec.items() if k != "method"})
+        cfg = method_config(method, {k: v for k, v in spec.items() if k != "method"})
         meta = pipeline.run_unlearn(run, cfg, quiet=True)
         rows[name] = {**onnx_metrics(run, method), "seconds": float(meta["seconds"])}
         if method == "auto":

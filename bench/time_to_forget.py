@@ -29,6 +29,7 @@ from edge_qmul.export.stage import export_run
 from edge_qmul.export.validate import validate_run
 
 from edge_qmul import data, pipeline
+from edge_qmul.config import method_config
 
 BASE_FILES = ("split.json", "run.json", "float.pt", "quantized.pt", "features.pt")
 SIZES = (1, 10, 100, 1000, 6000)
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             r = fresh(args.run, args.run.parent / "bench-curve")
             pipeline.forget(r, ids=data.select_forget(rd.split, rd.source.train.labels, count=size, seed=size),
                             request_id=f"n{size}")
-            m = pipeline.run_unlearn(r, pipeline.method_config("qmul", overrides), quiet=True)
+            m = pipeline.run_unlearn(r, method_config("qmul", overrides), quiet=True)
             curve.append({"forget": size, "variant": label, "seconds": float(m["seconds"])})
             print(f"forget {size:>5}: qmul {label:<18} {m['seconds']:.2f}s", flush=True)
     retrain_seconds = json.loads((args.run / "run.json").read_text())["train_seconds"]
@@ -93,7 +94,7 @@ def time_to_forget(base: Path, samples: int) -> dict[str, Any]:
     pipeline.forget(run, count=samples, seed=7, request_id="user-1")
     stages["forget"] = time.perf_counter() - t0
     t = time.perf_counter()
-    meta = pipeline.run_unlearn(run, pipeline.method_config("qmul"), quiet=True)
+    meta = pipeline.run_unlearn(run, method_config("qmul"), quiet=True)
     stages["unlearn"] = time.perf_counter() - t
     t = time.perf_counter()
     export_run(run, "qmul")

@@ -176,7 +176,9 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "demo":
         run_dir = args.run or pipeline.new_run_dir()
         methods = _methods(args.methods)
-        unlearn_toml = toml.get("unlearn", {})
+        unlearn_toml = dict(toml.get("unlearn", {}))  # a demo's [unlearn] table configures qmul
+        if unlearn_toml.pop("method", "qmul") != "qmul":
+            raise ConfigError("a demo's [unlearn] table configures qmul", 'leave out method = ... or set it to "qmul"')
         report = pipeline.demo(
             run_dir,
             config.resolve("data", toml, _overrides(args, data_keys)),
@@ -226,10 +228,8 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "unlearn":
         keys = ("epochs", "lr", "batch_size", "update", "label_variant", "retain_batches", "retain_ratio",
                 "repair_batches", "layers", "norm_batches")
-        overrides = {**toml.get("unlearn", {}), **{k: v for k, v in _overrides(args, keys).items() if v is not None}}
-        overrides.pop("method", None)
-        cfg = config.build(config.UnlearnConfig, {**pipeline.method_config(args.method).__dict__, **overrides},
-                           "[unlearn]")
+        # the method's class (--method wins over the table's method key) takes the table and the flags given
+        cfg = config.resolve("unlearn", toml, {**_overrides(args, keys), "method": args.method})
         meta = pipeline.run_unlearn(args.run, cfg, quiet=args.quiet)
         print(f"{args.method}: unlearned {meta['forget_count']} samples in {meta['seconds']:.1f}s "
               f"-> {args.run / 'unlearn' / args.method}")

@@ -32,22 +32,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edge_qmul.atomic import write_json
+from edge_qmul.config import DATASETS
 from edge_qmul.errors import ConfigError, DataError, ForgetRequestError
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-DATASETS: tuple[str, ...] = (
-    "digits",
-    "fashion-mnist",
-    "mnist",
-    "cifar10",
-    "cifar100",
-    "synthetic",
-    "imagefolder",
-    "npz",
-)
 COLORS: tuple[str, ...] = ("auto", "grayscale", "rgb")  # the ``color`` choices of ``load_dataset``
 IMAGE_SIZE_RANGE: tuple[int, int] = (4, 1024)  # allowed ``image_size`` values, inclusive
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg")  # matched case-insensitively

@@ -31,19 +31,17 @@ from torch import nn
 
 from edge_qmul import __version__, data, planner, quant
 from edge_qmul.atomic import write_bytes, write_json
-from edge_qmul.config import DataConfig, QuantConfig, config_hash
-from edge_qmul.errors import CheckpointError, DataError, ForgetRequestError, UnlearningError
+from edge_qmul.config import DataConfig, LoopConfig, MethodConfig, QuantConfig, config_hash, method_config
+from edge_qmul.errors import CheckpointError, DataError, ForgetRequestError
 from edge_qmul.ledger import Ledger
 from edge_qmul.metrics import EvalSets, avg_gap, evaluate_model
 from edge_qmul.models import DEFAULT_WIDTH, ModelConfig
 from edge_qmul.store import SampleStore
 from edge_qmul.train import TrainConfig, load_checkpoint, load_payload, save_checkpoint, train_float
 from edge_qmul.unlearn import (
-    REGISTRY,
     FeatureCache,
-    Method,
+    LoopMethod,
     TrainingHistory,
-    UnlearnConfig,
     UnlearnContext,
     UnlearnResult,
     get_method,
@@ -433,31 +431,8 @@ def forget(
     return {"request_id": rid, "added": added, "samples": len(chosen), "forget_total": len(all_ids)}
 
 
-def method_config(method: str, overrides: dict[str, Any] | None = None) -> UnlearnConfig:
-    """A method's recommended defaults (``METHOD_DEFAULTS``), then the caller's overrides."""
-    if method not in REGISTRY:
-        raise UnlearningError(f"unknown unlearning method {method!r}", f"choose one of: {', '.join(sorted(REGISTRY))}")
-    return UnlearnConfig(**{"method": method, **METHOD_DEFAULTS.get(method, {}), **(overrides or {})})
-
-
-# Recommended settings per method. Q-MUL's were chosen by the smallest mean Avg Gap on two tuning forget sets
-# disjoint from the reported one (bench/qmul_vs_retrain.py, results in bench/results/); the
-# UnlearnConfig defaults are the paper code's.
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "qmul": {"layers": "classifier", "norm_batches": 16, "update": "mixed", "lr": 0.3, "epochs": 5},
-    # auto: exact replay when cheaper, else Q-MUL with Q-MUL's recommended settings
-    "auto": {"layers": "classifier", "norm_batches": 16, "update": "mixed", "lr": 0.3, "epochs": 5},
-    "finetune": {"epochs": 2, "lr": 0.01},
-    "random_label": {"epochs": 2, "lr": 0.01},
-    "grad_ascent": {"epochs": 1, "lr": 0.001},
-    # FAMR pulls every forget prediction to uniform; on random forgetting larger steps collapse the
-    # whole model (lr 5e-4 for one epoch: 27% accuracy on Fashion-MNIST), so it moves very little.
-    "famr": {"epochs": 1, "lr": 5e-5, "famr_lambda": 1.0},
-}
-
-
-def run_unlearn(run_dir: Path, cfg: UnlearnConfig, *, quiet: bool = False) -> dict[str, Any]:
-    """Unlearn every request in the ledger with ``cfg.method``; saves unlearn/<method>/."""
+def run_unlearn(run_dir: Path, cfg: MethodConfig, *, quiet: bool = False) -> dict[str, Any]:
+    """Unlearn every request in the ledger with the method of ``type(cfg)``; saves unlearn/<cfg.name>/."""
     q = load_quantized(run_dir)
     with Ledger(run_dir / "ledger.sqlite") as ledger:
         requests = ledger.requests()
@@ -476,10 +451,11 @@ def run_unlearn(run_dir: Path, cfg: UnlearnConfig, *, quiet: bool = False) -> di
             f"every sample in the forget ledger of {run_dir} was already purged (the base model honours them)",
             "nothing to unlearn until a new request is filed",
         )
-    features = load_features(run_dir, q, rd.split, rd.purged) if cfg.layers == "classifier" else None
+    head_mode = isinstance(cfg, LoopConfig) and cfg.layers == "classifier"
+    features = load_features(run_dir, q, rd.split, rd.purged) if head_mode else None
     # A method that trains only the head on cached features never reads retain / val pixels: load labels only
     # (0.3 s and ~150 MB of float pixels on Fashion-MNIST, bench/profile_unlearn.py).
-    head_only = features is not None and type(get_method(cfg)).run is Method.run
+    head_only = features is not None and type(get_method(cfg)).run is LoopMethod.run
     rx, ry = (rd.labels if head_only else rd.tensors)("retain")
     vx, vy = (rd.labels if head_only else rd.tensors)("val")
     ctx = UnlearnContext(
@@ -489,11 +465,11 @@ def run_unlearn(run_dir: Path, cfg: UnlearnConfig, *, quiet: bool = False) -> di
         history=training_history(run_dir, rd, rd.live(forget_ids), q) if needs_history(run_dir, cfg) else None,
     )
     result = unlearn(ctx, cfg)
-    return save_result(run_dir, cfg.method, q, result, [r.request_id for r in requests], forget_ids)
+    return save_result(run_dir, cfg.name, q, result, [r.request_id for r in requests], forget_ids)
 
 
-def needs_history(run_dir: Path, cfg: UnlearnConfig) -> bool:
-    return cfg.method == "auto" or (cfg.method == REFERENCE and (run_dir / "generations.json").exists())
+def needs_history(run_dir: Path, cfg: MethodConfig) -> bool:
+    return cfg.name == "auto" or (cfg.name == REFERENCE and (run_dir / "generations.json").exists())
 
 
 def save_result(
@@ -645,7 +621,7 @@ def demo(
 ) -> dict[str, Any]:
     """The whole slice: train → quantize → forget → unlearn with each method → evaluate."""
     for m in methods:
-        method_config(m)  # fail on an unknown name before any work
+        method_config(m, unlearn_overrides if m == "qmul" else None)  # fail on a bad config before any work
     t0 = time.perf_counter()
     train(run_dir, data_cfg, train_cfg, quiet=quiet)
     echo(f"trained {train_cfg.model} on {data_cfg.dataset} ({time.perf_counter() - t0:.1f}s)")

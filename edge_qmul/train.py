@@ -12,7 +12,7 @@ import pickle
 import time
 import zipfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,38 +22,12 @@ from torch import nn
 
 from edge_qmul import __version__
 from edge_qmul.atomic import write_bytes
-from edge_qmul.errors import CheckpointError, ConfigError
+from edge_qmul.config import TrainConfig
+from edge_qmul.errors import CheckpointError
 from edge_qmul.models import ModelConfig, build_model
 from edge_qmul.progress import Progress
 
 CHECKPOINT_FORMAT = "edge-qmul/float-checkpoint/1"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The original training recipe (retrain reuses it unchanged)."""
-
-    model: str = "small_cnn"
-    width: int = 0  # 0 = the model's default width
-    epochs: int = 12
-    lr: float = 0.05
-    batch_size: int = 128
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    seed: int = 0
-    generations: int = 1  # > 1: train generation by generation with checkpoints (edge_qmul.planner)
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"train.epochs={self.epochs} must be >= 1", "set epochs to 1 or more")
-        if not (self.lr > 0):
-            raise ConfigError(f"train.lr={self.lr} must be > 0", "use a positive learning rate, e.g. 0.05")
-        if self.batch_size < 1:
-            raise ConfigError(f"train.batch_size={self.batch_size} must be >= 1", "use e.g. 128")
-        if self.width < 0:
-            raise ConfigError(f"train.width={self.width} must be >= 0", "use 0 for the default width")
-        if self.generations < 1:
-            raise ConfigError(f"train.generations={self.generations} must be >= 1", "use 1 for one-shot training")
 
 
 def batch_indices(n: int, batch_size: int, generator: torch.Generator, shuffle: bool = True) -> Iterator[torch.Tensor]:

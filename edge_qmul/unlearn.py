@@ -1,4 +1,4 @@
-"""Unlearning methods: one training loop, methods registered by name.
+"""Unlearning methods: one training loop; each method registers against its config class.
 
 Every method works on the QAT (fake-quant) copy, so the optimiser sees the rounding that the int8
 model will have, and returns a re-converted int8 model plus a log. ``retrain`` is the exception that
@@ -9,112 +9,50 @@ Q-MUL (DESIGN §4.1) = random-label unlearning with two changes, both computed a
 epoch in eval mode: *similar labels* (the wrong class closest in probability to the true one) and
 *adaptive gradient reweighting* (w_f = ḡ_r / (ḡ_f + ḡ_r), w_r = ḡ_f / (ḡ_f + ḡ_r), where ḡ is the mean
 over batches of the sum of per-tensor gradient L2 norms).
+
+The configs live in ``edge_qmul.config`` (``QMul``, ``Finetune``, ..., ``Retrain``): one class per method
+with its recommended defaults. ``unlearn(ctx, cfg)`` runs the method registered for ``type(cfg)``.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from edge_qmul import planner, quant
-from edge_qmul.errors import ConfigError, UnlearningError
+from edge_qmul.config import (
+    Auto,
+    Famr,
+    Finetune,
+    GradAscent,
+    LoopConfig,
+    MethodConfig,
+    QMul,
+    RandomLabel,
+    Retrain,
+    register_method_config,
+)
+from edge_qmul.errors import UnlearningError
 from edge_qmul.models import ModelConfig, build_model
 from edge_qmul.progress import Progress
 from edge_qmul.train import TrainConfig, batch_indices, cosine_lr, sgd, train_float
 
-SCHEDULES = ("cosine", "constant")
-UPDATES = ("sequential", "mixed")
-LABEL_VARIANTS = ("faithful", "paper_code", "random")  # "random": a uniformly random wrong class (ablation)
-FORGET_TARGETS = ("none", "val")
-LAYERS = ("all", "classifier")
-
-
-@dataclass(frozen=True)
-class UnlearnConfig:
-    """Hyper-parameters shared by all loop-based methods (defaults: the paper code's)."""
-
-    method: str = "qmul"
-    epochs: int = 10
-    lr: float = 0.01
-    batch_size: int = 256
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    update: str = "sequential"
-    label_variant: str = "faithful"  # "paper_code": the released code's variant; "random": ablation
-    reweight: bool = True  # False: w_f = w_r = 1 (ablation)
-    # Bounded retain sampling: k > 0 draws k random retain batches per epoch, used both for ḡ_r and
-    # for the retain update; 0 uses the whole retain set every epoch, as the paper's code does.
-    retain_batches: int = 0
-    # Retain sample proportional to the forget set: r > 0 draws ceil(r x |forget|) random retain samples
-    # per epoch (at least one batch), so the cost follows the forget set, not the training set, while the
-    # forget/retain balance of mixed batches stays the same whatever the request's size.
-    retain_ratio: float = 0.0
-    # Retain-only repair pass after the unlearning epochs (0 = none), at repair_lr.
-    repair_batches: int = 0
-    repair_lr: float = 0.01
-    # Which parameters move: "all", or "classifier" (the Linear layers only; conv features stay put).
-    layers: str = "all"
-    # Batches per side used to estimate ḡ_f and ḡ_r (0 = every forget batch and every sampled retain batch).
-    norm_batches: int = 0
-    observe_activations: bool = False  # let activation ranges move (default: keep the deployed grid)
-    update_bn: bool = False  # let BatchNorm running statistics move
-    # "val": skip an epoch's forget pass once forget accuracy (eval mode, at the epoch start) is at or
-    # below accuracy on the held-out validation split, i.e. once the forget set already looks unseen.
-    forget_target: str = "none"
-    # Cap on each forget sample's similar-label loss (0 = off). Samples the model already holds far
-    # from ỹ (loss above the cap) then give no gradient, so the update acts on the confusable ones.
-    forget_loss_cap: float = 0.0
-    famr_lambda: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        def bad(key: str, fix: str) -> ConfigError:
-            return ConfigError(f"unlearn.{key}={getattr(self, key)!r} is invalid", fix)
-
-        if self.epochs < 0:
-            raise bad("epochs", "use 0 or more epochs")
-        if not self.lr > 0:
-            raise bad("lr", "use a positive learning rate, e.g. 0.01")
-        if self.batch_size < 1:
-            raise bad("batch_size", "use e.g. 256")
-        if self.schedule not in SCHEDULES:
-            raise bad("schedule", f"choose one of {SCHEDULES}")
-        if self.update not in UPDATES:
-            raise bad("update", f"choose one of {UPDATES}")
-        if self.label_variant not in LABEL_VARIANTS:
-            raise bad("label_variant", f"choose one of {LABEL_VARIANTS}")
-        if self.retain_batches < 0 or self.repair_batches < 0:
-            raise ConfigError("unlearn.retain_batches / repair_batches must be >= 0", "use 0 to disable")
-        if self.retain_ratio < 0 or (self.retain_ratio > 0 and self.retain_batches > 0):
-            raise bad("retain_ratio", "use a non-negative ratio, and not together with retain_batches")
-        if not self.repair_lr > 0:
-            raise bad("repair_lr", "use a positive learning rate")
-        if self.layers not in LAYERS:
-            raise bad("layers", f"choose one of {LAYERS}")
-        if self.norm_batches < 0:
-            raise bad("norm_batches", "use 0 (all batches) or a positive count")
-        if self.forget_loss_cap < 0 or (self.forget_loss_cap > 0 and self.update != "sequential"):
-            raise bad("forget_loss_cap", "use a non-negative cap, with update='sequential' (mixed batches ignore it)")
-        if self.forget_target not in FORGET_TARGETS:
-            raise bad("forget_target", f"choose one of {FORGET_TARGETS}")
-        if self.famr_lambda < 0:
-            raise bad("famr_lambda", "use a non-negative anchor strength")
+M = TypeVar("M", bound="Method")
 
 
 @dataclass
 class UnlearnContext:
     """Everything a method may use. Tensors are float32 images in [0, 1] and int64 labels.
 
-    With a feature cache, a head-only method (``layers="classifier"``, the shared ``Method.run``) reads
+    With a feature cache, a head-only method (``layers="classifier"``, the shared ``LoopMethod.run``) reads
     the retain / val features instead of pixels, and ``pipeline.run_unlearn`` passes empty placeholders
     for retain_x / val_x.
     """
@@ -176,13 +114,30 @@ class Step:
 
 
 class Method:
-    """Base class. Loop-based methods implement ``steps`` (and optionally ``begin_epoch`` / ``loss``)."""
+    """Base class: ``run`` a method with its config. ``register(ConfigClass)`` sets ``name`` and ``config_class``."""
 
     name: ClassVar[str] = ""
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
 
-    def __init__(self, cfg: UnlearnConfig) -> None:
+    def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg
+
+    def run(self, ctx: UnlearnContext) -> UnlearnResult:
+        raise NotImplementedError(f"{type(self).__name__} must implement run()")
+
+
+class LoopMethod(Method):
+    """A method on the shared training loop: implements ``steps`` (and optionally ``begin_epoch`` / ``loss``)."""
+
+    cfg: LoopConfig
+
+    def __init__(self, cfg: LoopConfig) -> None:
+        super().__init__(cfg)
         self.gen = torch.Generator().manual_seed(cfg.seed)
+
+    def with_val(self) -> bool:
+        """Whether the epochs read the validation split (classifier mode then needs its features too)."""
+        return False
 
     # -- hooks -----------------------------------------------------------------------------------
     def begin_epoch(self, ctx: UnlearnContext, epoch: int) -> dict[str, float]:
@@ -212,10 +167,10 @@ class Method:
         start = time.perf_counter()
         if cfg.layers == "classifier":
             # train the head on cached features; the convs stay as deployed
-            ctx = classifier_context(ctx, with_val=cfg.forget_target == "val")
+            ctx = classifier_context(ctx, with_val=self.with_val())
         qat = ctx.qat
         opt = sgd(qat, cfg.lr, cfg.momentum, cfg.weight_decay)
-        log: dict[str, Any] = {"method": self.name, "config": asdict(cfg), "epochs": []}
+        log: dict[str, Any] = {"method": self.name, "config": cfg.to_dict(), "epochs": []}
         with Progress(ctx.quiet) as progress:
             task = progress.add(f"unlearn {self.name}", cfg.epochs)
             for epoch in range(cfg.epochs):
@@ -301,24 +256,35 @@ def classifier_context(ctx: UnlearnContext, with_val: bool) -> UnlearnContext:
     )
 
 
-REGISTRY: dict[str, type[Method]] = {}
+REGISTRY: dict[str, type[Method]] = {}  # method name -> method class (for listing)
+HANDLERS: dict[type[MethodConfig], type[Method]] = {}  # config class -> method class (for dispatch)
 
 
-def register(cls: type[Method]) -> type[Method]:
-    REGISTRY[cls.name] = cls
-    return cls
+def register(config_class: type[MethodConfig]) -> Callable[[type[M]], type[M]]:
+    """Class decorator: the method runs configs of exactly ``config_class`` and takes its name."""
+
+    def decorate(cls: type[M]) -> type[M]:
+        register_method_config(config_class)  # the allow-list config_from_dict rebuilds from
+        cls.name, cls.config_class = config_class.name, config_class
+        REGISTRY[config_class.name] = cls
+        HANDLERS[config_class] = cls
+        return cls
+
+    return decorate
 
 
-def get_method(cfg: UnlearnConfig) -> Method:
-    if cfg.method not in REGISTRY:
-        raise UnlearningError(
-            f"unknown unlearning method {cfg.method!r}", f"choose one of: {', '.join(sorted(REGISTRY))}"
-        )
-    return REGISTRY[cfg.method](cfg)
+def get_method(cfg: MethodConfig) -> Method:
+    """The method registered for ``type(cfg)`` (exactly: a subclass of a config is another method)."""
+    cls = HANDLERS.get(type(cfg))
+    if cls is None:
+        registered = ", ".join(f"{c.__name__} ({c.name})" for c in HANDLERS)
+        raise UnlearningError(f"no unlearning method is registered for {type(cfg).__name__}",
+                              f"pass one of: {registered}")
+    return cls(cfg)
 
 
-def unlearn(ctx: UnlearnContext, cfg: UnlearnConfig) -> UnlearnResult:
-    """Run ``cfg.method`` on ``ctx`` (the QAT copy in ``ctx.qat`` is changed in place)."""
+def unlearn(ctx: UnlearnContext, cfg: MethodConfig) -> UnlearnResult:
+    """Run the method of ``type(cfg)`` on ``ctx`` (the QAT copy in ``ctx.qat`` is changed in place)."""
     if len(ctx.forget_x) == 0:
         raise UnlearningError("the forget set is empty", "file a request first: `edge-qmul forget --run DIR ...`")
     return get_method(cfg).run(ctx)
@@ -372,16 +338,19 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) ->
     return torch.cat([model(b) for b in x.split(batch_size)]) if len(x) else torch.empty(0)
 
 
-@register
-class QMul(Method):
-    name = "qmul"
+@register(QMul)
+class QMulMethod(LoopMethod):
+    cfg: QMul
 
-    def __init__(self, cfg: UnlearnConfig) -> None:
+    def __init__(self, cfg: QMul) -> None:
         super().__init__(cfg)
         self.forget_labels = torch.empty(0, dtype=torch.long)
         self.retain_idx = torch.empty(0, dtype=torch.long)
         self.w_f = self.w_r = 1.0
         self.skip_forget = False
+
+    def with_val(self) -> bool:
+        return self.cfg.forget_target == "val"
 
     def begin_epoch(self, ctx: UnlearnContext, epoch: int) -> dict[str, float]:
         model = ctx.qat.eval()  # no BatchNorm statistics update while labels and norms are measured
@@ -450,11 +419,9 @@ class QMul(Method):
 # ---------------------------------------------------------------------------------------------------
 
 
-@register
-class Finetune(Method):
+@register(Finetune)
+class FinetuneMethod(LoopMethod):
     """FT: continue training on the retain set only."""
-
-    name = "finetune"
 
     def steps(self, ctx: UnlearnContext, epoch: int) -> Iterator[Step]:
         idx = self.retain_sample(ctx)
@@ -462,11 +429,9 @@ class Finetune(Method):
             yield Step(ctx.retain_x[b], ctx.retain_y[b], 1.0, "retain")
 
 
-@register
-class RandomLabel(Method):
+@register(RandomLabel)
+class RandomLabelMethod(LoopMethod):
     """RL: forget samples get a uniformly random wrong label each epoch, mixed with the retain set."""
-
-    name = "random_label"
 
     def steps(self, ctx: UnlearnContext, epoch: int) -> Iterator[Step]:
         n_f = len(ctx.forget_y)
@@ -479,27 +444,25 @@ class RandomLabel(Method):
             yield Step(x[b], y[b], 1.0, "mixed")
 
 
-@register
-class GradAscent(Method):
+@register(GradAscent)
+class GradAscentMethod(LoopMethod):
     """GA: ascend the cross-entropy on the forget set."""
-
-    name = "grad_ascent"
 
     def steps(self, ctx: UnlearnContext, epoch: int) -> Iterator[Step]:
         for b in self.batches(len(ctx.forget_x)):
             yield Step(ctx.forget_x[b], ctx.forget_y[b], -1.0, "forget")
 
 
-@register
-class Famr(Method):
+@register(Famr)
+class FamrMethod(LoopMethod):
     """FAMR: push forget predictions to uniform, anchored to the parameters before unlearning.
 
     loss = CE(uniform, p_θ(x)) on forget batches + (λ/2)‖θ − θ₀‖².
     """
 
-    name = "famr"
+    cfg: Famr
 
-    def __init__(self, cfg: UnlearnConfig) -> None:
+    def __init__(self, cfg: Famr) -> None:
         super().__init__(cfg)
         self.anchor: list[torch.Tensor] = []
 
@@ -538,11 +501,9 @@ def retrain_float(ctx: UnlearnContext, label: str = "retrain") -> tuple[nn.Modul
     return model, log["epochs"]
 
 
-@register
-class Retrain(Method):
+@register(Retrain)
+class RetrainMethod(Method):
     """The gold standard: float training from scratch on the retain set, then the same quantization."""
-
-    name = "retrain"
 
     def run(self, ctx: UnlearnContext) -> UnlearnResult:
         start = time.perf_counter()
@@ -557,17 +518,17 @@ class Retrain(Method):
         return UnlearnResult(self.name, qat, int8, log, float_model=float_model)
 
 
-@register
-class Auto(Method):
+@register(Auto)
+class AutoMethod(Method):
     """The hybrid planner (DESIGN §4.3): exact replay from a generation checkpoint when that is estimated
-    to be cheaper than Q-MUL, Q-MUL (with this config) otherwise. See ``edge_qmul.planner``."""
+    to be cheaper than Q-MUL, Q-MUL (with this config's fields) otherwise. See ``edge_qmul.planner``."""
 
-    name = "auto"
+    cfg: Auto
 
     def run(self, ctx: UnlearnContext) -> UnlearnResult:
         start = time.perf_counter()
         h = ctx.history
-        approx_cfg = replace(self.cfg, method="qmul")
+        approx_cfg = self.cfg.qmul()
         approx = estimate_qmul_seconds(ctx, approx_cfg)
         step = probe_train_step(ctx)
         if h is None:  # no training record (a context built by hand): one generation, quantization not timed
@@ -577,7 +538,7 @@ class Auto(Method):
         else:
             p = planner.plan(h.generations, set(h.forget_ids), ctx.train_cfg, step, h.quantize_seconds, approx)
         if p.choice == "approximate":
-            result = QMul(approx_cfg).run(ctx)
+            result = QMulMethod(approx_cfg).run(ctx)
             extra: dict[str, Any] = {"epochs": result.log["epochs"], "qmul": result.log}
             float_model = None
             qat, int8 = result.qat, result.int8
@@ -596,7 +557,7 @@ class Auto(Method):
             qat, int8 = quantize_float(ctx, float_model)
             extra = {"epochs": [asdict(x) for x in logs], "replay": f"from phase {p.first_affected}"}
         seconds = time.perf_counter() - start
-        log = {"method": self.name, "config": asdict(self.cfg), "plan": p.to_dict(), "seconds": seconds, **extra}
+        log = {"method": self.name, "config": self.cfg.to_dict(), "plan": p.to_dict(), "seconds": seconds, **extra}
         return UnlearnResult(self.name, qat, int8, log, float_model=float_model)
 
 
@@ -615,7 +576,7 @@ def probe_train_step(ctx: UnlearnContext, probes: int = 8) -> float:
     return (time.perf_counter() - t0) / probes
 
 
-def retain_sample_size(cfg: UnlearnConfig, n_forget: int, n_retain: int) -> int:
+def retain_sample_size(cfg: LoopConfig, n_forget: int, n_retain: int) -> int:
     """Retain samples drawn per epoch (0 = every one): ``retain_batches`` batches, or ``retain_ratio`` x
     the forget set (at least one batch), capped at the retain set."""
     if cfg.retain_batches:
@@ -627,7 +588,7 @@ def retain_sample_size(cfg: UnlearnConfig, n_forget: int, n_retain: int) -> int:
     return 0 if k >= n_retain else k
 
 
-def estimate_qmul_seconds(ctx: UnlearnContext, cfg: UnlearnConfig, probes: int = 8) -> float:
+def estimate_qmul_seconds(ctx: UnlearnContext, cfg: QMul, probes: int = 8) -> float:
     """Q-MUL's cost on this context: its step count x a step time measured on the model, plus conversion.
 
     The probe steps run forward and backward on real batches without an optimizer step, so the model is

@@ -38,6 +38,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from edge_qmul.atomic import write_json
+from edge_qmul.config import QMul, build, method_config
 from edge_qmul.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ def unlearn_pending(cfg: FederatedConfig) -> tuple[str | None, int]:
 
     if not _pending(cfg):
         return None, 0
-    meta = pipeline.run_unlearn(cfg.run_path, pipeline.method_config("qmul", cfg.unlearn_overrides), quiet=True)
+    meta = pipeline.run_unlearn(cfg.run_path, method_config("qmul", cfg.unlearn_overrides), quiet=True)
     return _honour(cfg, meta)
 
 
@@ -237,7 +238,7 @@ def unlearn_federated(grid: Grid, cfg: FederatedConfig, participants: dict[int, 
         return None, 0
     q = pipeline.load_quantized(cfg.run_path)
     head = fedqmul.head_of(q)
-    ucfg = pipeline.method_config("qmul", {**cfg.unlearn_overrides, "layers": "classifier"})
+    ucfg = build(QMul, {**cfg.unlearn_overrides, "layers": "classifier"}, "[tool.flwr.app.config] unlearn-*")
     cfg_json = fedqmul.config_json(ucfg)
     nodes = dict(participants)
     rounds: list[dict[str, Any]] = []
@@ -270,7 +271,7 @@ def unlearn_federated(grid: Grid, cfg: FederatedConfig, participants: dict[int, 
                  w_f, w_r, rounds[-1]["forget_acc"])
     int8 = quant.convert(q.qat)
     seconds = time.perf_counter() - t0
-    result = UnlearnResult("fedqmul", q.qat, int8, {"seconds": seconds, "config": asdict(ucfg), "rounds": rounds})
+    result = UnlearnResult("fedqmul", q.qat, int8, {"seconds": seconds, "config": ucfg.to_dict(), "rounds": rounds})
     meta = pipeline.save_result(cfg.run_path, "fedqmul", q, result, request_ids, forget_ids)
     return _honour(cfg, meta)
 

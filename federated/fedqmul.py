@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +41,11 @@ from edge_qmul.federated.config import DeviceConfig
 from torch import nn
 
 from edge_qmul import data, quant
+from edge_qmul.config import QMul, config_from_dict
 from edge_qmul.errors import ConfigError, UnlearningError
 from edge_qmul.pipeline import Quantized, load_payload, load_quantized
 from edge_qmul.train import sgd
-from edge_qmul.unlearn import QMul, UnlearnConfig, UnlearnContext, grad_norm_sum, predict_logits, similar_labels
+from edge_qmul.unlearn import QMulMethod, UnlearnContext, grad_norm_sum, predict_logits, similar_labels
 
 FEATURES_FORMAT = "edge-qmul/device-features/1"
 STAT_KEYS = ("g-f-sum", "f-samples", "g-r-sum", "r-samples", "forget-correct", "n-forget", "retain-correct",
@@ -123,7 +124,7 @@ def _context(q: Quantized, head: nn.Module, local: LocalData) -> UnlearnContext:
     )
 
 
-def local_stats(head: nn.Module, local: LocalData, cfg: UnlearnConfig, seed: int) -> dict[str, float]:
+def local_stats(head: nn.Module, local: LocalData, cfg: QMul, seed: int) -> dict[str, float]:
     """Similar labels and gradient-norm sums at the broadcast weights (step 1 of a round)."""
     model = head.eval()
     gen = torch.Generator().manual_seed(seed)
@@ -145,10 +146,10 @@ def local_stats(head: nn.Module, local: LocalData, cfg: UnlearnConfig, seed: int
     return out
 
 
-class _RoundQMul(QMul):
+class _RoundQMul(QMulMethod):
     """Central Q-MUL's epoch with the fleet's weights instead of locally measured ones."""
 
-    def __init__(self, cfg: UnlearnConfig, w_f: float, w_r: float) -> None:
+    def __init__(self, cfg: QMul, w_f: float, w_r: float) -> None:
         super().__init__(cfg)
         self.fleet_weights = (w_f, w_r)
 
@@ -161,7 +162,7 @@ class _RoundQMul(QMul):
 
 
 def local_update(
-    q: Quantized, head: nn.Module, local: LocalData, cfg: UnlearnConfig, w_f: float, w_r: float, lr: float, seed: int
+    q: Quantized, head: nn.Module, local: LocalData, cfg: QMul, w_f: float, w_r: float, lr: float, seed: int
 ) -> dict[str, float]:
     """One local epoch of Q-MUL steps on the device's samples (step 3 of a round); trains ``head`` in place."""
     method = _RoundQMul(replace(cfg, seed=seed), w_f, w_r)
@@ -226,15 +227,22 @@ def cosine(base: float, epoch: int, epochs: int) -> float:
     return 0.5 * base * (1.0 + math.cos(math.pi * epoch / max(1, epochs)))
 
 
-def config_json(cfg: UnlearnConfig) -> str:
-    return json.dumps(asdict(cfg), sort_keys=True)
+def config_json(cfg: QMul) -> str:
+    return json.dumps(cfg.to_dict(), sort_keys=True)
 
 
-def config_from_json(text: str) -> UnlearnConfig:
+def config_from_json(text: str) -> QMul:
+    """The server's Q-MUL config (``config_json``), rebuilt only from the allow-listed config classes."""
+    fix = "update the device software"
     try:
-        return UnlearnConfig(**json.loads(text))
-    except (TypeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"unlearning config from the server is invalid: {err}", "update the device software") from err
+        cfg = config_from_dict(json.loads(text), "unlearning config from the server")
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"unlearning config from the server is invalid: {err}", fix) from err
+    except ConfigError as err:
+        raise ConfigError(err.message, f"{err.fix}; or {fix}" if err.fix else fix) from err
+    if type(cfg) is not QMul:
+        raise ConfigError(f"the server sent a {type(cfg).__name__} config; federated rounds run qmul", fix)
+    return cfg
 
 
 def state_of(head: nn.Module) -> dict[str, torch.Tensor]:

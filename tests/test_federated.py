@@ -30,6 +30,7 @@ from edge_qmul.federated.task import EXPECTED_FAULT_REASONS, Device, PendingRequ
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from edge_qmul import data
+from edge_qmul.config import method_config
 from edge_qmul.errors import ConfigError, ForgetRequestError, UnlearningError
 from edge_qmul.ledger import Ledger
 
@@ -590,7 +591,7 @@ def test_federated_round_unlearns_with_the_devices(trained_run: Path, tmp_path: 
     # deployed weights: the fleet's pooled statistics must measure what central Q-MUL measures. The forget
     # accuracy is the same number; w_f comes from different batches (device-sized vs 256), so it agrees to
     # sampling error (0.147 vs 0.166 here; 0.090 when a 10-sample device batch counted as a full batch).
-    pipeline.run_unlearn(run_dir, pipeline.method_config("qmul", {"epochs": 3}), quiet=True)
+    pipeline.run_unlearn(run_dir, method_config("qmul", {"epochs": 3}), quiet=True)
     central = json.loads((run_dir / "unlearn" / "qmul" / "log.json").read_text())["log"]["epochs"]
     assert len(forget_ids) > 400
     assert log["rounds"][0]["forget_acc"] == pytest.approx(central[0]["forget_acc"], abs=1e-4)

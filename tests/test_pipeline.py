@@ -9,6 +9,7 @@ import torch
 from conftest import copy_run
 
 from edge_qmul import data, pipeline, quant
+from edge_qmul.config import method_config
 
 
 def test_feature_cache_equals_the_int8_features(demo_run: Path, tmp_path: Path) -> None:
@@ -82,7 +83,7 @@ def test_head_only_unlearning_reads_no_pixels_and_matches_computing_features_afr
     cached = copy_run(demo_run, tmp_path / "cached")
     fresh = copy_run(demo_run, tmp_path / "fresh")
     (fresh / "features.pt").unlink()
-    cfg = pipeline.method_config("qmul", {"epochs": 2})
+    cfg = method_config("qmul", {"epochs": 2})
     gathered: list[str] = []
     tensors = pipeline.RunData.tensors
     monkeypatch.setattr(pipeline.RunData, "tensors", lambda self, which: gathered.append(which) or tensors(self, which))

@@ -1,20 +1,53 @@
 import math
+from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import pytest
 import torch
 
 from edge_qmul import quant
+from edge_qmul.config import (
+    METHODS,
+    Auto,
+    Famr,
+    Finetune,
+    GradAscent,
+    LoopConfig,
+    MethodConfig,
+    QMul,
+    RandomLabel,
+    Retrain,
+    method_config,
+)
 from edge_qmul.errors import ConfigError, UnlearningError
 from edge_qmul.unlearn import (
+    HANDLERS,
     REGISTRY,
-    Method,
+    AutoMethod,
+    FamrMethod,
+    FinetuneMethod,
+    GradAscentMethod,
+    LoopMethod,
+    QMulMethod,
+    RandomLabelMethod,
+    RetrainMethod,
     Step,
-    UnlearnConfig,
     UnlearnContext,
+    get_method,
     grad_norm_sum,
     similar_labels,
     unlearn,
 )
+
+
+def _loop_cfg(method: str, **changes: object) -> MethodConfig:
+    """The settings these tests always used (the old flat config's defaults): the paper code's loop settings
+    (Q-MUL's released code) with ``changes``; retrain has no loop settings and ignored them."""
+    cls = METHODS[method]
+    if cls is Retrain:
+        return Retrain()
+    base = cls.paper_code() if issubclass(cls, QMul) else cls(epochs=10, lr=0.01)
+    return replace(base, **changes)
 
 
 def test_similar_labels_pick_the_most_confusable_wrong_class() -> None:
@@ -53,7 +86,7 @@ def _ctx(digits, qat: torch.nn.Module | None = None) -> UnlearnContext:
 
 @pytest.mark.parametrize("method", sorted(REGISTRY))
 def test_every_method_returns_an_int8_model_and_a_log(digits, method: str) -> None:
-    result = unlearn(_ctx(digits), UnlearnConfig(method=method, epochs=2, lr=0.01, retain_batches=2))
+    result = unlearn(_ctx(digits), _loop_cfg(method, epochs=2, lr=0.01, retain_batches=2))
     assert result.method == method
     assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in result.int8.modules())
     assert result.log["seconds"] > 0
@@ -64,7 +97,7 @@ def test_every_method_returns_an_int8_model_and_a_log(digits, method: str) -> No
 
 
 def test_qmul_log_has_balanced_adaptive_weights(digits) -> None:
-    result = unlearn(_ctx(digits), UnlearnConfig(method="qmul", epochs=2, lr=0.01))
+    result = unlearn(_ctx(digits), QMul.paper_code(epochs=2, lr=0.01))
     for epoch in result.log["epochs"]:
         assert epoch["w_f"] + epoch["w_r"] == pytest.approx(1.0)
         assert epoch["w_f"] * epoch["g_f"] == pytest.approx(epoch["w_r"] * epoch["g_r"])
@@ -79,7 +112,7 @@ def test_qmul_raises_the_loss_on_the_forget_set_only(digits, update: str) -> Non
         with torch.no_grad():
             return float(torch.nn.functional.cross_entropy(model(x), y))
 
-    cfg = UnlearnConfig(method="qmul", epochs=10, lr=0.1, layers="classifier", update=update)
+    cfg = QMul.paper_code(epochs=10, lr=0.1, layers="classifier", update=update)
     result = unlearn(_ctx(digits), cfg)
     forget = mean_loss(result.int8, digits.forget_x, digits.forget_y) / mean_loss(
         digits.int8, digits.forget_x, digits.forget_y
@@ -94,8 +127,36 @@ def test_qmul_raises_the_loss_on_the_forget_set_only(digits, update: str) -> Non
 
 def test_unknown_method_lists_the_registry(digits) -> None:
     with pytest.raises(UnlearningError) as err:
-        unlearn(_ctx(digits), UnlearnConfig(method="magic"))
+        method_config("magic")
     assert "qmul" in str(err.value) and "retrain" in str(err.value)
+
+    @dataclass(frozen=True)
+    class Magic(LoopConfig):  # a config class no method is registered for
+        name: ClassVar[str] = "magic"
+
+    with pytest.raises(UnlearningError) as err:
+        unlearn(_ctx(digits), Magic())
+    assert "Magic" in str(err.value) and "QMul (qmul)" in str(err.value) and "Retrain (retrain)" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "method"),
+    [
+        (QMul(), QMulMethod), (Auto(), AutoMethod), (Finetune(), FinetuneMethod), (RandomLabel(), RandomLabelMethod),
+        (GradAscent(), GradAscentMethod), (Famr(), FamrMethod), (Retrain(), RetrainMethod),
+    ],
+)
+def test_dispatch_by_the_config_type(cfg: MethodConfig, method: type) -> None:
+    got = get_method(cfg)
+    assert type(got) is method and got.cfg is cfg  # Auto subclasses QMul but runs the planner
+    assert got.name == cfg.name and REGISTRY[cfg.name] is method and HANDLERS[type(cfg)] is method
+    assert set(REGISTRY) == set(METHODS)
+
+
+def test_auto_runs_qmul_with_its_own_fields() -> None:
+    auto = Auto(epochs=3, lr=0.2, retain_ratio=2.0)
+    qmul = auto.qmul()
+    assert type(qmul) is QMul and qmul.to_dict() == {**auto.to_dict(), "method": "qmul"}
 
 
 @pytest.mark.parametrize(
@@ -107,11 +168,11 @@ def test_unknown_method_lists_the_registry(digits) -> None:
 )
 def test_config_validation(kwargs: dict) -> None:
     with pytest.raises(ConfigError):
-        UnlearnConfig(**kwargs)
+        QMul.paper_code(**kwargs)
 
 
 def test_non_finite_loss_is_an_error(digits) -> None:
-    class Diverges(Method):
+    class Diverges(LoopMethod):
         name = "diverges"
 
         def steps(self, ctx, epoch):  # type: ignore[no-untyped-def]
@@ -121,11 +182,11 @@ def test_non_finite_loss_is_an_error(digits) -> None:
             return logits.sum() * float("nan")
 
     with pytest.raises(UnlearningError, match="loss became nan"):
-        Diverges(UnlearnConfig(epochs=1)).run(_ctx(digits))
+        Diverges(QMul.paper_code(epochs=1)).run(_ctx(digits))
 
 
 def test_retrain_never_sees_the_forget_set(digits) -> None:
-    result = unlearn(_ctx(digits), UnlearnConfig(method="retrain"))
+    result = unlearn(_ctx(digits), Retrain())
     assert result.float_model is not None
     assert math.isfinite(result.log["seconds"])
     assert quant.convert(result.qat) is not None
@@ -134,7 +195,7 @@ def test_retrain_never_sees_the_forget_set(digits) -> None:
 def test_classifier_mode_moves_only_the_classifier(digits) -> None:
     qat = digits.qat()
     before = {n: p.detach().clone() for n, p in qat.named_parameters()}
-    result = unlearn(_ctx(digits, qat), UnlearnConfig(method="qmul", epochs=3, lr=0.1, layers="classifier"))
+    result = unlearn(_ctx(digits, qat), QMul.paper_code(epochs=3, lr=0.1, layers="classifier"))
     moved = {n for n, p in result.qat.named_parameters() if not torch.equal(p, before[n])}
     assert moved and all(n.startswith("fc") for n in moved)
     assert result.qat is qat  # the full QAT copy was trained in place through its head
@@ -145,7 +206,7 @@ def test_classifier_mode_moves_only_the_classifier(digits) -> None:
 def test_forget_target_val_skips_the_forget_pass_once_forgotten(digits) -> None:
     ctx = _ctx(digits)
     ctx.val_x, ctx.val_y = digits.test_x, digits.test_y
-    result = unlearn(ctx, UnlearnConfig(method="qmul", epochs=3, lr=0.1, forget_target="val"))
+    result = unlearn(ctx, QMul.paper_code(epochs=3, lr=0.1, forget_target="val"))
     for epoch in result.log["epochs"]:
         assert epoch["forget_pass"] == float(epoch["forget_acc"] > epoch["val_acc"])
         assert ("loss_forget" in epoch) == bool(epoch["forget_pass"])
@@ -166,24 +227,22 @@ def test_retain_ratio_draws_a_sample_proportional_to_the_forget_set() -> None:
     from edge_qmul.errors import ConfigError
     from edge_qmul.unlearn import retain_sample_size
 
-    cfg = UnlearnConfig(retain_ratio=3.0, batch_size=256)
+    cfg = QMul.paper_code(retain_ratio=3.0, batch_size=256)
     assert retain_sample_size(cfg, 5400, 48_600) == 16_200  # 3 x the forget set
     assert retain_sample_size(cfg, 1, 48_600) == 256  # at least one batch
     assert retain_sample_size(cfg, 20_000, 30_000) == 0  # more than the retain set: every sample
-    assert retain_sample_size(UnlearnConfig(retain_batches=4, batch_size=256), 5400, 48_600) == 1024
-    assert retain_sample_size(UnlearnConfig(), 5400, 48_600) == 0
+    assert retain_sample_size(QMul.paper_code(retain_batches=4, batch_size=256), 5400, 48_600) == 1024
+    assert retain_sample_size(QMul.paper_code(), 5400, 48_600) == 0
     with pytest.raises(ConfigError, match="retain_ratio"):
-        UnlearnConfig(retain_ratio=2.0, retain_batches=4)
+        QMul.paper_code(retain_ratio=2.0, retain_batches=4)
     with pytest.raises(ConfigError, match="retain_ratio"):
-        UnlearnConfig(retain_ratio=-1.0)
+        QMul.paper_code(retain_ratio=-1.0)
 
 
 def test_qmul_with_a_retain_ratio_sees_that_many_retain_samples_per_epoch(digits) -> None:
-    from edge_qmul.unlearn import QMul
-
     ctx = _ctx(digits)
-    method = QMul(UnlearnConfig(method="qmul", epochs=1, lr=0.01, retain_ratio=2.0, batch_size=16))
+    method = QMulMethod(QMul.paper_code(epochs=1, lr=0.01, retain_ratio=2.0, batch_size=16))
     idx = method.retain_sample(ctx)
     assert len(idx) == max(16, 2 * len(ctx.forget_x)) and len(set(idx.tolist())) == len(idx)
-    result = unlearn(ctx, UnlearnConfig(method="qmul", epochs=2, lr=0.01, retain_ratio=2.0))
+    result = unlearn(ctx, QMul.paper_code(epochs=2, lr=0.01, retain_ratio=2.0))
     assert len(result.log["epochs"]) == 2
