@@ -18,6 +18,7 @@ demo: install
 lint: install
 	$(BIN)/ruff check edge_qmul export federated devices tests bench
 	$(BIN)/mypy edge_qmul export devices federated
+	$(BIN)/pytest -q -p no:cacheprovider tests/test_layers.py   # the import contract (DESIGN §2)
 
 test: lint
 	$(BIN)/pytest -q -m "not slow and not federated and not arm"

@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         n_train = len(pipeline.load_run_data(run).split.train)
         for label, (method, overrides) in VARIANTS.items():
             meta = pipeline.run_unlearn(run, method_config(method, overrides), quiet=True)
-            rows.append({"train_samples": n_train, "variant": label, "seconds": float(meta["seconds"])})
-            print(f"train {n_train:>6}: {label:<26} {meta['seconds']:.2f}s", flush=True)
+            rows.append({"train_samples": n_train, "variant": label, "seconds": meta.seconds})
+            print(f"train {n_train:>6}: {label:<26} {meta.seconds:.2f}s", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cost_train_size.json").write_text(json.dumps({"forget": args.forget, "rows": rows}, indent=2) + "\n")
     table = "\n".join(f"| {r['train_samples']} | {r['variant']} | {r['seconds']:.2f} |" for r in rows)

@@ -78,13 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     table = pipeline.format_table(report)
     fed_log = json.loads((args.run / "unlearn" / "fedqmul" / "log.json").read_text())["log"]
     print(table)
-    rows = report["methods"]
+    rows = report.methods
     print(f"Avg Gap to retrain: central qmul {rows['qmul']['avg_gap']:.2f}, federated {rows['fedqmul']['avg_gap']:.2f}")
 
     result: dict[str, Any] = {
         "clients": args.clients,
         "requests": summary.accepted,
-        "forget_count": report["forget_count"],
+        "forget_count": report.forget_count,
         "round": {"seconds": round_seconds, **{k: v for k, v in vars(summary).items() if k != "seconds"},
                   "phase_seconds": summary.seconds},
         "report": report,
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     (args.out / "federated_modes.md").write_text(
         f"# Central vs federated Q-MUL, Fashion-MNIST, {args.clients} devices, small CNN, int8 (x86)\n\n"
-        f"{summary.accepted} device-filed requests ({report['forget_count']} samples) collected in one forget "
+        f"{summary.accepted} device-filed requests ({report.forget_count} samples) collected in one forget "
         f"round through the in-process Grid (the real app code and Flower serialization; no SuperLink).\n"
         "Central Q-MUL and retrain ran on the same ledger. Federated seconds: the devices ran one after "
         "another in one process.\n\n"

@@ -55,7 +55,8 @@ def bench_model(name: str, channels: int, size: int, out: Path, rounds: int) -> 
     model = build_model(cfg).eval()
     calib = [torch.rand(64, channels, size, size) for _ in range(4)]
     int8 = quant.quantize_ptq(model, calib, "x86")
-    res = export_models(int8, model, out, (channels, size, size), {"dataset": "random", "bench": name})
+    res = export_models(int8, model, out / "model.int8.onnx", out / "model.fp32.onnx", (channels, size, size),
+                        {"dataset": "random", "bench": name})
     counts, _ = optimized_op_counts(res.int8_path)
     row: dict[str, Any] = {
         "model": name,

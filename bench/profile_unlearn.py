@@ -33,9 +33,9 @@ STAGES: dict[str, tuple[str, str]] = {
     "load dataset + split (load_run_data)": ("edge_qmul/pipeline.py", "load_run_data"),
     "gather pixel tensors (RunData.tensors)": ("edge_qmul/pipeline.py", "tensors"),
     "load feature cache (load_features)": ("edge_qmul/pipeline.py", "load_features"),
-    "Q-MUL loop (Method.run)": ("edge_qmul/unlearn.py", "run"),
-    "  similar labels + g_f/g_r (begin_epoch)": ("edge_qmul/unlearn.py", "begin_epoch"),
-    "  training steps (train_steps)": ("edge_qmul/unlearn.py", "train_steps"),
+    "Q-MUL loop (Method.run)": ("edge_qmul/methods.py", "run"),
+    "  similar labels + g_f/g_r (begin_epoch)": ("edge_qmul/methods.py", "begin_epoch"),
+    "  training steps (train_steps)": ("edge_qmul/methods.py", "train_steps"),
     "  re-convert to int8 (quant.convert)": ("edge_qmul/quant.py", "convert"),
     "save result (save_result)": ("edge_qmul/pipeline.py", "save_result"),
 }
@@ -86,10 +86,10 @@ def profile_case(run: Path, label: str) -> dict[str, Any]:
     stats = pstats.Stats(prof)
     stages = stage_seconds(stats)
     total = stages["whole verb (run_unlearn)"]
-    print(f"\n{label}: wall {wall:.2f} s (method's own clock {meta['seconds']:.2f} s); profiled {total:.2f} s")
+    print(f"\n{label}: wall {wall:.2f} s (method's own clock {meta.seconds:.2f} s); profiled {total:.2f} s")
     for stage, s in stages.items():
         print(f"  {stage:<44} {s:7.2f} s  {100 * s / total:5.1f}%")
-    return {"case": label, "wall_s": wall, "method_s": float(meta["seconds"]), "stages": stages,
+    return {"case": label, "wall_s": wall, "method_s": meta.seconds, "stages": stages,
             "top_own_time": top_functions(stats)}
 
 

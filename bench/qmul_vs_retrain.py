@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         pipeline.run_unlearn(rdir, method_config(method), quiet=args.quiet)
     report = pipeline.evaluate(rdir, ["retrain", "qmul", *OTHERS])
     table = pipeline.format_table(report)
-    rows = report["methods"]
+    rows = report.methods
     ratio = rows["qmul"]["seconds"] / rows["retrain"]["seconds"]
     summary = {
         "qmul_avg_gap": rows["qmul"]["avg_gap"],
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     (args.out / "qmul_vs_retrain.md").write_text(
         "# Q-MUL vs retrain, Fashion-MNIST, 10% random forgetting, small CNN, int8 (x86)\n\n"
-        f"Reported forget set ({report['forget_count']} samples), measured in one run:\n\n"
+        f"Reported forget set ({report.forget_count} samples), measured in one run:\n\n"
         f"```\n{table}\n```\n\n"
         f"qmul / retrain wall time: {ratio:.3f}. Targets: `{json.dumps(summary['targets'])}`\n\n"
         f"Tuning grid: {len(TUNING_SEEDS)} disjoint forget sets of the same size, each with its own retrain; "

@@ -29,8 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from edge_qmul.export.onnx_export import export_models
-from edge_qmul.export.stage import export_run
+from edge_qmul.export.stage import export_onnx, export_run
 from edge_qmul.export.validate import ort_logits, ort_session
 
 from edge_qmul import pipeline
@@ -61,8 +60,8 @@ def onnx_metrics(run: Path, method: str | None) -> dict[str, float]:
         q = pipeline.load_quantized(run)
         out = run / "none-onnx"
         cfg = q.model_cfg
-        path = export_models(q.int8, q.float_model, out, (cfg.in_channels, cfg.image_size, cfg.image_size),
-                             {"method": "none"}).int8_path
+        path = export_onnx(q.int8, out / "model.int8.onnx", (cfg.in_channels, cfg.image_size, cfg.image_size),
+                           metadata={"method": "none"})
     else:
         path = export_run(run, method).int8_path
     session = ort_session(path, threads=2)
@@ -86,7 +85,7 @@ def run_methods(run: Path, methods: dict[str, dict[str, Any]]) -> dict[str, dict
         method = str(spec.get("method", name))
         cfg = method_config(method, {k: v for k, v in spec.items() if k != "method"})
         meta = pipeline.run_unlearn(run, cfg, quiet=True)
-        rows[name] = {**onnx_metrics(run, method), "seconds": float(meta["seconds"])}
+        rows[name] = {**onnx_metrics(run, method), "seconds": meta.seconds}
         if method == "auto":
             log = json.loads((run / "unlearn" / "auto" / "log.json").read_text())["log"]
             rows[name]["auto_choice"] = log["plan"]["choice"]  # type: ignore[assignment]

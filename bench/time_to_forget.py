@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             pipeline.forget(r, ids=data.select_forget(rd.split, rd.source.train.labels, count=size, seed=size),
                             request_id=f"n{size}")
             m = pipeline.run_unlearn(r, method_config("qmul", overrides), quiet=True)
-            curve.append({"forget": size, "variant": label, "seconds": float(m["seconds"])})
-            print(f"forget {size:>5}: qmul {label:<18} {m['seconds']:.2f}s", flush=True)
+            curve.append({"forget": size, "variant": label, "seconds": m.seconds})
+            print(f"forget {size:>5}: qmul {label:<18} {m.seconds:.2f}s", flush=True)
     retrain_seconds = json.loads((args.run / "run.json").read_text())["train_seconds"]
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -107,7 +107,7 @@ def time_to_forget(base: Path, samples: int) -> dict[str, Any]:
               for name, c in v.checks.items() if name in ("fa_minus_ta", "loss_auc", "ta_drop")}
     print(f"time to forget ({samples} samples): {total:.1f}s {json.dumps({k: round(x, 1) for k, x in stages.items()})}"
           f"; validation passed: {v.passed}; {json.dumps(checks)}", flush=True)
-    return {"samples": samples, "seconds": total, "stages": stages, "unlearn_seconds": meta["seconds"],
+    return {"samples": samples, "seconds": total, "stages": stages, "unlearn_seconds": meta.seconds,
             "validation_passed": v.passed, "checks": checks,
             "metrics": {k: v.metrics[k] for k in ("FA", "FA_before", "TA", "TA_before", "loss_auc")}}
 

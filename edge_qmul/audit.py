@@ -146,5 +146,5 @@ def audit_run(run_dir: Any, methods: list[str], k: int = 4, seed: int = 0, max_t
     report = {"references": k, "seed": seed, "forget": len(fy), "test": len(ty),
               "reference_out_per_forget_sample": float((~refs.trained_on[:, is_forget]).sum(0).mean()),
               "targets": results}
-    write_json(run_dir / "audit.json", report)
+    write_json(pipeline.as_run(run_dir).path("audit"), report)
     return report

@@ -1,4 +1,4 @@
-"""``edge-qmul`` command line: a thin layer over edge_qmul.pipeline.
+"""``edge-qmul`` command line: one small function per verb over ``eq.Run`` and the export / federated stages.
 
 Heavy imports (torch, sklearn) happen inside the commands so ``edge-qmul --help`` is instant. Options
 come from a TOML file (``--config``) and flags; flags win. Errors print one message with the fix and
@@ -26,15 +26,22 @@ def _ids(text: str) -> list[int]:
 
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", help="digits (default), fashion-mnist, mnist, cifar10, cifar100, synthetic")
-    g.add_argument("--data-root", dest="root", help="dataset directory (fashion-mnist defaults to the Debian package)")
+    g.add_argument("--dataset", help="digits (default), fashion-mnist, mnist, cifar10, cifar100, synthetic, "
+                   "imagefolder (class sub-folders of PNG/JPEG), npz (x_train, y_train, x_test, y_test)")
+    g.add_argument("--data-root", dest="root", help="dataset directory or .npz file (fashion-mnist defaults to the "
+                   "Debian package)")
+    g.add_argument("--image-size", type=int, help="imagefolder: resize every image to N x N (default: keep)")
+    g.add_argument("--color", choices=["auto", "grayscale", "rgb"], help="imagefolder: channels (default auto)")
     g.add_argument("--seed", type=int, help="seed for the split, training and forget selection (default 0)")
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training recipe")
-    g.add_argument("--model", help="small_cnn (default), resnet8, resnet20, resnet18")
+    g.add_argument("--model", help="small_cnn (default), resnet8, resnet20, resnet18, mobilenetv2, or your own: "
+                   "FILE.py:FACTORY or package.module:FACTORY (a callable returning an nn.Module; it may take "
+                   "num_classes, in_channels, image_size)")
     g.add_argument("--width", type=int, help="channel width (0 = the model's default)")
+    g.add_argument("--width-multiplier", type=float, help="mobilenetv2: channel multiplier (default 1.0)")
     g.add_argument("--epochs", type=int, help="training epochs")
     g.add_argument("--lr", type=float, help="training learning rate")
     g.add_argument("--batch-size", type=int, help="training batch size")
@@ -75,9 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", help="comma-separated methods (default: retrain,qmul,finetune,random_label,"
                    "grad_ascent,famr)")
 
-    p = cmd("train", "split the dataset and train the float model")
-    _add_data_flags(p)
-    _add_train_flags(p)
+    for verb, help_ in (("train", "split the dataset and train the float model (or import weights: --weights)"),
+                        ("import", "split the dataset and import your trained float weights (train --weights)")):
+        p = cmd(verb, help_)
+        _add_data_flags(p)
+        _add_train_flags(p)
+        p.add_argument("--weights", type=Path, required=verb == "import",
+                       help="a float state_dict of the model (torch.save(model.state_dict(), FILE)); loaded with "
+                       "weights_only=True instead of training")
+        p.add_argument("--head", help="module name of the trainable head (default: the model's last nn.Linear)")
+        p.add_argument("--mean", help="imported weights: per-channel mean they were trained with (default 0)")
+        p.add_argument("--std", help="imported weights: per-channel std they were trained with (default 1)")
 
     p = cmd("quantize", "PTQ to the deployed int8 model and build its QAT copy")
     _add_quant_flags(p)
@@ -87,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("forget", "file a deletion request in the run's ledger")
     sel = p.add_mutually_exclusive_group(required=True)
     sel.add_argument("--ids", type=_ids, help="training-sample ids, e.g. 3,17,42")
+    sel.add_argument("--hashes", type=Path, help="a file of content ids (sha256 of each sample's bytes), one per line")
     sel.add_argument("--class", dest="klass", type=int, help="forget every training sample of this class")
     sel.add_argument("--count", type=int, help="forget this many random training samples")
     sel.add_argument("--fraction", type=float, help="forget this fraction of the training samples")
@@ -164,171 +180,261 @@ def _methods(text: str | None) -> list[str] | None:
     return None if text is None else [m.strip() for m in text.split(",") if m.strip()]
 
 
-def run_command(args: argparse.Namespace) -> int:
-    from edge_qmul import config, pipeline
+def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(t) for t in text.replace(",", " ").split())
+    except ValueError as err:
+        raise ConfigError(f"{flag} {text!r} is not a list of numbers",
+                          f"e.g. {flag} 0.5, or one per channel: {flag} 0.49,0.48,0.45") from err
 
-    toml = config.load_toml(args.config)
-    data_keys = ("dataset", "root", "seed")
-    train_keys = ("model", "width", "epochs", "lr", "batch_size", "generations")
-    quant_keys = ("backend", "calibration_size")
-    train_overrides = {**_overrides(args, train_keys), "seed": getattr(args, "seed", None)}
 
-    if args.command == "demo":
-        run_dir = args.run or pipeline.new_run_dir()
-        methods = _methods(args.methods)
-        unlearn_toml = dict(toml.get("unlearn", {}))  # a demo's [unlearn] table configures qmul
-        if unlearn_toml.pop("method", "qmul") != "qmul":
-            raise ConfigError("a demo's [unlearn] table configures qmul", 'leave out method = ... or set it to "qmul"')
-        report = pipeline.demo(
-            run_dir,
-            config.resolve("data", toml, _overrides(args, data_keys)),
-            config.resolve("train", toml, train_overrides),
-            config.resolve("quant", toml, _overrides(args, quant_keys)),
-            forget_fraction=args.forget_fraction,
-            methods=tuple(methods) if methods else pipeline.DEMO_METHODS,
-            unlearn_overrides=unlearn_toml,
-            quiet=args.quiet,
-        )
-        print(f"report: {run_dir / 'report.json'}")
-        return 0 if report else 1
-    if args.command == "train":
-        log = pipeline.train(
-            args.run,
-            config.resolve("data", toml, _overrides(args, data_keys)),
-            config.resolve("train", toml, train_overrides),
-            quiet=args.quiet,
-        )
-        print(f"trained: final train acc {log['epochs'][-1]['train_acc']:.2f}% ({log['seconds']:.1f}s) -> {args.run}")
-        return 0
-    if args.command == "quantize":
-        quant_overrides = _overrides(args, quant_keys)
-        if args.device:
-            from edge_qmul.devices.profiles import load_profile
-
-            engine = load_profile(args.device).quant_engine
-            if args.backend and args.backend != engine:
-                raise ConfigError(
-                    f"--backend {args.backend} contradicts --device {args.device} (engine {engine})",
-                    "pass only one of them",
-                )
-            quant_overrides["backend"] = engine
-        info = pipeline.quantize(args.run, config.resolve("quant", toml, quant_overrides))
-        print(json.dumps(info, indent=2))
-        return 0
-    if args.command == "forget":
-        if args.seed is None:
-            raise ConfigError("--seed needs a value", "pass --seed N")
-        out = pipeline.forget(
-            args.run, ids=args.ids, klass=args.klass, count=args.count, fraction=args.fraction,
-            request_id=args.request_id, seed=args.seed,
-        )
-        state = "recorded" if out["added"] else "already recorded (no change)"
-        print(f"request {out['request_id']}: {out['samples']} samples {state}; {out['forget_total']} to forget in all")
-        return 0
-    if args.command == "unlearn":
-        keys = ("epochs", "lr", "batch_size", "update", "label_variant", "retain_batches", "retain_ratio",
+DATA_KEYS = ("dataset", "root", "seed", "image_size", "color")
+TRAIN_KEYS = ("model", "width", "width_multiplier", "epochs", "lr", "batch_size", "generations")
+QUANT_KEYS = ("backend", "calibration_size")
+UNLEARN_KEYS = ("epochs", "lr", "batch_size", "update", "label_variant", "retain_batches", "retain_ratio",
                 "repair_batches", "layers", "norm_batches")
-        # the method's class (--method wins over the table's method key) takes the table and the flags given
-        cfg = config.resolve("unlearn", toml, {**_overrides(args, keys), "method": args.method})
-        meta = pipeline.run_unlearn(args.run, cfg, quiet=args.quiet)
-        print(f"{args.method}: unlearned {meta['forget_count']} samples in {meta['seconds']:.1f}s "
-              f"-> {args.run / 'unlearn' / args.method}")
-        return 0
-    if args.command == "evaluate":
-        report = pipeline.evaluate(args.run, _methods(args.methods))
-        print(pipeline.format_table(report))
-        return 0
-    if args.command == "export":
-        from edge_qmul.export.stage import export_run
 
-        res = export_run(args.run, args.method)
-        print(f"wrote {res.int8_path} and {res.fp32_path}")
-        print(f"optimised int8 graph: {res.int8_kernels} int8 kernels; ops {json.dumps(res.op_counts, sort_keys=True)}")
-        return 0
-    if args.command == "validate":
+
+class Context:
+    """What every verb needs: its parsed flags, the TOML tables, and the stage configs built from both."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from edge_qmul import config
+
+        self.args = args
+        self.toml = config.load_toml(args.config)
+
+    def resolve(self, section: str, keys: Sequence[str], extra: dict[str, Any] | None = None) -> Any:
+        from edge_qmul import config
+
+        values = {**_overrides(self.args, keys), **(extra or {})}
+        return config.resolve(section, self.toml, values)  # type: ignore[call-overload]
+
+    def data(self) -> Any:
+        return self.resolve("data", DATA_KEYS)
+
+    def train(self) -> Any:
+        return self.resolve("train", TRAIN_KEYS, {"seed": getattr(self.args, "seed", None)})
+
+    def quant(self) -> Any:
+        return self.resolve("quant", QUANT_KEYS)
+
+    def run(self) -> Any:
+        from edge_qmul.api import Run
+
+        return Run(self.args.run)
+
+
+def cmd_demo(c: Context) -> int:
+    from edge_qmul import pipeline
+
+    args = c.args
+    run_dir = args.run or pipeline.new_run_dir()
+    methods = _methods(args.methods)
+    unlearn_toml = dict(c.toml.get("unlearn", {}))  # a demo's [unlearn] table configures qmul
+    if unlearn_toml.pop("method", "qmul") != "qmul":
+        raise ConfigError("a demo's [unlearn] table configures qmul", 'leave out method = ... or set it to "qmul"')
+    pipeline.demo(run_dir, c.data(), c.train(), c.quant(), forget_fraction=args.forget_fraction,
+                  methods=tuple(methods) if methods else pipeline.DEMO_METHODS, unlearn_overrides=unlearn_toml,
+                  quiet=args.quiet)
+    print(f"report: {pipeline.as_run(run_dir).path('report')}")
+    return 0
+
+
+def cmd_train(c: Context) -> int:
+    args = c.args
+    res = c.run().train(c.data(), c.train(), weights=args.weights, head=args.head or "",
+                        mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"), quiet=args.quiet)
+    how = "imported weights" if res.imported else f"trained ({res.seconds:.1f}s)"
+    print(f"{res.model}: {how}; float accuracy train {res.train_acc:.2f}%, test {res.test_acc:.2f}% -> {args.run}")
+    return 0
+
+
+def cmd_quantize(c: Context) -> int:
+    args = c.args
+    extra: dict[str, Any] = {}
+    if args.device:
         from edge_qmul.devices.profiles import load_profile
-        from edge_qmul.export.budgets import load_budgets
-        from edge_qmul.export.validate import check_mark, check_value_text, validate_run
 
-        v = validate_run(args.run, load_profile(args.device), load_budgets(args.budgets), method=args.method)
-        for name, c in v.checks.items():
-            print(f"{check_mark(c)} {name:<20} {check_value_text(c):>22}  limit {c['limit']:.4g}")
-            if "inconclusive" in c:
-                print(f"  inconclusive: {c['inconclusive']}")
-        print(f"report: {args.run / 'validation.md'}")
-        if not v.passed:
-            failed = [n for n, c in v.checks.items() if not c["passed"]]
-            raise ValidationFailed(f"checks over budget: {', '.join(failed)}", "see validation.md")
-        return 0
-    if args.command == "audit":
-        from edge_qmul.audit import audit_run
+        engine = load_profile(args.device).quant_engine
+        if args.backend and args.backend != engine:
+            raise ConfigError(f"--backend {args.backend} contradicts --device {args.device} (engine {engine})",
+                              "pass only one of them")
+        extra["backend"] = engine
+    info = c.run().quantize(c.resolve("quant", QUANT_KEYS, extra), quiet=args.quiet)
+    print(json.dumps(info.to_dict(), indent=2))
+    return 0
 
-        methods = _methods(args.methods)
-        if methods is None:
-            methods = sorted(p.name for p in (args.run / "unlearn").glob("*") if (p / "result.pt").exists())
-        report = audit_run(args.run, methods, k=args.references, max_test=args.max_test, quiet=args.quiet)
-        print(f"{'target':<14}{'AUC':>8}{'TPR@1%':>9}{'TPR@0.1%':>10}  ({report['references']} references, "
-              f"{report['forget']} forget vs {report['test']} test samples)")
-        for r in report["targets"]:
-            print(f"{r['target']:<14}{r['auc']:8.3f}{r['tpr_at_1fpr']:9.3f}{r['tpr_at_01fpr']:10.3f}")
-        return 0
-    if args.command == "keygen":
-        from edge_qmul.export.bundle import keygen
 
-        key_path, pub_path = keygen(args.out)
-        print(f"signing key {key_path} (keep it secret); public key {pub_path}: {pub_path.read_text().strip()}")
-        return 0
-    if args.command == "bundle":
-        from edge_qmul.devices.profiles import load_profile
-        from edge_qmul.export.bundle import build_bundle, read_manifest
+def _read_hashes(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read hashes file {path} ({err.__class__.__name__})",
+                          "pass a text file with one sha256 per line") from err
+    return [line.split()[0] for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
-        path = build_bundle(args.run, load_profile(args.device), args.key, out=args.out, parent=args.parent)
-        manifest = read_manifest(path)
-        print(f"bundle {path}: model {manifest['model_version']} for {manifest['device']}, "
-              f"{len(manifest['files'])} files, honours {len(manifest['honoured_request_ids'])} request(s)")
-        return 0
-    if args.command == "certify":
-        from edge_qmul.export.certificates import certify
 
-        res = certify(args.run, args.key, purge=not args.no_purge)
-        print(f"model {res['model_version']}: {len(res['issued'])} certificate(s) issued, {res['certified']} in all; "
-              f"{res['purged']} raw sample(s) purged -> {args.run / 'certificates'}")
-        return 0
-    if args.command == "rollout":
-        from edge_qmul.federated.flwr_cli import FlwrCli
-        from edge_qmul.federated.rollout import parse_waves
+def cmd_forget(c: Context) -> int:
+    args = c.args
+    if args.seed is None:
+        raise ConfigError("--seed needs a value", "pass --seed N")
+    hashes = _read_hashes(args.hashes) if args.hashes is not None else None
+    out = c.run().forget(ids=args.ids, hashes=hashes, klass=args.klass, count=args.count, fraction=args.fraction,
+                         request_id=args.request_id, seed=args.seed)
+    state = "recorded" if out.added else "already recorded (no change)"
+    print(f"request {out.request_id}: {out.samples} samples {state}; {out.forget_total} to forget in all")
+    return 0
 
-        parse_waves(args.waves)
-        run_dir, bundle = args.run.resolve(), args.bundle.resolve()
-        if not bundle.is_file():
-            raise ConfigError(f"bundle {bundle} does not exist", "build it with `edge-qmul bundle`")
-        if not (args.app / "pyproject.toml").is_file():
-            raise ConfigError(f"{args.app} has no pyproject.toml with the Flower app", "pass --app CHECKOUT")
-        cli = FlwrCli(args.superlink, args.flwr)
-        run_id = cli.run_app(args.app, f'run-dir="{run_dir}" mode="rollout" bundle="{bundle}" waves="{args.waves}" '
-                                       f"wave-pass-rate={float(args.pass_rate)} "
-                                       f"max-forget-auc={float(args.max_forget_auc)} num-clients={args.num_clients}")
-        print(f"rollout started as Flower run {run_id} on {args.superlink}")
-        status = cli.wait(run_id, args.timeout)
-        found = sorted((run_dir / "rollouts").glob(f"*-run{run_id}.json"))
-        if status != "finished:completed" or not found:
-            raise BundleError(f"Flower run {run_id} ended as {status}", f"see `flwr log {run_id} {args.superlink}`")
-        summary = json.loads(found[-1].read_text())
-        for w in summary["waves"]:
-            print(f"wave {w['wave']} ({w['percent']}%): {len(w['passed'])}/{len(w['devices'])} passed"
-                  + (f", rolled back {w['rolled_back']}" if w.get("rolled_back") else ""))
-        print(f"rollout {summary['rollout_id']} of {summary['model_version']}: {summary['status']}")
-        if summary["status"] != "completed":
-            raise BundleError(f"rollout {summary['rollout_id']} was {summary['status']}",
-                              "see `edge-qmul status --run DIR` for each device's reasons; ship a fixed bundle")
-        return 0
-    if args.command == "status":
-        from edge_qmul.status import collect, render
 
-        status = collect(args.run)
-        print(json.dumps(status, indent=2) if args.json else render(status))
-        return 0
-    raise ConfigError(f"unknown command {args.command!r}", "see `edge-qmul --help`")
+def cmd_unlearn(c: Context) -> int:
+    args = c.args
+    # the method's class (--method wins over the table's method key) takes the table and the flags given
+    cfg = c.resolve("unlearn", UNLEARN_KEYS, {"method": args.method})
+    run = c.run()
+    meta = run.unlearn(cfg, quiet=args.quiet)
+    print(f"{args.method}: unlearned {meta.forget_count} samples in {meta.seconds:.1f}s "
+          f"-> {run.path('result', method=args.method).parent}")
+    return 0
+
+
+def cmd_evaluate(c: Context) -> int:
+    from edge_qmul import pipeline
+
+    print(pipeline.format_table(c.run().evaluate(_methods(c.args.methods))))
+    return 0
+
+
+def cmd_export(c: Context) -> int:
+    from edge_qmul.export.stage import export_run
+
+    res = export_run(c.run(), c.args.method)
+    print(f"wrote {res.int8_path} and {res.fp32_path}")
+    print(f"optimised int8 graph: {res.int8_kernels} int8 kernels; ops {json.dumps(res.op_counts, sort_keys=True)}")
+    return 0
+
+
+def cmd_validate(c: Context) -> int:
+    from edge_qmul.devices.profiles import load_profile
+    from edge_qmul.export.budgets import load_budgets
+    from edge_qmul.export.validate import check_mark, check_value_text, validate_run
+
+    args = c.args
+    run = c.run()
+    v = validate_run(run, load_profile(args.device), load_budgets(args.budgets), method=args.method)
+    for name, check in v.checks.items():
+        print(f"{check_mark(check)} {name:<20} {check_value_text(check):>22}  limit {check['limit']:.4g}")
+        if "inconclusive" in check:
+            print(f"  inconclusive: {check['inconclusive']}")
+    print(f"report: {run.path('validation_md')}")
+    if not v.passed:
+        failed = [n for n, check in v.checks.items() if not check["passed"]]
+        raise ValidationFailed(f"checks over budget: {', '.join(failed)}", f"see {run.path('validation_md')}")
+    return 0
+
+
+def cmd_audit(c: Context) -> int:
+    from edge_qmul.audit import audit_run
+
+    args = c.args
+    run = c.run()
+    methods = _methods(args.methods)
+    report = audit_run(run.root, methods if methods is not None else run.results(), k=args.references,
+                       max_test=args.max_test, quiet=args.quiet)
+    print(f"{'target':<14}{'AUC':>8}{'TPR@1%':>9}{'TPR@0.1%':>10}  ({report['references']} references, "
+          f"{report['forget']} forget vs {report['test']} test samples)")
+    for r in report["targets"]:
+        print(f"{r['target']:<14}{r['auc']:8.3f}{r['tpr_at_1fpr']:9.3f}{r['tpr_at_01fpr']:10.3f}")
+    return 0
+
+
+def cmd_keygen(c: Context) -> int:
+    from edge_qmul.export.bundle import keygen
+
+    key_path, pub_path = keygen(c.args.out)
+    print(f"signing key {key_path} (keep it secret); public key {pub_path}: {pub_path.read_text().strip()}")
+    return 0
+
+
+def cmd_bundle(c: Context) -> int:
+    from edge_qmul.devices.profiles import load_profile
+    from edge_qmul.export.bundle import build_bundle, read_manifest
+    from edge_qmul.federated.rollout import current_fleet_version
+
+    args = c.args
+    profile = load_profile(args.device)
+    parent = args.parent if args.parent is not None else current_fleet_version(args.run, profile.name)
+    path = build_bundle(c.run(), profile, args.key, out=args.out, parent=parent)
+    manifest = read_manifest(path)
+    print(f"bundle {path}: model {manifest['model_version']} for {manifest['device']}, "
+          f"{len(manifest['files'])} files, honours {len(manifest['honoured_request_ids'])} request(s)")
+    return 0
+
+
+def cmd_certify(c: Context) -> int:
+    from edge_qmul.export.certificates import certify
+
+    run = c.run()
+    res = certify(run, c.args.key, purge=not c.args.no_purge)
+    print(f"model {res['model_version']}: {len(res['issued'])} certificate(s) issued, {res['certified']} in all; "
+          f"{res['purged']} raw sample(s) purged -> {run.path('certificates')}")
+    return 0
+
+
+def cmd_rollout(c: Context) -> int:
+    from edge_qmul.federated.flwr_cli import FlwrCli
+    from edge_qmul.federated.rollout import parse_waves
+
+    args = c.args
+    parse_waves(args.waves)
+    run, bundle = c.run(), args.bundle.resolve()
+    run_dir = run.root.resolve()
+    if not bundle.is_file():
+        raise ConfigError(f"bundle {bundle} does not exist", "build it with `edge-qmul bundle`")
+    if not (args.app / "pyproject.toml").is_file():
+        raise ConfigError(f"{args.app} has no pyproject.toml with the Flower app", "pass --app CHECKOUT")
+    cli = FlwrCli(args.superlink, args.flwr)
+    run_id = cli.run_app(args.app, f'run-dir="{run_dir}" mode="rollout" bundle="{bundle}" waves="{args.waves}" '
+                                   f"wave-pass-rate={float(args.pass_rate)} "
+                                   f"max-forget-auc={float(args.max_forget_auc)} num-clients={args.num_clients}")
+    print(f"rollout started as Flower run {run_id} on {args.superlink}")
+    status = cli.wait(run_id, args.timeout)
+    found = sorted(run.path("rollouts").glob(f"*-run{run_id}.json"))
+    if status != "finished:completed" or not found:
+        raise BundleError(f"Flower run {run_id} ended as {status}", f"see `flwr log {run_id} {args.superlink}`")
+    summary = json.loads(found[-1].read_text())
+    for w in summary["waves"]:
+        print(f"wave {w['wave']} ({w['percent']}%): {len(w['passed'])}/{len(w['devices'])} passed"
+              + (f", rolled back {w['rolled_back']}" if w.get("rolled_back") else ""))
+    print(f"rollout {summary['rollout_id']} of {summary['model_version']}: {summary['status']}")
+    if summary["status"] != "completed":
+        raise BundleError(f"rollout {summary['rollout_id']} was {summary['status']}",
+                          "see `edge-qmul status --run DIR` for each device's reasons; ship a fixed bundle")
+    return 0
+
+
+def cmd_status(c: Context) -> int:
+    from edge_qmul.status import collect, render
+
+    status = collect(c.args.run)
+    print(json.dumps(status, indent=2) if c.args.json else render(status))
+    return 0
+
+
+COMMANDS = {
+    "demo": cmd_demo, "train": cmd_train, "import": cmd_train, "quantize": cmd_quantize, "forget": cmd_forget,
+    "unlearn": cmd_unlearn, "evaluate": cmd_evaluate, "export": cmd_export, "validate": cmd_validate,
+    "audit": cmd_audit, "keygen": cmd_keygen, "bundle": cmd_bundle, "certify": cmd_certify, "rollout": cmd_rollout,
+    "status": cmd_status,
+}
+
+
+def run_command(args: argparse.Namespace) -> int:
+    if args.command not in COMMANDS:
+        raise ConfigError(f"unknown command {args.command!r}", "see `edge-qmul --help`")
+    return COMMANDS[args.command](Context(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,7 +10,7 @@ not an int, a float must be finite):
 * stage configs, one per ``[data]``, ``[train]``, ``[quant]`` table;
 * one config class per unlearning method (``QMul``, ``Auto``, ``Finetune``, ``RandomLabel``,
   ``GradAscent``, ``Famr``, ``Retrain``) whose defaults are the method's recommended settings;
-  ``edge_qmul.unlearn`` dispatches on the config's type. An ``[unlearn]`` table is checked against the
+  ``edge_qmul.methods`` dispatches on the config's type. An ``[unlearn]`` table is checked against the
   class its ``method`` key (or the CLI's ``--method``) names.
 
 ``to_dict`` / ``config_from_dict`` serialise any of them to plain JSON-able dicts tagged with the class
@@ -126,7 +126,7 @@ class StageConfig(Config):
 
 @dataclass(frozen=True)
 class MethodConfig(Config):
-    """Base of the unlearning method configs; ``edge_qmul.unlearn`` runs the method registered for the type."""
+    """Base of the unlearning method configs; ``edge_qmul.methods`` runs the method registered for the type."""
 
     name: ClassVar[str] = ""
     section: ClassVar[str] = "unlearn"
@@ -176,6 +176,7 @@ class TrainConfig(StageConfig):
 
     model: str = "small_cnn"
     width: int = 0  # 0 = the model's default width
+    width_multiplier: float = 1.0  # mobilenetv2 only: scales every layer's channels (e.g. 0.35)
     epochs: int = 12
     lr: float = 0.05
     batch_size: int = 128
@@ -190,6 +191,7 @@ class TrainConfig(StageConfig):
         _float_in(self, "lr", "use a positive learning rate, e.g. 0.05", lo_open=True)
         _int_in(self, "batch_size", 1, MAX_COUNT, "use e.g. 128")
         _int_in(self, "width", 0, MAX_COUNT, "use 0 for the default width")
+        _float_in(self, "width_multiplier", "use e.g. 0.35, 0.5, 0.75 or 1.0 (mobilenetv2)", hi=4.0, lo_open=True)
         _int_in(self, "generations", 1, MAX_COUNT, "use 1 for one-shot training")
         _float_in(self, "momentum", "use e.g. 0.9 (in [0, 1))", hi=1.0)
         _float_in(self, "weight_decay", "use e.g. 5e-4 (0 or more)")
@@ -385,7 +387,7 @@ SECTIONS: tuple[str, ...] = (*STAGES, "unlearn")
 
 
 def register_method_config(cls: type[MethodConfig]) -> type[MethodConfig]:
-    """Allow a new method's config class (``edge_qmul.unlearn.register`` calls this)."""
+    """Allow a new method's config class (``edge_qmul.methods.register`` calls this)."""
     if not cls.name:
         raise ConfigError(f"{cls.__name__} has no method name", "set name: ClassVar[str] on the class")
     if METHODS.get(cls.name, cls) is not cls:

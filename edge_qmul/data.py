@@ -994,7 +994,9 @@ class Split:
     """Seeded partition of a dataset into train/val/test index lists, plus the current forget set.
 
     For two-file datasets train and val index the training file and test indexes the test file; for
-    single-pool datasets all three index the one pool. The order of ``train`` is meaningful.
+    single-pool datasets all three index the one pool. The order of ``train`` is meaningful. ``forget`` is
+    filled from the run's forget ledger when the split is loaded (``pipeline.load_run_data``); it is never
+    written to the split file, so the forget set has one home, the ledger.
     """
 
     dataset: str
@@ -1020,19 +1022,19 @@ class Split:
             "train": list(self.train),
             "val": list(self.val),
             "test": list(self.test),
-            "forget": list(self.forget),
         }
 
     @classmethod
-    def from_json(cls, d: dict[str, Any], source_path: str = "split.json") -> Split:
-        """Build a Split from parsed JSON, checking keys, types and consistency."""
+    def from_json(cls, d: dict[str, Any], source_path: str = "the split file") -> Split:
+        """Build a Split from parsed JSON, checking keys, types and consistency. A ``forget`` list (written by
+        versions before the ledger held the forget set alone) is ignored: the ledger is the forget set."""
 
         def bad(problem: str) -> DataError:
             return DataError(f"{source_path}: {problem}", SPLIT_FIX)
 
         if not isinstance(d, dict):
             raise bad(f"expected a JSON object, got {type(d).__name__}")
-        missing = [k for k in ("dataset", "root", "seed", "train", "val", "test", "forget") if k not in d]
+        missing = [k for k in ("dataset", "root", "seed", "train", "val", "test") if k not in d]
         if missing:
             raise bad(f"missing key(s) {', '.join(missing)}")
         if not isinstance(d["dataset"], str):
@@ -1046,7 +1048,7 @@ class Split:
             raise bad("'single_pool' must be true or false")
 
         lists: dict[str, list[int]] = {}
-        for key in ("train", "val", "test", "forget"):
+        for key in ("train", "val", "test"):
             value = d[key]
             if not isinstance(value, list) or not all(
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value
@@ -1061,8 +1063,6 @@ class Split:
             raise bad("'train' and 'val' overlap")
         if single_pool and (train | set(lists["val"])) & set(lists["test"]):
             raise bad("'test' overlaps 'train' or 'val' in a single-pool split")
-        if not set(lists["forget"]) <= train:
-            raise bad("'forget' lists indices that are not in 'train'")
         return cls(
             d["dataset"],
             d["root"],
@@ -1070,7 +1070,7 @@ class Split:
             lists["train"],
             lists["val"],
             lists["test"],
-            sorted(lists["forget"]),
+            [],
             single_pool,
         )
 

@@ -1,22 +1,13 @@
-"""Pipeline stages over a run directory (DESIGN §3). The CLI is a thin layer over these functions.
+"""The core stages over a run directory (DESIGN §3): train / import, quantize, forget, unlearn, evaluate.
 
-Run directory::
-
-    split.json            train / val / test / forget indices into the original files
-    run.json              configs, toolkit version, provenance hashes
-    float.pt              float checkpoint (weights + model config + normalisation + recipe)
-    quantized.pt          deployed int8 model and its QAT copy (state_dicts), calibration, agreement
-    ledger.sqlite         forget requests (SQLite, WAL)
-    unlearn/<method>/     result.pt (QAT + int8 state), log.json; retrain also float.pt
-    report.json           metrics per method
-
-Stages refuse stale inputs: quantized.pt records the float checkpoint's sha256, every unlearning
-result records the quantized artefact's sha256 and the forget set it was computed for.
+Every file is named by ``edge_qmul.run.ARTIFACTS`` and reached through a ``Run``; ``eq.Run`` and the CLI
+are thin layers over these functions. Stages refuse stale inputs: the quantized model records the float
+checkpoint's sha256, every unlearning result records the quantized model's sha256 and the forget set
+(from the ledger, the only place it is stored) it was computed for.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import secrets
@@ -29,16 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from edge_qmul import __version__, data, planner, quant
+from edge_qmul import __version__, data, planner, quant, usermodel
 from edge_qmul.atomic import write_bytes, write_json
 from edge_qmul.config import DataConfig, LoopConfig, MethodConfig, QuantConfig, config_hash, method_config
-from edge_qmul.errors import CheckpointError, DataError, ForgetRequestError
-from edge_qmul.ledger import Ledger
-from edge_qmul.metrics import EvalSets, avg_gap, evaluate_model
-from edge_qmul.models import DEFAULT_WIDTH, ModelConfig
-from edge_qmul.store import SampleStore
-from edge_qmul.train import TrainConfig, load_checkpoint, load_payload, save_checkpoint, train_float
-from edge_qmul.unlearn import (
+from edge_qmul.errors import CheckpointError, ConfigError, DataError, ExportError, ForgetRequestError
+from edge_qmul.methods import (
     FeatureCache,
     LoopMethod,
     TrainingHistory,
@@ -47,23 +33,16 @@ from edge_qmul.unlearn import (
     get_method,
     unlearn,
 )
+from edge_qmul.metrics import EvalSets, avg_gap, evaluate_model
+from edge_qmul.models import DEFAULT_HEAD, DEFAULT_WIDTH, ModelConfig, build_model, is_user_spec
+from edge_qmul.run import Run, ids_hash, sha256_file
+from edge_qmul.store import SampleStore
+from edge_qmul.train import TrainConfig, load_checkpoint, load_payload, save_checkpoint, train_float
 
 QUANTIZED_FORMAT = "edge-qmul/quantized/1"
 FEATURES_FORMAT = "edge-qmul/features/1"
 RESULT_FORMAT = "edge-qmul/unlearn-result/1"
 REFERENCE = "retrain"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def ids_hash(ids: list[int]) -> str:
-    return hashlib.sha256(json.dumps(sorted(ids)).encode()).hexdigest()[:16]
 
 
 def new_run_dir(base: str | Path = "runs") -> Path:
@@ -77,13 +56,8 @@ def _save_torch(path: Path, payload: dict[str, Any]) -> None:
     write_bytes(path, buf.getvalue())
 
 
-def _require_run(run_dir: Path, needed: str, fix: str) -> Path:
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run directory not found: {run_dir}", "create it with `edge-qmul train --run DIR`")
-    path = run_dir / needed
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist", fix)
-    return path
+def as_run(run: Run | str | Path) -> Run:
+    return run if isinstance(run, Run) else Run(run)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -128,15 +102,17 @@ class RunData:
         return EvalSets(fx, fy, rx, ry, tx, ty)
 
 
-SAMPLE_STORE = "samples.sqlite"
-
-
-def load_run_data(run_dir: Path) -> RunData:
-    """The run's split and data; training samples come from the run's sample store when it has one."""
-    split_path = _require_run(run_dir, "split.json", "re-run `edge-qmul train --run DIR`")
-    split = data.Split.load(split_path)
-    source = data.load_dataset(split.dataset, split.root, seed=split.seed)
-    store_path = run_dir / SAMPLE_STORE
+def load_run_data(run_dir: Run | Path) -> RunData:
+    """The run's split, its forget set (from the ledger) and its data; training samples come from the run's
+    sample store when it has one."""
+    run = as_run(run_dir)
+    split = data.Split.load(run.require("split"))
+    split.forget = run.forget_ids()
+    # image folders are read with the options the run was trained with (size, colour)
+    options = json.loads(run.path("run_info").read_text()).get("data", {}) if run.exists("run_info") else {}
+    source = data.load_dataset(split.dataset, split.root, seed=split.seed,
+                               image_size=options.get("image_size") or None, color=options.get("color", "auto"))
+    store_path = run.path("samples")
     if not store_path.exists():
         return RunData(source, split)
     with SampleStore(store_path) as store:
@@ -152,35 +128,94 @@ def load_run_data(run_dir: Path) -> RunData:
 # ---------------------------------------------------------------------------------------------------
 
 
-def train(run_dir: Path, data_cfg: DataConfig, train_cfg: TrainConfig, *, quiet: bool = False) -> dict[str, Any]:
-    """Split the dataset, train the float model, write split.json, float.pt and run.json."""
-    source = data.load_dataset(data_cfg.dataset, data_cfg.root or None, seed=data_cfg.seed)
+@dataclass(frozen=True)
+class TrainResult:
+    """What ``train`` (or an import of the user's weights) made: the float model's accuracy and cost."""
+
+    model: str
+    imported: bool  # True: the user's weights, not trained here
+    train_acc: float  # on the training list, percent
+    test_acc: float
+    seconds: float
+    epochs: list[dict[str, Any]]
+
+
+def load_source(data_cfg: DataConfig) -> data.DatasetSource:
+    return data.load_dataset(data_cfg.dataset, data_cfg.root or None, seed=data_cfg.seed,
+                             image_size=data_cfg.image_size or None, color=data_cfg.color)
+
+
+def train(
+    run_dir: Run | Path,
+    data_cfg: DataConfig,
+    train_cfg: TrainConfig,
+    *,
+    weights: Path | None = None,
+    head: str = "",
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    quiet: bool = False,
+) -> TrainResult:
+    """Split the dataset and train the float model, or import the user's trained weights (``weights``).
+
+    The model is a built-in name or the user's ``FILE.py:FACTORY`` / ``module:FACTORY``; ``head`` names its
+    trainable head (default: the last nn.Linear). The normalisation inside the graph is the dataset's
+    (trained here) or, for imported weights, ``mean`` / ``std`` as the user trained with (default: none,
+    the model reads pixels in [0, 1]). Everything is checked before anything is written: the data, the
+    model's input and output shapes, that torch.fx can trace it, the head, and the weights' keys and shapes.
+    """
+    run = as_run(run_dir)
+    source = load_source(data_cfg)
     split = data.make_split(
         source, data_cfg.seed, val_fraction=data_cfg.val_fraction, test_fraction=data_cfg.test_fraction
     )
     if data_cfg.train_fraction < 1.0:  # the list is a seeded shuffle: its head is a random subset
         split.train = split.train[: max(1, round(data_cfg.train_fraction * len(split.train)))]
-    mean, std = data.channel_stats(source.train, split.train)
-    c, h, _ = source.input_shape
+    c, h, w = source.input_shape
+    if h != w:
+        raise DataError(f"{source.name} images are {h}x{w}; the models take square images",
+                        "pass --image-size N to resize an image folder")
+    if weights is None and (mean is None) != (std is None):
+        raise ConfigError("give both --mean and --std, or neither", "e.g. --mean 0.5 --std 0.25")
+    if mean is None or std is None:
+        if weights is None:
+            mean_l, std_l = data.channel_stats(source.train, split.train)
+            mean, std = tuple(mean_l), tuple(std_l)
+        else:  # imported weights: the normalisation they were trained with, if the user gives it
+            mean, std = mean or (0.0,) * c, std or (1.0,) * c
+    user = is_user_spec(train_cfg.model)
     model_cfg = ModelConfig(
         train_cfg.model, c, h, source.num_classes, tuple(mean), tuple(std),
-        width=train_cfg.width or DEFAULT_WIDTH[train_cfg.model],
+        width=train_cfg.width or DEFAULT_WIDTH.get(train_cfg.model, 32), width_multiplier=train_cfg.width_multiplier,
+        source_sha256=usermodel.source_sha256(train_cfg.model) if user else "",
     )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if train_cfg.generations > 1:
-        model, log = _train_generations(run_dir, source, split, model_cfg, train_cfg, quiet)
+    probe = build_model(model_cfg)
+    usermodel.check_model(probe, model_cfg)
+    model_cfg = replace(model_cfg, head=usermodel.head_name(probe, head or DEFAULT_HEAD.get(train_cfg.model, "")))
+    if weights is not None:
+        usermodel.load_user_weights(probe, Path(weights))
+    run.root.mkdir(parents=True, exist_ok=True)
+    log: dict[str, Any]
+    if weights is not None:
+        model, log = probe.eval(), {"epochs": [], "seconds": 0.0}
+    elif train_cfg.generations > 1:
+        model, log = _train_generations(run, source, split, model_cfg, train_cfg, quiet)
     else:
         x, y = data.to_tensors(source.train, split.train)
         model, log = train_float(model_cfg, train_cfg, x, y, quiet=quiet)
-    with SampleStore(run_dir / SAMPLE_STORE) as store:  # the server's own copy, from here on the source
-        store.ingest(source.train.images, source.train.labels, source.train.scale)
-    split.save(run_dir / "split.json")
+    train_acc = _accuracy(model, *data.to_tensors(source.train, split.train))
+    test_acc = _accuracy(model, *data.to_tensors(source.pool("test"), split.test))
+    with SampleStore(run.path("samples")) as store:  # the server's own copy, from here on the source
+        store.ingest(source.train.images, source.train.labels, source.train.scale, data.content_ids(source.train))
+    split.save(run.path("split"))
     save_checkpoint(
-        run_dir / "float.pt", model, model_cfg, train_cfg,
-        {"dataset": source.name, "classes": list(source.classes), "split_sha256": sha256_file(run_dir / "split.json")},
+        run.path("float"), model, model_cfg, train_cfg,
+        {"dataset": source.name, "classes": list(source.classes), "split_sha256": run.digest("split")},
     )
+    result = TrainResult(train_cfg.model, weights is not None, train_acc, test_acc, float(log["seconds"]),
+                         list(log["epochs"]))
     write_json(
-        run_dir / "run.json",
+        run.path("run_info"),
         {
             "toolkit_version": __version__,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -188,25 +223,36 @@ def train(run_dir: Path, data_cfg: DataConfig, train_cfg: TrainConfig, *, quiet:
             "data": asdict(data_cfg),
             "train": asdict(train_cfg),
             "model": model_cfg.to_dict(),
+            "weights": None if weights is None else {"file": str(weights), "sha256": sha256_file(Path(weights))},
+            "float_train_acc": train_acc,
+            "float_test_acc": test_acc,
             "train_seconds": log["seconds"],
         },
     )
-    return log
+    return result
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    if len(y) == 0:
+        return 0.0
+    model.eval()
+    return 100.0 * float(torch.cat([model(b).argmax(1) for b in x.split(1024)]).eq(y).float().mean())
 
 
 GENERATIONS_FORMAT = "edge-qmul/generations/1"
 
 
 def _train_generations(
-    run_dir: Path, source: data.DatasetSource, split: data.Split, model_cfg: ModelConfig, cfg: TrainConfig,
+    run: Run, source: data.DatasetSource, split: data.Split, model_cfg: ModelConfig, cfg: TrainConfig,
     quiet: bool,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Generation-by-generation training with a checkpoint per phase; writes generations.json."""
+    """Generation-by-generation training with a checkpoint per phase; writes the generations record."""
     generations = planner.assign_generations(split.train, cfg.generations)
     pool_x, pool_y = data.to_tensors(source.train, list(range(len(source.train.labels))))
     model, phases = planner.train_phases(model_cfg, cfg, pool_x, pool_y, generations,
-                                         checkpoint_dir=run_dir / "generations", quiet=quiet)
-    write_json(run_dir / "generations.json", {
+                                         checkpoint_dir=run.path("generation_checkpoints"), quiet=quiet)
+    write_json(run.path("generations"), {
         "format": GENERATIONS_FORMAT, "phase_epochs": planner.phase_epochs(cfg), "generations": generations,
         "phases": [asdict(p) for p in phases],
     })
@@ -217,17 +263,17 @@ def _train_generations(
                    "seconds": sum(p.seconds for p in phases)}
 
 
-def training_history(run_dir: Path, rd: RunData, forget_ids: list[int], q: Quantized) -> TrainingHistory:
-    """The run's training record for exact replay: generations + checkpoints, or one phase (from run.json)."""
+def training_history(run_dir: Run | Path, rd: RunData, forget_ids: list[int], q: Quantized) -> TrainingHistory:
+    """The run's training record for exact replay: generations + checkpoints, or one phase (from run_info)."""
+    run = as_run(run_dir)
     live = rd.live
     pool_x, pool_y = data.to_tensors(rd.source.train, list(range(len(rd.source.train.labels))))
-    gen_path = run_dir / "generations.json"
-    if gen_path.exists():
-        record = json.loads(gen_path.read_text())
+    if run.exists("generations"):
+        record = json.loads(run.path("generations").read_text())
         generations = [live(g) for g in record["generations"]]
-        phases, ckpt = record["phases"], run_dir / "generations"
+        phases, ckpt = record["phases"], run.path("generation_checkpoints")
     else:
-        run_info = json.loads((run_dir / "run.json").read_text())
+        run_info = json.loads(run.require("run_info").read_text())
         generations = [live(rd.split.train)]
         phases = [{"phase": 0, "samples": len(rd.split.train), "epochs": q.train_cfg.epochs,
                    "seconds": float(run_info.get("train_seconds", 0.0)) or 1.0}]
@@ -255,15 +301,41 @@ def _calib_batches(x: torch.Tensor, size: int) -> list[torch.Tensor]:
     return list(x[:size].split(256))
 
 
-def quantize(run_dir: Path, quant_cfg: QuantConfig, *, quiet: bool = False) -> dict[str, Any]:
-    """PTQ → deployed int8 model; QAT copy calibrated on the same batches; their top-1 agreement."""
-    float_path = _require_run(run_dir, "float.pt", "train first: `edge-qmul train --run DIR`")
+@dataclass(frozen=True)
+class QuantizeResult:
+    """The deployed int8 model's accuracy next to the float model's, and how well the QAT copy agrees."""
+
+    backend: str
+    calibration_size: int
+    ptq_qat_agreement: float  # percent of test samples where convert(QAT copy) and PTQ agree on top-1
+    float_test_acc: float
+    int8_test_acc: float
+    seconds: float  # PTQ + QAT copy with calibration: what a retrain's quantization costs
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def quantize(run_dir: Run | Path, quant_cfg: QuantConfig, *, quiet: bool = False) -> QuantizeResult:
+    """PTQ → deployed int8 model; QAT copy calibrated on the same batches; their top-1 agreement.
+
+    A layer that stays in float inside the int8 region (no int8 kernel in the backend) is refused, named.
+    """
+    run = as_run(run_dir)
+    float_path = run.require("float")
     model, model_cfg, _, _ = load_checkpoint(float_path)
-    rd = load_run_data(run_dir)
+    rd = load_run_data(run)
     x, _ = rd.tensors("train")
     calib = _calib_batches(x, quant_cfg.calibration_size)
     t_quant = time.perf_counter()
     int8 = quant.quantize_ptq(model, calib, quant_cfg.backend)
+    islands = quant.float_ops_in_int8_region(int8)
+    if islands:
+        named = ", ".join(f"{name} ({kind})" for name, kind in islands[:6])
+        raise ExportError(f"model {model_cfg.name}: {len(islands)} op(s) have no int8 kernel in the "
+                          f"{quant_cfg.backend} backend and would run in float inside the int8 model: {named}",
+                          "replace them with layers that quantize (Conv, Linear, ReLU, ReLU6, add, pooling), "
+                          "or move them before the model's first layer / after its head")
     qat = quant.prepare_qat(model, quant_cfg.backend, calib[0])
     quant.calibrate_qat(qat, calib)
     quant_seconds = time.perf_counter() - t_quant
@@ -273,30 +345,29 @@ def quantize(run_dir: Path, quant_cfg: QuantConfig, *, quiet: bool = False) -> d
         qat_int8 = quant.convert(qat)
         qat_pred = torch.cat([qat_int8(b).argmax(1) for b in tx.split(1024)])
         float_pred = torch.cat([model(b).argmax(1) for b in tx.split(1024)])
-    info = {
-        "backend": quant_cfg.backend,
-        "calibration_size": quant_cfg.calibration_size,
-        "ptq_qat_agreement": 100.0 * float((ptq_pred == qat_pred).float().mean()),
-        "float_test_acc": 100.0 * float((float_pred == ty).float().mean()),
-        "int8_test_acc": 100.0 * float((ptq_pred == ty).float().mean()),
-        "seconds": quant_seconds,  # PTQ + QAT copy with calibration: what a retrain's quantization costs
-    }
+    result = QuantizeResult(
+        quant_cfg.backend, quant_cfg.calibration_size,
+        ptq_qat_agreement=100.0 * float((ptq_pred == qat_pred).float().mean()),
+        float_test_acc=100.0 * float((float_pred == ty).float().mean()),
+        int8_test_acc=100.0 * float((ptq_pred == ty).float().mean()),
+        seconds=quant_seconds,
+    )
     _save_torch(
-        run_dir / "quantized.pt",
+        run.path("quantized"),
         {
             "format": QUANTIZED_FORMAT,
             "version": __version__,
             "float_sha256": sha256_file(float_path),
-            "info": info,
+            "info": result.to_dict(),
             "int8_state": int8.state_dict(),
             "qat_state": quant.save_qat_state(qat),
         },
     )
-    _save_features(run_dir, qat, rd)
-    return info
+    _save_features(run, qat, rd, model_cfg.head)
+    return result
 
 
-def rebase(run_dir: Path, method: str) -> dict[str, Any]:
+def rebase(run_dir: Run | Path, method: str) -> dict[str, Any]:
     """Make an unlearning result the run's deployed model (``quantized.pt``: its int8 model and QAT copy).
 
     Used after a purge: the purged samples are gone, so later unlearning must start from a model that
@@ -304,20 +375,21 @@ def rebase(run_dir: Path, method: str) -> dict[str, Any]:
     what is left). Results made against the old base become stale, as does the feature cache, which is
     rebuilt here without the purged samples.
     """
-    q = load_quantized(run_dir)
-    result = load_result_full(run_dir, method, q, ledger_forget_ids(run_dir))
+    run = as_run(run_dir)
+    q = load_quantized(run)
+    result = load_result_full(run, method, q, run.forget_ids())
     info = {**q.info, "base": {"method": method, "result_sha256": sha256_file(result.path),
                                "since": datetime.now(UTC).isoformat(timespec="seconds")}}
-    payload = load_payload(run_dir / "quantized.pt", "quantized model", "re-run `edge-qmul quantize --run DIR`")
+    payload = load_payload(run.require("quantized"), "quantized model", run.fix("quantized"))
     _save_torch(
-        run_dir / "quantized.pt",
+        run.path("quantized"),
         {**payload, "info": info, "int8_state": result.int8.state_dict(), "qat_state": result.qat_state},
     )
-    _save_features(run_dir, result.qat(q), load_run_data(run_dir))
+    _save_features(run, result.qat(q), load_run_data(run), q.model_cfg.head)
     return info
 
 
-def _save_features(run_dir: Path, qat: nn.Module, rd: RunData) -> None:
+def _save_features(run: Run, qat: nn.Module, rd: RunData, head: str) -> None:
     """Cache the deployed int8 model's classifier inputs for every train / val sample.
 
     Classifier-mode unlearning never changes the convs, so these stay valid for every later request
@@ -325,14 +397,14 @@ def _save_features(run_dir: Path, qat: nn.Module, rd: RunData) -> None:
     """
     indices = rd.live(rd.split.train + rd.split.val)
     x, _ = data.to_tensors(rd.source.train, indices)
-    extractor = quant.int8_features(qat, dequantize=False)
+    extractor = quant.int8_features(qat, dequantize=False, head=head)
     with torch.no_grad():
         chunks = [extractor(b) for b in x.split(1024)]
     _save_torch(
-        run_dir / "features.pt",
+        run.path("features"),
         {
             "format": FEATURES_FORMAT,
-            "quantized_sha256": sha256_file(run_dir / "quantized.pt"),
+            "quantized_sha256": run.digest("quantized"),
             "indices": torch.tensor(indices, dtype=torch.long),
             "values": torch.cat([c.int_repr() for c in chunks]).flatten(1),
             "scale": float(chunks[0].q_scale()),
@@ -342,13 +414,14 @@ def _save_features(run_dir: Path, qat: nn.Module, rd: RunData) -> None:
 
 
 def load_features(
-    run_dir: Path, q: Quantized, split: data.Split, purged: frozenset[int] = frozenset()
+    run_dir: Run | Path, q: Quantized, split: data.Split, purged: frozenset[int] = frozenset()
 ) -> FeatureCache | None:
     """The cached features of this run's forget / retain / val samples, or None if absent or stale."""
-    path = run_dir / "features.pt"
+    run = as_run(run_dir)
+    path = run.path("features")
     if not path.exists():
         return None
-    payload = load_payload(path, "feature cache", "re-run `edge-qmul quantize --run DIR`")
+    payload = load_payload(path, "feature cache", run.fix("features"))
     if payload["format"] != FEATURES_FORMAT or payload["quantized_sha256"] != q.sha256:
         return None  # made for another deployed model: computed afresh instead
     indices, values, scale, zp = payload["indices"], payload["values"], payload["scale"], payload["zero_point"]
@@ -368,15 +441,16 @@ def load_features(
     return FeatureCache(forget, retain, val)
 
 
-def load_quantized(run_dir: Path) -> Quantized:
-    float_path = _require_run(run_dir, "float.pt", "train first: `edge-qmul train --run DIR`")
-    q_path = _require_run(run_dir, "quantized.pt", "quantize first: `edge-qmul quantize --run DIR`")
-    fix = "re-create it with `edge-qmul quantize --run DIR`"
+def load_quantized(run_dir: Run | Path) -> Quantized:
+    run = as_run(run_dir)
+    float_path = run.require("float")
+    q_path = run.require("quantized")
+    fix = run.fix("quantized")
     payload = load_payload(q_path, "quantized model", fix)
     if payload["format"] != QUANTIZED_FORMAT:
         raise CheckpointError(f"{q_path} has format {payload['format']!r}, expected {QUANTIZED_FORMAT!r}", fix)
     if payload["float_sha256"] != sha256_file(float_path):
-        raise CheckpointError(f"{q_path} is stale: float.pt changed after it was made", fix)
+        raise CheckpointError(f"{q_path} is stale: {float_path.name} changed after it was made", fix)
     model, model_cfg, train_cfg, _ = load_checkpoint(float_path)
     info = payload["info"]
     example = torch.zeros(2, model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
@@ -399,56 +473,94 @@ def _int8_from_state(
     return int8
 
 
+@dataclass(frozen=True)
+class ForgetReceipt:
+    """A filed request: its id, whether it was new, its sample count and the ledger's total."""
+
+    request_id: str
+    added: bool  # False: the same request id was already recorded with the same samples
+    samples: int
+    forget_total: int
+
+
 def forget(
-    run_dir: Path,
+    run_dir: Run | Path,
     *,
     ids: list[int] | None = None,
+    hashes: list[str] | None = None,
     klass: int | None = None,
     count: int | None = None,
     fraction: float | None = None,
     request_id: str | None = None,
     seed: int = 0,
     source: str = "cli",
-) -> dict[str, Any]:
-    """File a deletion request in the ledger (idempotent by request id) and update split.json's forget list."""
-    rd = load_run_data(run_dir)
+) -> ForgetReceipt:
+    """File a deletion request in the ledger (idempotent by request id): training-sample ids, content ids
+    (sha256 of the samples' bytes, as recorded at train time), a class, or a random count / fraction."""
+    run = as_run(run_dir)
+    rd = load_run_data(run)
+    if hashes is not None:
+        if ids is not None:
+            raise ConfigError("give sample ids or content hashes, not both", "file two requests")
+        ids = ids_for_hashes(run, rd.split, hashes)
     chosen = data.select_forget(
         rd.split, rd.source.train.labels, fraction=fraction, count=count, klass=klass, ids=ids,
         seed=seed, pool_size=len(rd.source.train),
     )
     kind, spec = (
-        ("samples", {"ids": len(chosen)}) if ids is not None
+        ("samples", {"hashes": len(chosen)}) if hashes is not None
+        else ("samples", {"ids": len(chosen)}) if ids is not None
         else ("class", {"class": klass}) if klass is not None
         else ("count", {"count": count, "seed": seed}) if count is not None
         else ("fraction", {"fraction": fraction, "seed": seed})
     )
     rid = request_id or f"req-{kind}-{ids_hash(chosen)}"
-    with Ledger(run_dir / "ledger.sqlite") as ledger:
+    with run.ledger() as ledger:
         added = ledger.add(rid, kind, spec, chosen, source=source)
-        all_ids = ledger.forget_ids()
-    rd.split.forget = all_ids
-    rd.split.save(run_dir / "split.json")
-    return {"request_id": rid, "added": added, "samples": len(chosen), "forget_total": len(all_ids)}
+        total = len(ledger.forget_ids())
+    return ForgetReceipt(rid, added, len(chosen), total)
 
 
-def run_unlearn(run_dir: Path, cfg: MethodConfig, *, quiet: bool = False) -> dict[str, Any]:
-    """Unlearn every request in the ledger with the method of ``type(cfg)``; saves unlearn/<cfg.name>/."""
+def ids_for_hashes(run: Run, split: data.Split, hashes: list[str]) -> list[int]:
+    """Training-sample ids of these content ids; a hash that names no training sample is refused."""
+    wanted = [h.strip().lower() for h in hashes if h.strip()]
+    if not wanted:
+        raise ForgetRequestError("the request names no content hashes", "list one sha256 (64 hex digits) per line")
+    bad = [h for h in wanted if len(h) != 64 or any(c not in "0123456789abcdef" for c in h)]
+    if bad:
+        raise ForgetRequestError(f"{len(bad)} line(s) are not sha256 hex digests, e.g. {bad[0][:70]!r}",
+                                 "list one sha256 (64 hex digits) per line")
+    with SampleStore(run.require("samples")) as store:
+        found = store.ids_for_hashes(wanted)
+    train = set(split.train)
+    unknown = [h for h in wanted if h not in found]
+    outside = [h for h in wanted if h in found and not train & set(found[h])]
+    if unknown or outside:
+        first = (unknown or outside)[0]
+        what = "is not a sample of this run's dataset" if unknown else "is a validation or test sample"
+        raise ForgetRequestError(f"content hash {first[:16]}... {what} ({len(unknown)} unknown, "
+                                 f"{len(outside)} not in training, of {len(wanted)})",
+                                 "name only samples the model was trained on (their sha256 as stored)")
+    return sorted({i for h in wanted for i in found[h] if i in train})
+
+
+def run_unlearn(run_dir: Run | Path, cfg: MethodConfig, *, quiet: bool = False) -> UnlearnRecord:
+    """Unlearn every request in the ledger with the method of ``type(cfg)``; saves its result."""
+    run_dir = as_run(run_dir)
     q = load_quantized(run_dir)
-    with Ledger(run_dir / "ledger.sqlite") as ledger:
+    with run_dir.ledger() as ledger:
         requests = ledger.requests()
-        forget_ids = ledger.forget_ids()
+    rd = load_run_data(run_dir)  # its forget set is the ledger's
+    forget_ids = rd.split.forget
     if not forget_ids:
         raise ForgetRequestError(
-            f"the forget ledger of {run_dir} has no requests", "file one: `edge-qmul forget --run DIR --fraction 0.1`"
+            f"the forget ledger of {run_dir.root} has no requests",
+            f"file one: `edge-qmul forget --run {run_dir.root} --fraction 0.1`",
         )
-    rd = load_run_data(run_dir)
-    if rd.split.forget != forget_ids:  # the ledger is the source of truth
-        rd.split.forget = forget_ids
-        rd.split.save(run_dir / "split.json")
     fx, fy = rd.tensors("forget")
     if len(fy) == 0:
         raise ForgetRequestError(
-            f"every sample in the forget ledger of {run_dir} was already purged (the base model honours them)",
+            f"every sample in the forget ledger of {run_dir.root} was already purged (the base model honours them)",
             "nothing to unlearn until a new request is filed",
         )
     head_mode = isinstance(cfg, LoopConfig) and cfg.layers == "classifier"
@@ -461,58 +573,69 @@ def run_unlearn(run_dir: Path, cfg: MethodConfig, *, quiet: bool = False) -> dic
     ctx = UnlearnContext(
         qat=q.qat, forget_x=fx, forget_y=fy, retain_x=rx, retain_y=ry, num_classes=q.model_cfg.num_classes,
         model_cfg=q.model_cfg, train_cfg=q.train_cfg, backend=q.backend, calib_size=q.calibration_size,
-        val_x=vx, val_y=vy, quiet=quiet, features=features,
+        val_x=vx, val_y=vy, quiet=quiet, features=features, head=q.model_cfg.head,
         history=training_history(run_dir, rd, rd.live(forget_ids), q) if needs_history(run_dir, cfg) else None,
     )
     result = unlearn(ctx, cfg)
     return save_result(run_dir, cfg.name, q, result, [r.request_id for r in requests], forget_ids)
 
 
-def needs_history(run_dir: Path, cfg: MethodConfig) -> bool:
-    return cfg.name == "auto" or (cfg.name == REFERENCE and (run_dir / "generations.json").exists())
+def needs_history(run_dir: Run | Path, cfg: MethodConfig) -> bool:
+    return cfg.name == "auto" or (cfg.name == REFERENCE and as_run(run_dir).exists("generations"))
+
+
+@dataclass(frozen=True)
+class UnlearnRecord:
+    """What an unlearning result was made from and what it honours (stored with it as ``meta``)."""
+
+    method: str
+    forget_hash: str  # ids_hash of the forget set it was computed for
+    forget_count: int
+    request_ids: list[str]
+    quantized_sha256: str
+    seconds: float
+    created: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def save_result(
-    run_dir: Path, name: str, q: Quantized, result: UnlearnResult, request_ids: list[str], forget_ids: list[int]
-) -> dict[str, Any]:
-    """Write unlearn/<name>/{result.pt, log.json} (what evaluate / export read) and make it the latest."""
-    out = run_dir / "unlearn" / name
-    out.mkdir(parents=True, exist_ok=True)
+    run_dir: Run | Path, name: str, q: Quantized, result: UnlearnResult, request_ids: list[str], forget_ids: list[int]
+) -> UnlearnRecord:
+    """Write the result and its log (what evaluate / export read) and make it the latest."""
+    run = as_run(run_dir)
     if result.float_model is not None:
-        save_checkpoint(out / "float.pt", result.float_model, q.model_cfg, q.train_cfg, {"retrain": True})
-    meta = {
-        "method": name,
-        "forget_hash": ids_hash(forget_ids),
-        "forget_count": len(forget_ids),
-        "request_ids": request_ids,
-        "quantized_sha256": q.sha256,
-        "seconds": result.log["seconds"],
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+        save_checkpoint(run.path("result_float", method=name), result.float_model, q.model_cfg, q.train_cfg,
+                        {"retrain": True})
+    record = UnlearnRecord(name, ids_hash(forget_ids), len(forget_ids), list(request_ids), q.sha256,
+                           float(result.log["seconds"]), datetime.now(UTC).isoformat(timespec="seconds"))
     _save_torch(
-        out / "result.pt",
+        run.path("result", method=name),
         {
             "format": RESULT_FORMAT,
             "version": __version__,
-            "meta": meta,
+            "meta": record.to_dict(),
             "qat_state": quant.save_qat_state(result.qat),
             "int8_state": result.int8.state_dict(),
         },
     )
-    write_json(out / "log.json", {**meta, "log": result.log})
-    set_latest(run_dir, name)
-    return meta
+    write_json(run.path("result_log", method=name), {**record.to_dict(), "log": result.log})
+    set_latest(run, name)
+    return record
 
 
-def set_latest(run_dir: Path, method: str) -> None:
+def set_latest(run_dir: Run | Path, method: str) -> None:
     """Record which unlearning result later stages (export) use by default."""
-    write_json(run_dir / "unlearn" / "latest.json", {"method": method})
+    write_json(as_run(run_dir).path("latest"), {"method": method})
 
 
-def latest_method(run_dir: Path) -> str:
-    path = run_dir / "unlearn" / "latest.json"
+def latest_method(run_dir: Run | Path) -> str:
+    run = as_run(run_dir)
+    path = run.path("latest")
     if not path.exists():
-        raise CheckpointError(f"{run_dir} has no unlearning result", "run `edge-qmul unlearn --run DIR --method qmul`")
+        raise CheckpointError(f"{run.root} has no unlearning result",
+                              f"run `edge-qmul unlearn --run {run.root} --method qmul`")
     try:
         return str(json.loads(path.read_text())["method"])
     except (json.JSONDecodeError, KeyError, TypeError) as err:
@@ -532,9 +655,10 @@ class LoadedResult:
         return quant.restore_qat(q.float_model, q.backend, example, self.qat_state)
 
 
-def load_result_full(run_dir: Path, method: str, q: Quantized, forget_ids: list[int]) -> LoadedResult:
-    path = run_dir / "unlearn" / method / "result.pt"
-    fix = f"re-run `edge-qmul unlearn --run {run_dir} --method {method}`"
+def load_result_full(run_dir: Run | Path, method: str, q: Quantized, forget_ids: list[int]) -> LoadedResult:
+    run = as_run(run_dir)
+    path = run.path("result", method=method)
+    fix = run.fix("result", method=method)
     payload = load_payload(path, "unlearning result", fix)
     if payload["format"] != RESULT_FORMAT:
         raise CheckpointError(f"{path} has format {payload['format']!r}, expected {RESULT_FORMAT!r}", fix)
@@ -548,55 +672,64 @@ def load_result_full(run_dir: Path, method: str, q: Quantized, forget_ids: list[
     return LoadedResult(int8, meta, payload["qat_state"], path)
 
 
-def load_result(run_dir: Path, method: str, q: Quantized, forget_ids: list[int]) -> tuple[nn.Module, dict[str, Any]]:
+def load_result(
+    run_dir: Run | Path, method: str, q: Quantized, forget_ids: list[int]
+) -> tuple[nn.Module, dict[str, Any]]:
     res = load_result_full(run_dir, method, q, forget_ids)
     return res.int8, res.meta
 
 
-def ledger_forget_ids(run_dir: Path) -> list[int]:
-    with Ledger(run_dir / "ledger.sqlite") as ledger:
-        return ledger.forget_ids()
+def ledger_forget_ids(run_dir: Run | Path) -> list[int]:
+    return as_run(run_dir).forget_ids()
 
 
-def evaluate(run_dir: Path, methods: list[str] | None = None) -> dict[str, Any]:
-    """Metrics of the untouched int8 model (``none``) and of each unlearning result; writes report.json."""
-    q = load_quantized(run_dir)
-    rd = load_run_data(run_dir)
-    with Ledger(run_dir / "ledger.sqlite") as ledger:
-        forget_ids = ledger.forget_ids()
+@dataclass(frozen=True)
+class EvalReport:
+    """FA / RA / TA / MIA / Avg Gap / seconds per method, measured on the torch int8 models."""
+
+    toolkit_version: str
+    dataset: str
+    seed: int
+    forget_count: int
+    backend: str
+    reference: str | None
+    methods: dict[str, dict[str, Any]]
+    time_ratio_to_retrain: dict[str, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None or k == "reference"}
+
+
+def evaluate(run_dir: Run | Path, methods: list[str] | None = None) -> EvalReport:
+    """Metrics of the untouched int8 model (``none``) and of each unlearning result; writes the report."""
+    run = as_run(run_dir)
+    q = load_quantized(run)
+    rd = load_run_data(run)
+    forget_ids = rd.split.forget
     if not forget_ids:
-        raise ForgetRequestError(f"the forget ledger of {run_dir} has no requests", "file one with `edge-qmul forget`")
-    rd.split.forget = forget_ids
+        raise ForgetRequestError(f"the forget ledger of {run.root} has no requests",
+                                 "file one with `edge-qmul forget`")
     sets = rd.eval_sets()
-    available = sorted(p.name for p in (run_dir / "unlearn").glob("*") if (p / "result.pt").exists())
-    chosen = available if methods is None else methods
+    chosen = run.results() if methods is None else methods
     rows: dict[str, dict[str, Any]] = {"none": {**evaluate_model(q.int8, sets), "seconds": 0.0}}
     for method in chosen:
-        model, meta = load_result(run_dir, method, q, forget_ids)
+        model, meta = load_result(run, method, q, forget_ids)
         rows[method] = {**evaluate_model(model, sets), "seconds": float(meta["seconds"])}
     for row in rows.values():
         row["avg_gap"] = avg_gap(row, rows[REFERENCE]) if REFERENCE in rows else None
-    report = {
-        "toolkit_version": __version__,
-        "dataset": rd.split.dataset,
-        "seed": rd.split.seed,
-        "forget_count": len(forget_ids),
-        "backend": q.backend,
-        "reference": REFERENCE if REFERENCE in rows else None,
-        "methods": rows,
-    }
+    ratios = None
     if REFERENCE in rows and rows[REFERENCE]["seconds"] > 0:
-        report["time_ratio_to_retrain"] = {
-            m: r["seconds"] / rows[REFERENCE]["seconds"] for m, r in rows.items() if m != "none"
-        }
-    write_json(run_dir / "report.json", report)
+        ratios = {m: r["seconds"] / rows[REFERENCE]["seconds"] for m, r in rows.items() if m != "none"}
+    report = EvalReport(__version__, rd.split.dataset, rd.split.seed, len(forget_ids), q.backend,
+                        REFERENCE if REFERENCE in rows else None, rows, ratios)
+    write_json(run.path("report"), report.to_dict())
     return report
 
 
-def format_table(report: dict[str, Any]) -> str:
+def format_table(report: EvalReport) -> str:
     header = f"{'method':<14}{'FA':>8}{'RA':>8}{'TA':>8}{'MIA':>8}{'AvgGap':>9}{'seconds':>10}"
     lines = [header, "-" * len(header)]
-    for name, r in report["methods"].items():
+    for name, r in report.methods.items():
         gap = "-" if r["avg_gap"] is None else f"{r['avg_gap']:.2f}"
         lines.append(
             f"{name:<14}{r['FA']:8.2f}{r['RA']:8.2f}{r['TA']:8.2f}{r['MIA']:8.2f}{gap:>9}{r['seconds']:10.2f}"
@@ -608,7 +741,7 @@ DEMO_METHODS = ("retrain", "qmul", "finetune", "random_label", "grad_ascent", "f
 
 
 def demo(
-    run_dir: Path,
+    run_dir: Run | Path,
     data_cfg: DataConfig,
     train_cfg: TrainConfig,
     quant_cfg: QuantConfig,
@@ -618,7 +751,7 @@ def demo(
     unlearn_overrides: dict[str, Any] | None = None,
     quiet: bool = False,
     echo: Any = print,
-) -> dict[str, Any]:
+) -> EvalReport:
     """The whole slice: train → quantize → forget → unlearn with each method → evaluate."""
     for m in methods:
         method_config(m, unlearn_overrides if m == "qmul" else None)  # fail on a bad config before any work
@@ -627,19 +760,19 @@ def demo(
     echo(f"trained {train_cfg.model} on {data_cfg.dataset} ({time.perf_counter() - t0:.1f}s)")
     info = quantize(run_dir, quant_cfg, quiet=quiet)
     echo(
-        f"quantized ({info['backend']}): float TA {info['float_test_acc']:.2f}, int8 TA {info['int8_test_acc']:.2f}, "
-        f"PTQ/QAT agreement {info['ptq_qat_agreement']:.2f}%"
+        f"quantized ({info.backend}): float TA {info.float_test_acc:.2f}, int8 TA {info.int8_test_acc:.2f}, "
+        f"PTQ/QAT agreement {info.ptq_qat_agreement:.2f}%"
     )
     req = forget(run_dir, fraction=forget_fraction, seed=data_cfg.seed)
-    echo(f"forget request {req['request_id']}: {req['samples']} samples")
+    echo(f"forget request {req.request_id}: {req.samples} samples")
     for m in methods:
         meta = run_unlearn(run_dir, method_config(m, unlearn_overrides if m == "qmul" else None), quiet=quiet)
-        echo(f"unlearned with {m} ({meta['seconds']:.1f}s)")
+        echo(f"unlearned with {m} ({meta.seconds:.1f}s)")
     if "qmul" in methods:
         set_latest(run_dir, "qmul")  # a demo run exports Q-MUL's model by default
     report = evaluate(run_dir, list(methods))
     echo(format_table(report))
-    for m, ratio in report.get("time_ratio_to_retrain", {}).items():
+    for m, ratio in (report.time_ratio_to_retrain or {}).items():
         if m != REFERENCE:
             echo(f"{m} / retrain wall time: {ratio:.3f}")
     return report

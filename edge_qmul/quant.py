@@ -16,26 +16,52 @@ weights), which is what makes the two int8 models agree. Presets:
   CPUs without VNNI), int8 per-channel symmetric weights — the combination onnxruntime fuses into
   QLinearConv / integer kernels.
 * ``qnnpack`` (ARM boards): uint8 activations, full 8-bit range, int8 per-tensor symmetric weights.
+
+ReLU6 (and ``hardtanh(x, 0, 6)`` / ``clamp(x, 0, 6)``) runs in int8 for any model, not just the zoo. torch.ao
+would leave it as a float ``Clip`` between a DequantizeLinear and a QuantizeLinear in the ONNX graph
+(it shares its input's observer and is not fused with the conv). Before prepare, ``_fold_relu6`` rewrites
+the traced graph: a ReLU6 directly after a conv (+BN) or linear becomes a ReLU fused with that layer
+(ConvReLU / ConvBnReLU / LinearReLU), and the layer's output observer is fixed to scale 6/255, zero point
+0: the uint8 grid covers exactly [0, 6], so saturating at 255 *is* the clamp at 6 (exact ReLU6 on the
+int8 grid, and in QAT the fake-quant's straight-through mask is ReLU6's gradient). A ReLU6 anywhere else
+gets the same fixed [0, 6] output observer and, at conversion, becomes a plain requantization to that
+grid (dequantize → quantize_per_tensor, saturating), so no float op remains. The full 8-bit range on
+these activations is deliberate even in the x86 preset (which otherwise uses 7 bits): with 7 bits the
+grid would reach 12 and the clamp would be lost; on x86 CPUs without VNNI, u8×s8 pair sums of the next
+conv can then saturate int16 in fbgemm / MLAS, a rare, small error (the parity checks measure it).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.ao.nn import quantized as nnq
 from torch.ao.quantization import (
     FakeQuantize,
+    FakeQuantizeBase,
+    FixedQParamsFakeQuantize,
+    FixedQParamsObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
     MovingAveragePerChannelMinMaxObserver,
+    ObserverBase,
     PerChannelMinMaxObserver,
     QConfig,
     QConfigMapping,
+)
+from torch.ao.quantization.backend_config import (
+    BackendConfig,
+    BackendPatternConfig,
+    DTypeConfig,
+    ObservationType,
+    get_native_backend_config,
 )
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 
@@ -87,9 +113,174 @@ def _qconfig(backend: Backend, qat: bool) -> QConfig:
     )
 
 
+FLOAT_MODULES = ("normalize",)  # stay in float: the graph quantizes right after the normalisation
+
+# ReLU6's range on the full uint8 grid: 255 * RELU6_SCALE == 6.0 in float32 (what onnxruntime computes in)
+RELU6_SCALE = float(torch.tensor(6.0 / 255.0, dtype=torch.float32))
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
 def _mapping(backend: Backend, qat: bool) -> QConfigMapping:
-    # The normalisation layer stays in float: the graph quantizes right after it.
-    return QConfigMapping().set_global(_qconfig(backend, qat)).set_module_name("normalize", None)
+    mapping = QConfigMapping().set_global(_qconfig(backend, qat))
+    for name in FLOAT_MODULES:
+        mapping.set_module_name(name, None)
+    return mapping
+
+
+def _relu6_activation(qat: bool) -> Any:
+    """The fixed [0, 6] output observer (PTQ) or fake-quant (QAT) of a folded ReLU6."""
+    observer = FixedQParamsObserver.with_args(
+        scale=RELU6_SCALE, zero_point=0, dtype=torch.quint8, qscheme=torch.per_tensor_affine, quant_min=0,
+        quant_max=255,
+    )
+    return FixedQParamsFakeQuantize.with_args(observer=observer) if qat else observer
+
+
+@functools.lru_cache(maxsize=1)
+def _backend_config() -> BackendConfig:
+    """torch.ao's native patterns, except that a (standalone) F.relu6 gets its own output observer instead
+    of sharing its input's: the fixed [0, 6] one that ``_fix_relu6_ranges`` puts there."""
+    relu6 = (
+        BackendPatternConfig(F.relu6)
+        .set_observation_type(ObservationType.OUTPUT_USE_DIFFERENT_OBSERVER_AS_INPUT)
+        .set_dtype_configs([DTypeConfig(input_dtype=torch.quint8, output_dtype=torch.quint8)])
+    )
+    return get_native_backend_config().set_backend_pattern_config(relu6)
+
+
+def _is_relu6(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """nn.ReLU6, F.relu6, nn.Hardtanh(0, 6), F.hardtanh(x, 0, 6) or clamp(x, 0, 6) / clip(x, 0, 6)."""
+
+    def arg(i: int, key: str, default: Any = None) -> Any:
+        return node.args[i] if len(node.args) > i else node.kwargs.get(key, default)
+
+    if node.op == "call_module":
+        mod = modules.get(str(node.target))
+        if isinstance(mod, nn.Hardtanh):  # nn.ReLU6 is a Hardtanh(0, 6)
+            return (mod.min_val, mod.max_val) == (0.0, 6.0)
+        return False
+    if node.op == "call_function":
+        if node.target is F.relu6:
+            return True
+        if node.target in (F.hardtanh, F.hardtanh_):
+            return (arg(1, "min_val", -1.0), arg(2, "max_val", 1.0)) == (0.0, 6.0)
+        if node.target in (torch.clamp, torch.clip, torch.clamp_, torch.clip_):
+            return (arg(1, "min"), arg(2, "max")) == (0.0, 6.0)
+    if node.op == "call_method" and node.target in ("clamp", "clamp_", "clip", "clip_"):
+        return (arg(1, "min"), arg(2, "max")) == (0.0, 6.0)
+    return False
+
+
+class _Tracer(fx.Tracer):
+    """The standard tracer, keeping the float modules as leaves so that, when prepare_fx re-traces the
+    rewritten graph, their ops are still scoped under their name (and so still get qconfig None)."""
+
+    def __init__(self, leaves: Iterable[str]) -> None:
+        super().__init__()
+        self.leaves = set(leaves)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name in self.leaves or super().is_leaf_module(m, module_qualified_name)
+
+
+def _fold_relu6(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """Rewrite every ReLU6 of ``model``'s traced graph (see the module docstring).
+
+    Returns the model to prepare (``model`` itself when it has no ReLU6, so other models prepare exactly
+    as before) and the names of the conv / linear layers whose ReLU6 was folded: their output observer
+    must be the fixed [0, 6] one. A ReLU6 that does not directly follow a single-use conv (+BN) or linear
+    becomes ``F.relu6``, which ``_backend_config`` observes on its own fixed [0, 6] grid.
+    """
+    gm = fx.GraphModule(model, _Tracer(FLOAT_MODULES).trace(model), type(model).__name__)
+    modules = dict(gm.named_modules())
+    if not any(_is_relu6(n, modules) for n in gm.graph.nodes):
+        return model, []
+    calls: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls[str(n.target)] = calls.get(str(n.target), 0) + 1
+
+    def only_use(n: Any, kinds: tuple[type[nn.Module], ...]) -> bool:
+        # fusable: a module called once whose output feeds only the next op
+        return (isinstance(n, fx.Node) and n.op == "call_module" and isinstance(modules[str(n.target)], kinds)
+                and len(n.users) == 1 and calls[str(n.target)] == 1)
+
+    fused: list[str] = []
+    for node in list(gm.graph.nodes):
+        if not _is_relu6(node, modules):
+            continue
+        x = node.args[0]
+        layer = None
+        if only_use(x, (*_CONVS, nn.Linear)):
+            layer = x
+        elif only_use(x, _BNS) and only_use(x.args[0], _CONVS):  # type: ignore[union-attr]
+            layer = x.args[0]  # type: ignore[union-attr]
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_function(F.relu if layer is not None else F.relu6, (x,))
+        if layer is not None:
+            fused.append(str(layer.target))  # type: ignore[union-attr]
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm, fused
+
+
+def _fix_relu6_ranges(observed: fx.GraphModule, fused: list[str], qat: bool) -> None:
+    """Replace the output observer (fake-quant) of each folded layer and each standalone F.relu6 with the
+    fixed [0, 6] one. Done on the prepared graph rather than through the qconfig, because a qconfig's
+    activation would also observe the layer's *input* when nothing upstream does (the first conv after the
+    float normalisation), clamping the input to [0, 6]. Observers that a shape op shares with it (same
+    instance under another name) are replaced too, so the two stay one."""
+    modules = dict(observed.named_modules())
+    outputs = []
+    for node in observed.graph.nodes:
+        if (node.op == "call_module" and str(node.target) in fused) or (
+            node.op == "call_function" and node.target is F.relu6
+        ):
+            post = [u for u in node.users if u.op == "call_module" and _is_observer(modules[str(u.target)])]
+            if post:
+                outputs.append(modules[str(post[0].target)])
+    for old in outputs:
+        new = _relu6_activation(qat)()
+        for name, mod in list(observed.named_children()):
+            if mod is old:
+                setattr(observed, name, new)
+
+
+def _is_observer(mod: nn.Module) -> bool:
+    return isinstance(mod, (ObserverBase, FakeQuantizeBase))
+
+
+def _prepare(model: nn.Module, mapping: QConfigMapping, example: torch.Tensor, qat: bool) -> fx.GraphModule:
+    """prepare_fx / prepare_qat_fx with each ReLU6 folded into a fixed [0, 6] int8 output range."""
+    traced, fused = _fold_relu6(model)
+    prepare = prepare_qat_fx if qat else prepare_fx
+    observed = prepare(traced, mapping, example_inputs=(example,), backend_config=_backend_config())
+    _fix_relu6_ranges(observed, fused, qat)
+    return observed
+
+
+def _convert(observed: fx.GraphModule) -> fx.GraphModule:
+    """convert_fx, after dropping each standalone F.relu6 whose output observer is the fixed [0, 6] one:
+    that grid's saturation is the clamp, so the converted graph requantizes (dequantize →
+    quantize_per_tensor) instead of running relu6 in float, or on its input's grid. Mutates ``observed``."""
+    modules = dict(observed.named_modules())
+    for node in list(observed.graph.nodes):
+        if not (node.op == "call_function" and node.target is F.relu6 and len(node.users) == 1):
+            continue
+        (user,) = node.users
+        post = modules.get(str(user.target)) if user.op == "call_module" else None
+        if isinstance(post, (FixedQParamsObserver, FixedQParamsFakeQuantize)) and float(
+            post.calculate_qparams()[0]
+        ) == RELU6_SCALE:
+            node.replace_all_uses_with(node.args[0])  # type: ignore[arg-type]
+            observed.graph.erase_node(node)
+    observed.graph.lint()
+    observed.recompile()
+    return convert_fx(observed, backend_config=_backend_config())
 
 
 def _set_engine(backend: Backend) -> None:
@@ -113,9 +304,9 @@ def quantize_ptq(float_model: nn.Module, calib: Iterable[torch.Tensor], backend_
     _set_engine(backend)
     calib = list(calib)
     model = copy.deepcopy(float_model).eval()
-    observed = prepare_fx(model, _mapping(backend, qat=False), example_inputs=(calib[0][:1],))
+    observed = _prepare(model, _mapping(backend, qat=False), calib[0][:1], qat=False)
     _calibrate(observed, calib)
-    return convert_fx(observed)
+    return _convert(observed)
 
 
 def prepare_qat(float_model: nn.Module, backend_name: str, example: torch.Tensor) -> nn.Module:
@@ -123,7 +314,7 @@ def prepare_qat(float_model: nn.Module, backend_name: str, example: torch.Tensor
     backend = get_backend(backend_name)
     _set_engine(backend)
     model = copy.deepcopy(float_model).train()
-    return prepare_qat_fx(model, _mapping(backend, qat=True), example_inputs=(example[:1],))
+    return _prepare(model, _mapping(backend, qat=True), example[:1], qat=True)
 
 
 def calibrate_qat(qat: nn.Module, calib: Iterable[torch.Tensor]) -> None:
@@ -169,12 +360,14 @@ def quantize_ptq_weights(
     else:
         weight = MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, quant_min=lo,
                                           quant_max=hi)
-    mapping = QConfigMapping().set_global(QConfig(activation=act, weight=weight)).set_module_name("normalize", None)
+    mapping = QConfigMapping().set_global(QConfig(activation=act, weight=weight))
+    for name in FLOAT_MODULES:
+        mapping.set_module_name(name, None)
     batches = list(calib)
     model = copy.deepcopy(float_model).eval()
-    prepared = prepare_fx(model, mapping, example_inputs=(batches[0],))
+    prepared = _prepare(model, mapping, batches[0], qat=False)
     _calibrate(prepared, batches)
-    return convert_fx(prepared)
+    return _convert(prepared)
 
 
 def convert(qat: nn.Module) -> nn.Module:
@@ -186,7 +379,7 @@ def convert(qat: nn.Module) -> nn.Module:
             mod.disable_observer()  # conversion must not re-observe
     if not isinstance(model, fx.GraphModule):
         raise ConfigError("only FX-prepared models can be converted", "prepare the model with prepare_qat")
-    int8 = convert_fx(model)
+    int8 = _convert(model)
     qat.train(was_training)
     return int8
 
@@ -243,15 +436,25 @@ def restore_qat(
     return qat
 
 
-def _split_at_first(gm: fx.GraphModule, kind: type[nn.Module]) -> tuple[fx.GraphModule, fx.GraphModule, fx.Graph]:
-    """Split ``gm`` at the input of its first ``kind`` module: (prefix, suffix, prefix graph)."""
+def _split_at(gm: fx.GraphModule, kind: type[nn.Module], head: str) -> tuple[fx.GraphModule, fx.Graph]:
+    """Split ``gm`` at the input of its head: the module named ``head``, or (``head=""``) the last ``kind``
+    module of the graph. Returns (suffix module, prefix graph without its output node)."""
     nodes = list(gm.graph.nodes)
-    first = next(
-        (n for n in nodes if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), kind)), None
-    )
-    cut = first.args[0] if first is not None else None
-    if first is None or not isinstance(cut, fx.Node):
+    linears = [n for n in nodes if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), kind)]
+    if head:
+        found = [n for n in nodes if n.op == "call_module" and str(n.target) == head]
+        if not found:
+            names = ", ".join(str(n.target) for n in linears) or "none"
+            raise ConfigError(f"the quantized graph has no module named {head!r} to split at",
+                              f"name one of its Linear layers as the head: {names}")
+        first = found[0]
+    elif linears:
+        first = linears[-1]
+    else:
         raise ConfigError("the model has no Linear classifier to split at", "use layers='all'")
+    cut = first.args[0]
+    if not isinstance(cut, fx.Node):
+        raise ConfigError(f"the head {first.target!r} does not read a graph value", "use layers='all'")
     prefix = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in nodes:
@@ -261,9 +464,16 @@ def _split_at_first(gm: fx.GraphModule, kind: type[nn.Module]) -> tuple[fx.Graph
     suffix = fx.Graph()
     env_s = {cut: suffix.placeholder("features")}
     for node in nodes[nodes.index(cut) + 1 :]:
-        if node.op != "placeholder":
+        if node.op == "placeholder":
+            continue
+        try:
             env_s[node] = suffix.node_copy(node, lambda n: env_s[n])
-    return gm, fx.GraphModule(gm, suffix), prefix  # prefix graph gets its output node from the caller
+        except KeyError as err:
+            raise ConfigError(f"the head {first.target!r} is not a cut point of the graph: {node.name!r} after it "
+                              "also reads earlier activations",
+                              "name a head whose input is the only value the rest of the model reads "
+                              "(the final Linear after pooling / flatten), or use layers='all'") from err
+    return fx.GraphModule(gm, suffix), prefix  # prefix graph gets its output node from the caller
 
 
 def _module(root: nn.Module, graph: fx.Graph, out: fx.Node) -> fx.GraphModule:
@@ -274,8 +484,9 @@ def _module(root: nn.Module, graph: fx.Graph, out: fx.Node) -> fx.GraphModule:
     return gm
 
 
-def split_at_classifier(qat: nn.Module) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """Split a QAT model at the input of its first Linear layer: ``head(features(x)) == qat(x)``.
+def split_at_classifier(qat: nn.Module, head: str = "") -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Split a QAT model at the input of its head (the module named ``head``, by default the last Linear
+    layer): ``head(features(x)) == qat(x)``.
 
     The cut is after that input's fake-quant, so with activation observers frozen the features are
     what the int8 classifier sees. ``head`` shares its modules (and so its parameters) with ``qat``:
@@ -283,12 +494,12 @@ def split_at_classifier(qat: nn.Module) -> tuple[fx.GraphModule, fx.GraphModule]
     """
     if not isinstance(qat, fx.GraphModule):
         raise ConfigError("the model is not an FX graph", "prepare it with prepare_qat first")
-    _, head, prefix = _split_at_first(qat, nn.Linear)
-    return _module(qat, prefix, list(prefix.nodes)[-1]), head
+    suffix, prefix = _split_at(qat, nn.Linear, head)
+    return _module(qat, prefix, list(prefix.nodes)[-1]), suffix
 
 
-def int8_features(qat: nn.Module, dequantize: bool = True) -> fx.GraphModule:
-    """The converted int8 model up to its classifier, returning the features it reads.
+def int8_features(qat: nn.Module, dequantize: bool = True, head: str = "") -> fx.GraphModule:
+    """The converted int8 model up to its head (``split_at_classifier``), returning the features it reads.
 
     These are exactly the values the deployed int8 classifier reads, and int8 kernels compute them
     ~10x faster than the fake-quant graph (measured on the small CNN, 2 cores). With
@@ -298,9 +509,52 @@ def int8_features(qat: nn.Module, dequantize: bool = True) -> fx.GraphModule:
     int8 = convert(qat)
     if not isinstance(int8, fx.GraphModule):
         raise ConfigError("conversion did not return an FX graph", "prepare the model with prepare_qat")
-    _, _, prefix = _split_at_first(int8, nnq.Linear)
+    _, prefix = _split_at(int8, nnq.Linear, head)
     out = list(prefix.nodes)[-1]
     if dequantize:
         with prefix.inserting_after(out):
             out = prefix.call_method("dequantize", (out,))
     return _module(int8, prefix, out)
+
+
+def float_ops_in_int8_region(int8: nn.Module) -> list[tuple[str, str]]:
+    """(name, kind) of every op of a converted model that computes in float inside its int8 region: after a
+    ``dequantize`` and before a later ``quantize_per_tensor``. Such a layer has no int8 kernel in the chosen
+    backend (convert_fx leaves it in float between a dequantize and a re-quantize)."""
+    if not isinstance(int8, fx.GraphModule):
+        raise ConfigError("only converted FX models can be checked", "quantize the model with quantize_ptq")
+    nodes = list(int8.graph.nodes)
+
+    def is_dequantize(n: fx.Node) -> bool:
+        return (n.op == "call_method" and n.target == "dequantize") or (
+            n.op == "call_function" and n.target is torch.dequantize)
+
+    def is_quantize(n: fx.Node) -> bool:
+        return n.op == "call_function" and n.target in (torch.quantize_per_tensor, torch.quantize_per_channel)
+
+    after_dq: set[fx.Node] = set()
+    for n in nodes:  # topological order: a node is downstream if any input is a dequantize or downstream
+        if any(is_dequantize(a) or a in after_dq for a in n.all_input_nodes):
+            after_dq.add(n)
+    before_q: set[fx.Node] = set()
+    for n in reversed(nodes):
+        if any(is_quantize(u) or u in before_q for u in n.users):
+            before_q.add(n)
+    found = []
+    for n in nodes:
+        if n not in after_dq or n not in before_q or is_dequantize(n) or is_quantize(n) or n.op == "get_attr":
+            continue
+        if n.op == "call_module":
+            module = int8.get_submodule(str(n.target))
+            if not isinstance(module, _SHAPE_MODULES):
+                found.append((str(n.target), type(module).__name__))
+        elif getattr(n.target, "__name__", str(n.target)) not in _SHAPE_OPS:
+            found.append((n.name, getattr(n.target, "__name__", str(n.target))))
+    return found
+
+
+# Ops that only move values (no arithmetic): harmless between a dequantize and a quantize, and onnxruntime
+# runs them on the quantized tensor after its QDQ clean-up.
+_SHAPE_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout)
+_SHAPE_OPS = {"flatten", "reshape", "view", "permute", "transpose", "squeeze", "unsqueeze", "contiguous", "size",
+              "getitem", "detach", "clone", "chunk", "split"}

@@ -25,11 +25,12 @@ CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL
 CREATE TABLE IF NOT EXISTS samples (
     id          INTEGER PRIMARY KEY,   -- index into the training file
     label       INTEGER NOT NULL,
-    sha256      TEXT NOT NULL,         -- of the raw uint8 pixels
+    sha256      TEXT NOT NULL,         -- content id: of the image file's bytes, or of the raw uint8 pixels
     pixels      BLOB,                  -- NULL once purged
     purged_at   TEXT,
     certificate TEXT                   -- request id of the certificate the purge followed
 );
+CREATE INDEX IF NOT EXISTS samples_sha256 ON samples (sha256);
 """
 
 
@@ -41,8 +42,11 @@ class SampleStore(SqliteStore):
     schema = _SCHEMA
     what = "sample store"
 
-    def ingest(self, images: np.ndarray, labels: np.ndarray, scale: float) -> int:
-        """Import the whole training file once (a second call with the same shape is a no-op)."""
+    def ingest(
+        self, images: np.ndarray, labels: np.ndarray, scale: float, content_ids: Sequence[str] | None = None
+    ) -> int:
+        """Import the whole training file once (a second call with the same shape is a no-op). Each row keeps
+        its content id: ``content_ids`` (e.g. the sha256 of an image file's bytes) or the pixels' sha256."""
         shape = [int(s) for s in images.shape[1:]]
         meta = self.meta()
         if meta:
@@ -53,7 +57,8 @@ class SampleStore(SqliteStore):
         with self._tx() as conn:
             conn.executemany(
                 "INSERT INTO samples (id, label, sha256, pixels) VALUES (?, ?, ?, ?)",
-                ((i, int(labels[i]), sample_sha256(images[i]), images[i].tobytes()) for i in range(len(images))),
+                ((i, int(labels[i]), content_ids[i] if content_ids is not None else sample_sha256(images[i]),
+                  images[i].tobytes()) for i in range(len(images))),
             )
             for key, value in (("shape", shape), ("count", len(images)), ("scale", float(scale))):
                 conn.execute("INSERT INTO store_meta VALUES (?, ?)", (key, json.dumps(value)))
@@ -84,6 +89,17 @@ class SampleStore(SqliteStore):
             part = [int(i) for i in ids[chunk : chunk + 900]]
             marks = ",".join("?" * len(part))
             out.update(self._conn.execute(f"SELECT id, sha256 FROM samples WHERE id IN ({marks})", part).fetchall())
+        return out
+
+    def ids_for_hashes(self, hashes: Sequence[str]) -> dict[str, list[int]]:
+        """{content id: the sample ids with it} for the given ids that the store holds (duplicates share one)."""
+        out: dict[str, list[int]] = {}
+        unique = sorted(set(hashes))
+        for chunk in range(0, len(unique), 900):
+            part = unique[chunk : chunk + 900]
+            marks = ",".join("?" * len(part))
+            for i, sha in self._conn.execute(f"SELECT id, sha256 FROM samples WHERE sha256 IN ({marks})", part):
+                out.setdefault(sha, []).append(int(i))
         return out
 
     def purged(self) -> set[int]:

@@ -38,6 +38,7 @@ from edge_qmul.devices.profiles import DeviceProfile
 from edge_qmul import __version__, pipeline
 from edge_qmul.atomic import write_bytes
 from edge_qmul.errors import BundleError
+from edge_qmul.run import Run, ids_hash, model_version, sha256_file
 
 KEY_FILE, PUBLIC_KEY_FILE = "signing_key.pem", "public_key.hex"
 MANIFEST_METRICS = ("FA", "RA", "TA", "MIA", "loss_auc", "tpr_at_1fpr", "parity_top1", "max_logit_diff",
@@ -97,11 +98,13 @@ def sign_json(key: Ed25519PrivateKey, obj: dict[str, Any]) -> tuple[bytes, bytes
 # ---------------------------------------------------------------------------------------------------
 
 
-def fresh_validation(run_dir: Path, profile: DeviceProfile) -> tuple[dict[str, Any], dict[str, str]]:
+def fresh_validation(run_dir: Run | Path, profile: DeviceProfile) -> tuple[dict[str, Any], dict[str, str]]:
     """The run's validation report, if it is for the current model, this device and this ledger, and passed;
     with the ONNX model's metadata (honoured request ids, forget hash, ...)."""
-    model = run_dir / runtime.MODEL_FILE
-    report_path = run_dir / "validation.json"
+    run = pipeline.as_run(run_dir)
+    run_dir = run.root
+    model = run.path("int8_onnx")
+    report_path = run.path("validation")
     validate = f"run `edge-qmul validate --run {run_dir} --device {profile.name}`"
     if not model.exists():
         raise BundleError(f"{model} does not exist", f"run `edge-qmul export --run {run_dir}`, then validate")
@@ -112,14 +115,14 @@ def fresh_validation(run_dir: Path, profile: DeviceProfile) -> tuple[dict[str, A
         validated_sha, device, passed = report["model_sha256"], report["device"], report["passed"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise BundleError(f"{report_path} is unreadable or incomplete ({err.__class__.__name__})", validate) from err
-    actual = pipeline.sha256_file(model)
+    actual = sha256_file(model)
     if validated_sha != actual:
         raise BundleError(f"{report_path} is stale: it validated model sha256 {validated_sha[:12]}..., "
                           f"{model.name} is now {actual[:12]}...", validate)
     if device != profile.name:
         raise BundleError(f"{report_path} validated the model for device {device!r}, not {profile.name!r}", validate)
     meta = {p.key: p.value for p in onnx.load(str(model), load_external_data=False).metadata_props}
-    ledger_hash = pipeline.ids_hash(pipeline.ledger_forget_ids(run_dir))
+    ledger_hash = ids_hash(run.forget_ids())
     if meta.get("forget_hash") != ledger_hash:
         raise BundleError(f"{model.name} does not honour the current forget ledger (new requests arrived after it "
                           "was made)", f"unlearn, export and validate again, then bundle: {validate}")
@@ -127,30 +130,28 @@ def fresh_validation(run_dir: Path, profile: DeviceProfile) -> tuple[dict[str, A
         failed = sorted(name for name, c in report.get("checks", {}).items() if not c.get("passed"))
         raise BundleError(f"{report_path}: the model failed validation ({', '.join(failed) or 'see the report'})",
                           "fix the model (unlearning settings or budgets) and validate again; failed models never ship")
-    probe = run_dir / runtime.PROBE_FILE
-    if not probe.exists() or ("probe_sha256" in report and report["probe_sha256"] != pipeline.sha256_file(probe)):
+    probe = run.path("probe")
+    if not probe.exists() or ("probe_sha256" in report and report["probe_sha256"] != sha256_file(probe)):
         raise BundleError(f"{probe} is missing or not the probe set the validation wrote", validate)
     return report, meta
 
 
-def model_version(method: str, onnx_sha256: str) -> str:
-    return f"{method}-{onnx_sha256[:12]}"
-
-
 def build_bundle(
-    run_dir: Path, profile: DeviceProfile, key_path: Path, *, out: Path | None = None, parent: str | None = None
+    run_dir: Run | Path, profile: DeviceProfile, key_path: Path, *, out: Path | None = None, parent: str | None = None
 ) -> Path:
-    """Check the validation, write and sign the bundle; returns its path (default: run/bundles/)."""
+    """Check the validation, write and sign the bundle; returns its path (default: the run's bundles).
+
+    ``parent`` is the model version this one replaces on the fleet (None: the factory model); the fleet
+    layer knows which (``edge_qmul.federated.rollout.current_fleet_version``)."""
+    run = pipeline.as_run(run_dir)
     key = load_signing_key(key_path)
-    report, meta = fresh_validation(run_dir, profile)
-    if parent is None:
-        parent = current_fleet_version(run_dir, profile.name)
-    model_bytes = (run_dir / runtime.MODEL_FILE).read_bytes()
+    report, meta = fresh_validation(run, profile)
+    model_bytes = run.path("int8_onnx").read_bytes()
     version = model_version(report["method"], hashlib.sha256(model_bytes).hexdigest())
     devices_dir = Path(runtime.__file__).parent
     files = {
         runtime.MODEL_FILE: model_bytes,
-        runtime.PROBE_FILE: (run_dir / runtime.PROBE_FILE).read_bytes(),
+        runtime.PROBE_FILE: run.path("probe").read_bytes(),
         "runtime.py": (devices_dir / "runtime.py").read_bytes(),
         "ed25519.py": (devices_dir / "ed25519.py").read_bytes(),
     }
@@ -166,7 +167,7 @@ def build_bundle(
         "files": {n: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)} for n, b in sorted(files.items())},
         "metrics": {k: report["metrics"].get(k) for k in MANIFEST_METRICS},
         "budgets": report["checks"],
-        "validation_sha256": pipeline.sha256_file(run_dir / "validation.json"),
+        "validation_sha256": run.digest("validation"),
         "honoured_request_ids": json.loads(meta.get("honoured_request_ids", "[]")),
         "forget_hash": meta.get("forget_hash"),
         "dataset": meta.get("dataset"),
@@ -178,22 +179,9 @@ def build_bundle(
     if not ed25519.verify(bytes.fromhex(manifest["signing_key"]), blob, signature):  # the board's check must agree
         raise BundleError(f"the signature made with {key_path} does not verify on the board's verifier",
                           "report this as a bug; do not ship the bundle")
-    path = out or run_dir / "bundles" / f"{version}-{profile.name}.tar"
+    path = out or run.path("bundles") / f"{version}-{profile.name}.tar"
     write_bytes(path, _tar({**files, runtime.MANIFEST: blob, runtime.SIGNATURE: signature}))
     return path
-
-
-def current_fleet_version(run_dir: Path, device: str) -> str | None:
-    """The model version of the last rollout to this device profile that completed (None: the factory model)."""
-    db = run_dir / "rollout.sqlite"
-    if not db.exists():
-        return None
-    from edge_qmul.federated.rollout import RolloutStore
-
-    with RolloutStore(db) as store:
-        done = [r for r in store.all() if r.status == "completed" and Path(r.bundle).exists()
-                and read_manifest(Path(r.bundle)).get("device") == device]
-    return done[-1].model_version if done else None
 
 
 def _tar(files: dict[str, bytes]) -> bytes:
@@ -218,3 +206,32 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
     except (OSError, tarfile.TarError, KeyError, json.JSONDecodeError) as err:
         raise BundleError(f"{bundle} is not a readable bundle ({err.__class__.__name__})",
                           "rebuild it with `edge-qmul bundle`") from err
+
+
+def describe_section(run: Run) -> dict[str, Any]:
+    """The export layer's part of ``Run.describe``: validation, bundles, certificates, purged samples."""
+    out: dict[str, Any] = {}
+    errors: list[str] = []
+    validation, error = run.read_json("validation")
+    if validation:
+        out["validation"] = {k: validation.get(k) for k in ("method", "device", "passed", "model_sha256")}
+    bundles = []
+    for path in sorted(run.path("bundles").glob("*.tar")):
+        try:
+            m = read_manifest(path)
+        except BundleError as err:
+            errors.append(f"{path}: {err.message}")
+            continue
+        bundles.append({"path": str(path), **{k: m.get(k) for k in ("model_version", "parent_version", "device",
+                                                                      "created")},
+                        "honoured_requests": len(m.get("honoured_request_ids", []))})
+    out["bundles"] = bundles
+    certs = sorted(run.path("certificates").glob("*.json"))
+    out["certificates"] = {"issued": len(certs), "files": [c.name for c in certs[-5:]]}
+    purge, purge_error = run.read_json("purge")
+    if purge:
+        out["purged_samples"] = purge.get("purged", 0)
+    errors += [e for e in (error, purge_error) if e]
+    if errors:
+        out["errors"] = errors
+    return out

@@ -26,12 +26,12 @@ from typing import Any
 
 from edge_qmul.devices import ed25519
 from edge_qmul.devices.profiles import load_profile
-from edge_qmul.export.bundle import fresh_validation, load_signing_key, model_version, public_key_hex
+from edge_qmul.export.bundle import fresh_validation, load_signing_key, public_key_hex
 
 from edge_qmul import pipeline
 from edge_qmul.atomic import write_json
 from edge_qmul.errors import BundleError
-from edge_qmul.ledger import Ledger
+from edge_qmul.run import Run, model_version, sha256_file
 from edge_qmul.store import SampleStore
 
 CERT_FORMAT = "edge-qmul/deletion-certificate/1"
@@ -41,10 +41,12 @@ def _canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
-def certify(run_dir: Path, key_path: Path, *, purge: bool = True) -> dict[str, Any]:
+def certify(run_dir: Run | Path, key_path: Path, *, purge: bool = True) -> dict[str, Any]:
     """Issue the missing certificates for the validated model, then purge and re-base (see module doc)."""
+    run = pipeline.as_run(run_dir)
+    run_dir = run.root
     key = load_signing_key(key_path)
-    report_path = run_dir / "validation.json"
+    report_path = run.path("validation")
     if not report_path.exists():
         raise BundleError(f"{report_path} does not exist: certificates cite a validated model",
                           f"run `edge-qmul validate --run {run_dir} --device PROFILE` first")
@@ -55,18 +57,18 @@ def certify(run_dir: Path, key_path: Path, *, purge: bool = True) -> dict[str, A
     honoured = set(json.loads(meta.get("honoured_request_ids", "[]")))
     m = report["metrics"]
     model = {"version": version, "method": report["method"], "onnx_sha256": onnx_sha, "device": device,
-             "validation_sha256": pipeline.sha256_file(report_path)}
+             "validation_sha256": sha256_file(report_path)}
     metrics = {k: m.get(k) for k in ("FA", "RA", "TA", "MIA", "MIA_retrain", "TA_before", "FA_before")}
     attack = {"loss_auc": m.get("loss_auc"), "loss_auc_interval": m.get("loss_auc_interval"),
               "tpr_at_1fpr": m.get("tpr_at_1fpr"), "mia_efficacy": m.get("MIA")}
 
-    out_dir = run_dir / "certificates"
-    with Ledger(run_dir / "ledger.sqlite") as ledger:
+    out_dir = run.path("certificates")
+    with run.ledger() as ledger:
         fresh = [r.request_id for r in ledger.requests() if r.request_id in honoured and r.honoured_by is None]
         if fresh:
             ledger.mark_honoured(fresh, version)
         rows = [r for r in ledger.requests() if r.request_id in honoured]
-    store_path = run_dir / pipeline.SAMPLE_STORE
+    store_path = run.path("samples")
     issued = []
     for r in rows:
         path = out_dir / f"{r.request_id}.json"
@@ -96,13 +98,14 @@ def certify(run_dir: Path, key_path: Path, *, purge: bool = True) -> dict[str, A
         issued.append(r.request_id)
     result: dict[str, Any] = {"model_version": version, "issued": issued, "certified": len(rows), "purged": 0}
     if purge and rows:
-        result["purged"] = purge_certified(run_dir, {r.request_id: r.sample_ids for r in rows}, report["method"])
+        result["purged"] = purge_certified(run, {r.request_id: r.sample_ids for r in rows}, report["method"])
     return result
 
 
-def purge_certified(run_dir: Path, ids_by_request: dict[str, list[int]], method: str) -> int:
+def purge_certified(run_dir: Run | Path, ids_by_request: dict[str, list[int]], method: str) -> int:
     """Drop the certified samples from the sample store, then re-base the run on the certified model."""
-    store_path = run_dir / pipeline.SAMPLE_STORE
+    run = pipeline.as_run(run_dir)
+    store_path = run.path("samples")
     if not store_path.exists():
         raise BundleError(f"{store_path} does not exist: this run reads the dataset directory directly",
                           "runs made by `edge-qmul train` since the sample store exists have one; re-train")
@@ -110,8 +113,8 @@ def purge_certified(run_dir: Path, ids_by_request: dict[str, list[int]], method:
         n = store.purge(ids_by_request)
         total = len(store.purged())
     if n:
-        pipeline.rebase(run_dir, method)
-    write_json(run_dir / "purge.json", {"purged": total, "last": datetime.now(UTC).isoformat(timespec="seconds"),
+        pipeline.rebase(run, method)
+    write_json(run.path("purge"), {"purged": total, "last": datetime.now(UTC).isoformat(timespec="seconds"),
                                         "base": method})
     return n
 

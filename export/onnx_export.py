@@ -2,9 +2,10 @@
 
 Contract (DESIGN §3): input ``pixels`` float32 NCHW in [0, 1] with the normalisation inside the graph,
 output ``logits`` float32 [batch, classes], dynamic batch, opset 17, ``metadata_props`` describing
-where the model came from. After export, onnxruntime's optimised graph is inspected: a
-DequantizeLinear that still feeds a float Conv / Gemm / MatMul / Add means a layer runs in float, and
-export fails with the node's name.
+where the model came from. After export, onnxruntime's optimised graph is inspected: any op that
+computes in float inside the int8 region (between the input's QuantizeLinear and the output's
+DequantizeLinear), or a float layer fed by a DequantizeLinear, fails the export with the node's name,
+its op type and the fix (``float_ops_in_int8_region``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import onnx
 import torch
@@ -28,10 +29,17 @@ from edge_qmul.errors import CheckpointError, ExportError
 
 OPSET = 17
 INPUT, OUTPUT = "pixels", "logits"
-FLOAT_COMPUTE = {"Conv", "Gemm", "MatMul", "Add"}
+FLOAT_COMPUTE = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add"}  # refused on dequantized input anywhere
+QDQ = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+# Pure data movement: no arithmetic, whatever the element type (on uint8 they are outside any float path anyway).
+SHAPE_ONLY = {
+    "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Concat", "Slice", "Split",
+    "Gather", "Expand", "Tile", "Shape", "Size",
+}
 INT8_KERNELS = {
     "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "ConvInteger", "MatMulInteger",
-    "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearMul", "QLinearConcat",
+    "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearMul", "QLinearConcat", "QLinearSigmoid",
+    "QLinearLeakyRelu", "QLinearSoftmax",
 }
 
 
@@ -41,6 +49,63 @@ class FusionError(ExportError):
 
 class OnnxModelError(ExportError):
     """A file is not an ONNX model of the expected shape."""
+
+
+class FloatOp(NamedTuple):
+    """An op of onnxruntime's optimised graph that computes in float where the model should run int8."""
+
+    name: str
+    op_type: str
+
+
+def float_ops_in_int8_region(optimized: onnx.ModelProto) -> list[FloatOp]:
+    """Every node of an (optimised) int8 graph that computes in float inside its int8 region.
+
+    A tensor is *dequantized* if it is a DequantizeLinear output or an output of a non-Q/DQ node reading a
+    dequantized tensor; it *reaches a QuantizeLinear* if it feeds one directly or through non-Q/DQ nodes.
+    A node is reported when it reads a dequantized tensor and either writes a tensor that reaches a
+    QuantizeLinear (float between two int8 ops: Clip, HardSigmoid, Mul, Relu, Add, Sigmoid, Conv, ...) or
+    is a float layer (Conv / Gemm / MatMul / Add) after the last DequantizeLinear. Shape-only ops
+    (``SHAPE_ONLY``) do no arithmetic and are not reported; the normalisation before the input's first
+    QuantizeLinear and the final DequantizeLinear → ``logits`` are outside the region. Empty when the model
+    runs int8 end to end.
+    """
+    nodes = list(optimized.graph.node)
+    dequantized: set[str] = set()
+    for node in nodes:  # ONNX graphs are stored in topological order
+        if node.op_type == "DequantizeLinear" or (
+            node.op_type not in QDQ and any(i in dequantized for i in node.input)
+        ):
+            dequantized.update(o for o in node.output if o)
+    reaches_q: set[str] = set()
+    for node in reversed(nodes):
+        if node.op_type in ("QuantizeLinear", "DynamicQuantizeLinear"):
+            reaches_q.update(node.input[:1])
+        elif node.op_type not in QDQ and any(o in reaches_q for o in node.output):
+            reaches_q.update(i for i in node.input if i)
+    return [
+        FloatOp(node.name or node.output[0], node.op_type)
+        for node in nodes
+        if node.op_type not in QDQ | SHAPE_ONLY
+        and any(i in dequantized for i in node.input)
+        and (node.op_type in FLOAT_COMPUTE or any(o in reaches_q for o in node.output))
+    ]
+
+
+def _fix_for(op: FloatOp) -> str:
+    if op.op_type == "Clip" or "relu6" in op.name.lower() or "hardtanh" in op.name.lower():
+        return ("ReLU6 / hardtanh(0, 6) / clamp(0, 6) run in int8 only as edge-qmul quantizes them: folded into the "
+                "output range of the conv / linear right before them, or requantized to a fixed [0, 6] grid; "
+                "other clamp bounds have no int8 kernel: use ReLU6 or ReLU, or keep the clamp outside the int8 "
+                "region")
+    if op.op_type in ("HardSwish", "HardSigmoid") or "hardswish" in op.name.lower():
+        return ("hardswish has no int8 kernel in onnxruntime: use ReLU6 (folded into the conv before it) or ReLU, "
+                "or keep it outside the int8 region")
+    if op.op_type in FLOAT_COMPUTE:
+        return ("this layer runs in float: check the quantization backend preset (x86: uint8 activations, int8 "
+                "per-channel weights) and that the layer is covered by the qconfig")
+    return ("this op has no int8 kernel in onnxruntime; replace it or keep it outside the int8 region (before the "
+            "input's QuantizeLinear or after the output's DequantizeLinear)")
 
 
 @dataclass(frozen=True)
@@ -98,21 +163,22 @@ def optimized_op_counts(path: Path, level: str = "extended") -> tuple[Counter[st
 
 
 def check_fusion(path: Path) -> Counter[str]:
-    """Raise FusionError if a DequantizeLinear feeds a float Conv/Gemm/MatMul/Add; return op counts."""
+    """Raise FusionError if onnxruntime's optimised graph computes in float inside the int8 region
+    (``float_ops_in_int8_region``) or has no int8 kernel at all; return its op counts."""
     counts, optimized = optimized_op_counts(path)
-    producers = {out: node for node in optimized.graph.node for out in node.output}
-    for node in optimized.graph.node:
-        if node.op_type not in FLOAT_COMPUTE:
-            continue
-        for name in node.input:
-            src = producers.get(name)
-            if src is not None and src.op_type == "DequantizeLinear":
-                raise FusionError(
-                    f"{path}: node {node.name or node.op_type!r} ({node.op_type}) runs in float on the output "
-                    f"of DequantizeLinear {src.name!r}",
-                    "check the quantization backend preset (x86: uint8 activations, int8 per-channel weights) "
-                    "and that the layer is covered by the qconfig",
-                )
+    found = float_ops_in_int8_region(optimized)
+    if found:
+        listed = ", ".join(f"{op.name!r} ({op.op_type})" for op in found[:8])
+        more = f" and {len(found) - 8} more" if len(found) > 8 else ""
+        fixes: dict[str, list[str]] = {}
+        for op in found:
+            kinds = fixes.setdefault(_fix_for(op), [])
+            if op.op_type not in kinds:
+                kinds.append(op.op_type)
+        raise FusionError(
+            f"{path}: {len(found)} op(s) compute in float inside the int8 region: {listed}{more}",
+            "; ".join(f"{', '.join(kinds)}: {fix}" for fix, kinds in fixes.items()),
+        )
     if not INT8_KERNELS & set(counts):
         raise FusionError(f"{path}: the optimised graph has no int8 kernels ({dict(counts)})", "re-run quantize")
     return counts
@@ -144,23 +210,27 @@ def check_contract(path: Path, input_shape: tuple[int, int, int] | None = None) 
     return proto
 
 
-def export_models(
-    int8: nn.Module,
-    float_model: nn.Module,
-    out_dir: Path,
-    input_shape: tuple[int, int, int],
-    metadata: dict[str, Any],
-) -> ExportResult:
-    """Write model.int8.onnx and model.fp32.onnx atomically into ``out_dir`` and check fusion."""
-    example = torch.rand(1, *input_shape)
+def onnx_bytes(model: nn.Module, input_shape: tuple[int, int, int], metadata: dict[str, Any]) -> bytes:
+    """``model`` as ONNX bytes under the I/O contract, with ``metadata`` (JSON-encoded values) attached."""
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     meta.setdefault("toolkit_version", __version__)
     meta.setdefault("input_shape", json.dumps([None, *input_shape]))
-    int8_path, fp32_path = out_dir / "model.int8.onnx", out_dir / "model.fp32.onnx"
-    int8_blob = _with_metadata(_export_bytes(int8.eval(), example), meta)
-    fp32_blob = _with_metadata(_export_bytes(float_model.eval(), example), {**meta, "precision": "fp32"})
+    return _with_metadata(_export_bytes(model.eval(), torch.rand(1, *input_shape)), meta)
+
+
+def export_models(
+    int8: nn.Module,
+    float_model: nn.Module,
+    int8_path: Path,
+    fp32_path: Path,
+    input_shape: tuple[int, int, int],
+    metadata: dict[str, Any],
+) -> ExportResult:
+    """Write the int8 and the float model's ONNX atomically, the int8 one only once its graph checks out."""
+    int8_blob = onnx_bytes(int8, input_shape, metadata)
+    fp32_blob = onnx_bytes(float_model, input_shape, {**metadata, "precision": "fp32"})
     with tempfile.TemporaryDirectory() as tmp:  # check before anything lands in the run directory
-        probe = Path(tmp) / "model.int8.onnx"
+        probe = Path(tmp) / int8_path.name
         probe.write_bytes(int8_blob)
         counts = check_fusion(probe)
     write_bytes(int8_path, int8_blob)

@@ -1,24 +1,45 @@
-"""Run-directory stages of this package: ``export`` (int8 + fp32 ONNX) and ``validate``."""
+"""The export stage: ``eq.export_onnx`` for any converted int8 model, ``export_run`` for a run's result."""
 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from edge_qmul.export.onnx_export import ExportResult, export_models
+from edge_qmul.export.onnx_export import ExportResult, check_fusion, export_models, onnx_bytes
 
 from edge_qmul import pipeline
+from edge_qmul.atomic import write_bytes
+from edge_qmul.run import Run
+from edge_qmul.train import load_checkpoint
 
 
-def export_run(run_dir: Path, method: str | None = None) -> ExportResult:
+def export_onnx(
+    int8_model: Any, path: str | Path, input_shape: tuple[int, int, int], *, metadata: dict[str, Any] | None = None
+) -> Path:
+    """Write a converted int8 model as ONNX (opset 17, dynamic batch, ``pixels`` → ``logits``) to ``path``.
+
+    The file lands only if onnxruntime's optimised graph runs it in int8 with no float op inside the int8
+    region (``ExportError`` otherwise, naming the node)."""
+    path = Path(path)
+    blob = onnx_bytes(int8_model, input_shape, metadata or {})
+    with tempfile.TemporaryDirectory() as tmp:  # check before anything lands at ``path``
+        probe = Path(tmp) / "model.onnx"
+        probe.write_bytes(blob)
+        check_fusion(probe)
+    write_bytes(path, blob)
+    return path
+
+
+def export_run(run_dir: Run | Path, method: str | None = None) -> ExportResult:
     """Export the run's unlearned int8 model (default: the latest result; in a demo run, qmul's)."""
-    method = method or pipeline.latest_method(run_dir)
-    q = pipeline.load_quantized(run_dir)
-    rd = pipeline.load_run_data(run_dir)
-    forget_ids = pipeline.ledger_forget_ids(run_dir)
-    result = pipeline.load_result_full(run_dir, method, q, forget_ids)
-    run_info = json.loads((run_dir / "run.json").read_text())
+    run = pipeline.as_run(run_dir)
+    method = method or pipeline.latest_method(run)
+    q = pipeline.load_quantized(run)
+    rd = pipeline.load_run_data(run)
+    result = pipeline.load_result_full(run, method, q, rd.split.forget)
+    run_info = json.loads(run.require("run_info").read_text())
     cfg = q.model_cfg
     metadata: dict[str, Any] = {
         "dataset": rd.split.dataset,
@@ -33,9 +54,7 @@ def export_run(run_dir: Path, method: str | None = None) -> ExportResult:
         "validation_digest": "pending: written into the bundle manifest after `edge-qmul validate`",
     }
     float_model = q.float_model
-    if method == pipeline.REFERENCE and (run_dir / "unlearn" / method / "float.pt").exists():
-        from edge_qmul.train import load_checkpoint
-
-        float_model = load_checkpoint(run_dir / "unlearn" / method / "float.pt")[0]
+    if run.exists("result_float", method=method):
+        float_model = load_checkpoint(run.path("result_float", method=method))[0]
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
-    return export_models(result.int8, float_model, run_dir, shape, metadata)
+    return export_models(result.int8, float_model, run.path("int8_onnx"), run.path("fp32_onnx"), shape, metadata)

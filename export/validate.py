@@ -9,6 +9,7 @@ copy is measured too, to show whether quantizing it moved forgetting. Results go
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
@@ -36,18 +37,12 @@ from edge_qmul.metrics import (
     roc_points,
     true_label_confidence,
 )
+from edge_qmul.run import Run, ids_hash, sha256_file
 
 PROBE_SIZE = 64
 # Quantization "moved forgetting" when FA or the attack AUC shifts by more than this between the QAT
 # copy (what was unlearned) and the int8 model (what ships).
 FA_SHIFT, AUC_SHIFT = 1.0, 0.02
-
-
-@dataclass
-class Validation:
-    checks: dict[str, dict[str, Any]]
-    metrics: dict[str, Any]
-    passed: bool
 
 
 def ort_session(path: Path, threads: int) -> Any:
@@ -75,94 +70,119 @@ def run_on_board_check(model: Path, probe: Path, threads: int, runs: int = 200) 
     return result
 
 
-def validate_run(
-    run_dir: Path, profile: DeviceProfile, budgets: Budgets, *, method: str | None = None
-) -> Validation:
-    model_path = require_file(run_dir / "model.int8.onnx", "export first: `edge-qmul export --run DIR`")
-    q = pipeline.load_quantized(run_dir)
-    c, h, w = q.model_cfg.in_channels, q.model_cfg.image_size, q.model_cfg.image_size
-    proto = check_contract(model_path, (c, h, w))
-    meta = {p.key: p.value for p in proto.metadata_props}
-    method = method or meta.get("method") or pipeline.latest_method(run_dir)
-    rd = pipeline.load_run_data(run_dir)
-    rd.split.forget = pipeline.ledger_forget_ids(run_dir)
-    sets = rd.eval_sets()
-    result = pipeline.load_result_full(run_dir, method, q, rd.split.forget)
+@dataclass
+class Report:
+    """The outcome of a validation: every check with its value and limit, the metrics, the verdict, and the
+    full record (what ``validation.json`` holds when a run is validated)."""
 
+    checks: dict[str, dict[str, Any]]
+    metrics: dict[str, Any]
+    passed: bool
+    record: dict[str, Any]
+
+
+Validation = Report  # the name the run-directory stage has always returned
+
+
+@dataclass
+class _Logits:
+    """Logits of the sets that plots and metrics share (forget, test; before unlearning; QAT copy)."""
+
+    f: torch.Tensor
+    t: torch.Tensor
+    before_f: torch.Tensor | None
+    before_t: torch.Tensor | None
+    qat_f: torch.Tensor | None
+    qat_t: torch.Tensor | None
+
+
+def validate(
+    onnx_path: str | Path,
+    sets: EvalSets,
+    *,
+    profile: DeviceProfile,
+    budgets: Budgets,
+    int8: Any = None,
+    before: Any = None,
+    qat: Any = None,
+    retrain_mia: float | None = None,
+    probe_path: Path | None = None,
+) -> Report:
+    """Check an int8 ONNX model in onnxruntime against ``budgets`` on the forget / retain / test ``sets``.
+
+    Optional references make more checks possible: ``int8`` (the torch int8 model the ONNX was exported from:
+    parity), ``before`` (the deployed model before unlearning: TA drop), ``qat`` (the unlearned QAT copy: did
+    quantization move forgetting), ``retrain_mia`` (MIA-efficacy of a retrained model). A check whose value
+    cannot be computed is reported as skipped. Latency and peak memory come from the on-board runtime in a
+    fresh process on a probe set (written to ``probe_path``, or a temporary file).
+    """
+    report, _ = _validate(Path(onnx_path), sets, profile, budgets, int8, before, qat, retrain_mia, probe_path)
+    return report
+
+
+def _validate(
+    model_path: Path, sets: EvalSets, profile: DeviceProfile, budgets: Budgets, int8: Any, before: Any, qat: Any,
+    retrain_mia: float | None, probe_path: Path | None,
+) -> tuple[Report, _Logits]:
+    require_file(model_path, "export the model first (`edge-qmul export`, or eq.export_onnx)")
+    c, h, w = (int(d) for d in sets.test_x.shape[1:])
+    check_contract(model_path, (c, h, w))
     session = ort_session(model_path, profile.threads)
     f, r, t = (ort_logits(session, x) for x in (sets.forget_x, sets.retain_x, sets.test_x))
     with torch.no_grad():
-        t_torch = logits_of(result.int8, sets.test_x)
-        before_t = logits_of(q.int8, sets.test_x)
-        before_f = logits_of(q.int8, sets.forget_x)
-        qat = result.qat(q).eval()
-        qat_f, qat_t = logits_of(qat, sets.forget_x), logits_of(qat, sets.test_x)
+        t_torch = logits_of(int8, sets.test_x) if int8 is not None else None
+        before_t = logits_of(before, sets.test_x) if before is not None else None
+        before_f = logits_of(before, sets.forget_x) if before is not None else None
+        qat_f = qat_t = None
+        if qat is not None:
+            qat.eval()
+            qat_f, qat_t = logits_of(qat, sets.forget_x), logits_of(qat, sets.test_x)
     core = evaluate_logits(f, r, t, sets)
     attack = loss_attack(per_sample_loss(f, sets.forget_y), per_sample_loss(t, sets.test_y))
-    qat_attack = loss_attack(per_sample_loss(qat_f, sets.forget_y), per_sample_loss(qat_t, sets.test_y), bootstrap=0)
-    qat_fa = accuracy(qat_f, sets.forget_y)
-    retrain_mia = _retrain_mia(run_dir, q, rd.split.forget, sets)
 
-    probe_path = run_dir / "probe.npz"
-    _write_probe(probe_path, sets.test_x[:PROBE_SIZE], t[:PROBE_SIZE])
-    board = run_on_board_check(model_path, probe_path, profile.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = probe_path or Path(tmp) / "probe-set.npz"
+        _write_probe(probe, sets.test_x[:PROBE_SIZE], t[:PROBE_SIZE])
+        board = run_on_board_check(model_path, probe, profile.threads)
+        probe_sha = sha256_file(probe)
 
     metrics: dict[str, Any] = {
         **core,
         "loss_auc": attack["auc"],
         "loss_auc_interval": [attack["auc_low"], attack["auc_high"]],
         "tpr_at_1fpr": attack["tpr_at_1fpr"],
-        "parity_top1": 100.0 * float(top1_agrees(t.numpy(), t_torch.numpy()).mean()),
-        "parity_ties": int((top_classes(t_torch.numpy()).sum(axis=1) > 1).sum()),
-        "max_logit_diff": float((t - t_torch).abs().max()),
+        "parity_top1": None if t_torch is None else 100.0 * float(top1_agrees(t.numpy(), t_torch.numpy()).mean()),
+        "parity_ties": None if t_torch is None else int((top_classes(t_torch.numpy()).sum(axis=1) > 1).sum()),
+        "max_logit_diff": None if t_torch is None else float((t - t_torch).abs().max()),
         "latency_ms_p50": board["latency_ms_p50"],
         "latency_ms_p95": board["latency_ms_p95"],
         "peak_memory_mb": board["peak_rss_mb"],
         "size_bytes": model_path.stat().st_size,
-        "TA_before": accuracy(before_t, sets.test_y),
-        "FA_before": accuracy(before_f, sets.forget_y),
+        "TA_before": None if before_t is None else accuracy(before_t, sets.test_y),
+        "FA_before": None if before_f is None else accuracy(before_f, sets.forget_y),
         "MIA_retrain": retrain_mia,
-        "qat": {"FA": qat_fa, "loss_auc": qat_attack["auc"]},
     }
-    metrics["ta_drop"] = metrics["TA_before"] - core["TA"]
+    metrics["ta_drop"] = None if before_t is None else metrics["TA_before"] - core["TA"]
     metrics["fa_minus_ta"] = core["FA"] - core["TA"]
     metrics["mia_gap_to_retrain"] = None if retrain_mia is None else abs(core["MIA"] - retrain_mia)
-    fa_shift, auc_shift = core["FA"] - qat_fa, attack["auc"] - qat_attack["auc"]
-    metrics["quantization_shift"] = {
-        "FA": fa_shift,
-        "loss_auc": auc_shift,
-        "moved_forgetting": abs(fa_shift) > FA_SHIFT or abs(auc_shift) > AUC_SHIFT,
-    }
-
-    profile_limits = {"latency_ms_p95": profile.latency_budget_ms, "peak_memory_mb": profile.memory_budget_mb}
-    checks: dict[str, dict[str, Any]] = {}
-    for name, check in CHECKS.items():
-        if name not in budgets.limits:
-            continue
-        value, limit = metrics[name], budgets.limit(name, profile_limits)
-        if value is None:
-            checks[name] = {"value": None, "limit": limit, "passed": True, "skipped": "no retrained reference"}
-            continue
-        ok = value >= limit if check.direction == "min" else value <= limit
-        checks[name] = {"value": float(value), "limit": limit, "passed": bool(ok)}
-        if check.statistical:
-            n_f, n_t = len(sets.forget_y), len(sets.test_y)
-            if name == "fa_minus_ta":
-                power = fa_minus_ta_power(n_f, n_t, core["TA"] / 100.0, limit=limit, confidence=budgets.confidence)
-            else:
-                power = loss_auc_power(n_f, n_t, limit=limit, confidence=budgets.confidence)
-            checks[name].update(power)
-            if "inconclusive" in power:
-                checks[name]["passed"] = True  # its verdict would be noise at this size: reported, not blocking
+    if qat_f is not None and qat_t is not None:
+        qat_attack = loss_attack(per_sample_loss(qat_f, sets.forget_y), per_sample_loss(qat_t, sets.test_y),
+                                 bootstrap=0)
+        qat_fa = accuracy(qat_f, sets.forget_y)
+        metrics["qat"] = {"FA": qat_fa, "loss_auc": qat_attack["auc"]}
+        fa_shift, auc_shift = core["FA"] - qat_fa, attack["auc"] - qat_attack["auc"]
+        metrics["quantization_shift"] = {
+            "FA": fa_shift,
+            "loss_auc": auc_shift,
+            "moved_forgetting": abs(fa_shift) > FA_SHIFT or abs(auc_shift) > AUC_SHIFT,
+        }
+    checks = _judge(metrics, sets, profile, budgets)
     passed = all(c["passed"] for c in checks.values())
-
-    report = {
+    record = {
         "toolkit_version": __version__,
         "model": str(model_path.name),
-        "model_sha256": pipeline.sha256_file(model_path),
-        "probe_sha256": pipeline.sha256_file(probe_path),
-        "forget_hash": pipeline.ids_hash(rd.split.forget),
-        "method": method,
+        "model_sha256": sha256_file(model_path),
+        "probe_sha256": probe_sha,
         "device": profile.name,
         "threads": profile.threads,
         "budgets": budgets.source,
@@ -173,10 +193,60 @@ def validate_run(
         "metrics": metrics,
         "on_board": board,
     }
-    plots = _plots(run_dir, f, t, sets, before_f, before_t, attack, qat_f, qat_t, q.model_cfg.num_classes)
-    write_json(run_dir / "validation.json", report)
-    write_text(run_dir / "validation.md", _markdown(report, plots))
-    return Validation(checks, metrics, passed)
+    return Report(checks, metrics, passed, record), _Logits(f, t, before_f, before_t, qat_f, qat_t)
+
+
+_SKIPPED = {"mia_gap_to_retrain": "no retrained reference", "parity_top1": "no torch int8 model to compare with",
+            "max_logit_diff": "no torch int8 model to compare with", "ta_drop": "no model from before unlearning"}
+
+
+def _judge(metrics: dict[str, Any], sets: EvalSets, profile: DeviceProfile, budgets: Budgets) -> dict[str, Any]:
+    profile_limits = {"latency_ms_p95": profile.latency_budget_ms, "peak_memory_mb": profile.memory_budget_mb}
+    checks: dict[str, dict[str, Any]] = {}
+    for name, check in CHECKS.items():
+        if name not in budgets.limits:
+            continue
+        value, limit = metrics[name], budgets.limit(name, profile_limits)
+        if value is None:
+            why = _SKIPPED.get(name, "not measured")
+            checks[name] = {"value": None, "limit": limit, "passed": True, "skipped": why}
+            continue
+        ok = value >= limit if check.direction == "min" else value <= limit
+        checks[name] = {"value": float(value), "limit": limit, "passed": bool(ok)}
+        if check.statistical:
+            n_f, n_t = len(sets.forget_y), len(sets.test_y)
+            if name == "fa_minus_ta":
+                power = fa_minus_ta_power(n_f, n_t, metrics["TA"] / 100.0, limit=limit, confidence=budgets.confidence)
+            else:
+                power = loss_auc_power(n_f, n_t, limit=limit, confidence=budgets.confidence)
+            checks[name].update(power)
+            if "inconclusive" in power:
+                checks[name]["passed"] = True  # its verdict would be noise at this size: reported, not blocking
+    return checks
+
+
+def validate_run(
+    run_dir: Run | Path, profile: DeviceProfile, budgets: Budgets, *, method: str | None = None
+) -> Report:
+    """Validate a run's exported int8 model against its data, its deployed model and its retrain reference;
+    writes the validation record, its markdown report with plots, and the probe set for bundles."""
+    run = pipeline.as_run(run_dir)
+    model_path = require_file(run.path("int8_onnx"), run.fix("int8_onnx"))
+    q = pipeline.load_quantized(run)
+    c, h, w = q.model_cfg.in_channels, q.model_cfg.image_size, q.model_cfg.image_size
+    proto = check_contract(model_path, (c, h, w))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    method = method or meta.get("method") or pipeline.latest_method(run)
+    rd = pipeline.load_run_data(run)
+    sets = rd.eval_sets()
+    result = pipeline.load_result_full(run, method, q, rd.split.forget)
+    report, lg = _validate(model_path, sets, profile, budgets, result.int8, q.int8, result.qat(q),
+                           _retrain_mia(run, q, rd.split.forget, sets), run.path("probe"))
+    record = {**report.record, "forget_hash": ids_hash(rd.split.forget), "method": method}
+    plots = _plots(run, lg, sets, report.metrics, q.model_cfg.num_classes)
+    write_json(run.path("validation"), record)
+    write_text(run.path("validation_md"), _markdown(record, plots))
+    return Report(report.checks, report.metrics, report.passed, record)
 
 
 def fa_minus_ta_power(
@@ -238,10 +308,10 @@ def _smallest_conclusive_n(conclusive: Any, ceiling: int = 10_000_000) -> int | 
     return hi
 
 
-def _retrain_mia(run_dir: Path, q: pipeline.Quantized, forget_ids: list[int], sets: EvalSets) -> float | None:
-    if not (run_dir / "unlearn" / pipeline.REFERENCE / "result.pt").exists():
+def _retrain_mia(run: Run, q: pipeline.Quantized, forget_ids: list[int], sets: EvalSets) -> float | None:
+    if not run.exists("result", method=pipeline.REFERENCE):
         return None
-    ref = pipeline.load_result_full(run_dir, pipeline.REFERENCE, q, forget_ids)
+    ref = pipeline.load_result_full(run, pipeline.REFERENCE, q, forget_ids)
     with torch.no_grad():
         f, r, t = (logits_of(ref.int8, x) for x in (sets.forget_x, sets.retain_x, sets.test_x))
     return evaluate_logits(f, r, t, sets)["MIA"]
@@ -266,16 +336,15 @@ def check_value_text(c: dict[str, Any]) -> str:
     return f"{c['value']:.4g}" + (f" ±{c['noise']:.2g}" if "noise" in c else "")
 
 
-def _plots(
-    run_dir: Path, f: torch.Tensor, t: torch.Tensor, sets: EvalSets, before_f: torch.Tensor, before_t: torch.Tensor,
-    attack: dict[str, float], qat_f: torch.Tensor, qat_t: torch.Tensor, num_classes: int,
-) -> dict[str, str]:
+def _plots(run: Run, lg: _Logits, sets: EvalSets, metrics: dict[str, Any], num_classes: int) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = {"roc": "validation_roc.png", "per_class": "validation_per_class.png", "confidence": "validation_conf.png"}
+    assert lg.before_f is not None and lg.before_t is not None and lg.qat_f is not None and lg.qat_t is not None
+    f, t, before_f, before_t, qat_f, qat_t = lg.f, lg.t, lg.before_f, lg.before_t, lg.qat_f, lg.qat_t
+    files = {k: run.path("validation_plot", method=k).name for k in ("roc", "per_class", "conf")}
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     for name, (fl, tl) in {"int8 (onnxruntime)": (f, t), "QAT copy (torch)": (qat_f, qat_t)}.items():
@@ -283,9 +352,9 @@ def _plots(
         ax.plot(fpr, tpr, label=name)
     ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="chance")
     ax.set(xlabel="false positive rate (test)", ylabel="true positive rate (forget)",
-           title=f"loss attack, forget vs test: AUC {attack['auc']:.3f}")
+           title=f"loss attack, forget vs test: AUC {metrics['loss_auc']:.3f}")
     ax.legend(loc="lower right")
-    _save(fig, run_dir / files["roc"])
+    _save(fig, run.root / files["roc"])
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
     classes = np.arange(num_classes)
@@ -299,7 +368,7 @@ def _plots(
         ax.set(title=f"per-class accuracy, {title}", xlabel="class", xticks=classes)
     axes[0].set_ylabel("accuracy (%)")
     axes[0].legend(loc="lower left")
-    _save(fig, run_dir / files["per_class"])
+    _save(fig, run.root / files["per_class"])
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     bins = [i / 40 for i in range(41)]
@@ -308,7 +377,7 @@ def _plots(
     ax.set(xlabel="confidence in the true label", ylabel="density", title="int8 model: forget vs test")
     ax.set_yscale("log")
     ax.legend()
-    _save(fig, run_dir / files["confidence"])
+    _save(fig, run.root / files["conf"])
     return files
 
 
@@ -379,7 +448,7 @@ def _markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
         "",
         f"![per-class accuracy]({plots['per_class']})",
         "",
-        f"![confidence histograms]({plots['confidence']})",
+        f"![confidence histograms]({plots['conf']})",
         "",
     ]
     return "\n".join(lines)

@@ -136,7 +136,9 @@ class FederatedConfig:
 
     @property
     def ledger_path(self) -> Path:
-        return self.run_path / "ledger.sqlite"
+        from edge_qmul.run import Run
+
+        return Run(self.run_path).path("ledger")
 
     @property
     def class_ids(self) -> tuple[int, ...]:

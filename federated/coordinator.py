@@ -9,7 +9,7 @@ drive it with an in-process grid as well as through a real SuperLink.
 3. ``Intake.process`` verifies them and commits accepted ones to the forget ledger;
 4. ``query.ack`` to every node that answered: one outcome per request (after the commit in step 3);
 5. if any request in the ledger is not yet honoured, unlearn every request in it, then
-   ``Ledger.mark_honoured`` with the new model's version (method + sha256 prefix of its result.pt):
+   ``Ledger.mark_honoured`` with the new model's version (``Run.model_version``: its exported int8 ONNX):
    central mode: ``pipeline.run_unlearn`` with Q-MUL on the server;
    federated mode: ``unlearn_federated``, Q-MUL rounds with the devices (``fedqmul``), which needs every
    device holding a forget sample to take part; otherwise the requests stay pending for a later round;
@@ -40,6 +40,7 @@ from flwr.serverapp import Grid
 from edge_qmul.atomic import write_json
 from edge_qmul.config import QMul, build, method_config
 from edge_qmul.ledger import Ledger
+from edge_qmul.run import Run
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ def run_round(grid: Grid, cfg: FederatedConfig, *, flower_run_id: int = 0) -> Ro
     summary.seconds["receipt"] = time.perf_counter() - t
 
     summary.seconds["total"] = time.perf_counter() - t0
-    write_json(cfg.run_path / "federated" / f"round-{flower_run_id}.json", asdict(summary))
+    write_json(Run(cfg.run_path).path("federated") / f"round-{flower_run_id}.json", asdict(summary))
     log.info("%s", summary.one_line())
     return summary
 
@@ -177,18 +178,20 @@ def _pending(cfg: FederatedConfig) -> bool:
     return False
 
 
-def _honour(cfg: FederatedConfig, meta: dict[str, Any]) -> tuple[str, int]:
-    """Mark the requests a new result covers as honoured by its version; (version, newly honoured)."""
-    from edge_qmul import pipeline
+def _honour(cfg: FederatedConfig, record: Any) -> tuple[str, int]:
+    """Export the new result and mark the requests it covers as honoured by its model version (the digest of
+    its int8 ONNX, the name bundles and certificates cite); (version, newly honoured)."""
+    from edge_qmul.export.stage import export_run
 
-    result = cfg.run_path / "unlearn" / meta["method"] / "result.pt"
-    version = f"{meta['method']}-{pipeline.sha256_file(result)[:12]}"
+    run = Run(cfg.run_path)
+    export_run(run, record.method)
+    version = run.model_version()
     with Ledger(cfg.ledger_path) as ledger:
-        # the result covers every request in the ledger (meta lists them); only unhonoured rows change.
-        ledger.mark_honoured(meta["request_ids"], version)
+        # the result covers every request in the ledger (the record lists them); only unhonoured rows change.
+        ledger.mark_honoured(record.request_ids, version)
         honoured = sum(r.honoured_by == version for r in ledger.requests())
     log.info("unlearned %d samples in %.1fs: model %s honours %d new request(s)",
-             meta["forget_count"], meta["seconds"], version, honoured)
+             record.forget_count, record.seconds, version, honoured)
     return version, honoured
 
 
@@ -212,7 +215,7 @@ def unlearn_federated(grid: Grid, cfg: FederatedConfig, participants: dict[int, 
     from edge_qmul.federated import fedqmul, partition
 
     from edge_qmul import data, pipeline, quant
-    from edge_qmul.unlearn import UnlearnResult
+    from edge_qmul.methods import UnlearnResult
 
     if not _pending(cfg):
         return None, 0
@@ -220,7 +223,7 @@ def unlearn_federated(grid: Grid, cfg: FederatedConfig, participants: dict[int, 
     with Ledger(cfg.ledger_path) as ledger:
         request_ids = [r.request_id for r in ledger.requests()]
         forget_ids = ledger.forget_ids()
-    split = data.Split.load(cfg.run_path / "split.json")
+    split = data.Split.load(Run(cfg.run_path).require("split"))
     owner = partition.assignment(split.train, cfg.num_clients)
     by_partition: dict[int, list[int]] = {}
     for i in forget_ids:

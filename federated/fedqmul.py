@@ -43,9 +43,10 @@ from torch import nn
 from edge_qmul import data, quant
 from edge_qmul.config import QMul, config_from_dict
 from edge_qmul.errors import ConfigError, UnlearningError
+from edge_qmul.methods import QMulMethod, UnlearnContext, grad_norm_sum, predict_logits, similar_labels
 from edge_qmul.pipeline import Quantized, load_payload, load_quantized
+from edge_qmul.run import Run
 from edge_qmul.train import sgd
-from edge_qmul.unlearn import QMulMethod, UnlearnContext, grad_norm_sum, predict_logits, similar_labels
 
 FEATURES_FORMAT = "edge-qmul/device-features/1"
 STAT_KEYS = ("g-f-sum", "f-samples", "g-r-sum", "r-samples", "forget-correct", "n-forget", "retain-correct",
@@ -73,7 +74,7 @@ class LocalData:
 
 def head_of(q: Quantized) -> nn.Module:
     """The QAT copy's classifier head (shares its modules with ``q.qat``)."""
-    return quant.split_at_classifier(q.qat)[1]
+    return quant.split_at_classifier(q.qat, q.model_cfg.head)[1]
 
 
 def _own_features(q: Quantized, run_path: Path, device: DeviceConfig, own: list[int]) -> torch.Tensor:
@@ -83,10 +84,10 @@ def _own_features(q: Quantized, run_path: Path, device: DeviceConfig, own: list[
         payload = load_payload(cache, "device feature cache", f"delete {cache}")
         if payload.get("format") == FEATURES_FORMAT and payload["indices"].tolist() == own:
             return (payload["values"].float() - payload["zero_point"]) * payload["scale"]
-    split = data.Split.load(run_path / "split.json")
+    split = data.Split.load(Run(run_path).require("split"))
     source = data.load_dataset(split.dataset, split.root, seed=split.seed)
     x, _ = data.to_tensors(source.train, own)
-    extractor = quant.int8_features(q.qat, dequantize=False)
+    extractor = quant.int8_features(q.qat, dequantize=False, head=q.model_cfg.head)
     with torch.no_grad():
         chunks = [extractor(b) for b in x.split(1024)]
     values = torch.cat([c.int_repr() for c in chunks]).flatten(1)
@@ -101,7 +102,7 @@ def _own_features(q: Quantized, run_path: Path, device: DeviceConfig, own: list[
 
 def local_data(q: Quantized, run_path: Path, device: DeviceConfig, forget_ids: list[int]) -> LocalData:
     """The device's samples, with ``forget_ids`` (which must all be its own) on the forget side."""
-    split = data.Split.load(run_path / "split.json")
+    split = data.Split.load(Run(run_path).require("split"))
     own = partition.partition(split.train, device.num_partitions, device.partition_id)
     foreign = sorted(set(forget_ids) - set(own))
     if foreign:

@@ -47,6 +47,7 @@ from edge_qmul.federated.store import FleetStore, LogRow
 
 from edge_qmul import data
 from edge_qmul.ledger import Ledger
+from edge_qmul.run import Run
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +95,10 @@ class Intake:
         self.num_partitions = num_partitions
         self.max_request_age = max_request_age
         self.clock = clock
-        self.split = data.Split.load(self.run_dir / "split.json")
-        self.ledger = Ledger(self.run_dir / "ledger.sqlite")
-        self.store = FleetStore(self.run_dir / "ledger.sqlite")
+        run = Run(self.run_dir)
+        self.split = data.Split.load(run.require("split"))
+        self.ledger = Ledger(run.path("ledger"))
+        self.store = FleetStore(run.path("ledger"))
         self._labels: np.ndarray | None = None
         self._owned: dict[int, frozenset[int]] = {}
         self._recorded: dict[str, tuple[str, str, list[int]]] | None = None

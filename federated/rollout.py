@@ -46,6 +46,7 @@ from edge_qmul import data
 from edge_qmul.atomic import write_json
 from edge_qmul.errors import BundleError, ConfigError
 from edge_qmul.ledger import SqliteStore
+from edge_qmul.run import Run
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ def run_rollout(grid: Any, cfg: FederatedConfig, exchange: Any, wait_for_nodes: 
     manifest = read_manifest(bundle)
     rollout_id = hashlib.sha256(blob).hexdigest()[:16]
     waves = parse_waves(cfg.waves)
-    with RolloutStore(cfg.run_path / "rollout.sqlite") as store:
+    with RolloutStore(Run(cfg.run_path).path("rollout_db")) as store:
         store.create(Rollout(rollout_id, str(bundle), manifest["model_version"], manifest.get("parent_version"),
                              waves, cfg.wave_pass_rate, "running", 0))
         state = store.get(rollout_id)
@@ -214,7 +215,7 @@ def run_rollout(grid: Any, cfg: FederatedConfig, exchange: Any, wait_for_nodes: 
                            cfg.reply_timeout)
         by_node = {n: _result(r.content) for n, r in answers.items()}
         passed: list[int] = []
-        with RolloutStore(cfg.run_path / "rollout.sqlite") as store:
+        with RolloutStore(Run(cfg.run_path).path("rollout_db")) as store:
             for p in targets:
                 res = by_node.get(where.get(p, -1))
                 if res is None:
@@ -236,7 +237,7 @@ def run_rollout(grid: Any, cfg: FederatedConfig, exchange: Any, wait_for_nodes: 
         wave = {"wave": k + 1, "percent": state.waves[k], "devices": targets, "passed": passed, "pass_rate": rate}
         summary.waves.append(wave)
         if rate >= cfg.wave_pass_rate:
-            with RolloutStore(cfg.run_path / "rollout.sqlite") as store:
+            with RolloutStore(Run(cfg.run_path).path("rollout_db")) as store:
                 store.set_state(rollout_id, "running" if k + 1 < len(plan) else "completed", k + 1)
             log.info("rollout %s wave %d (%d%%): %d/%d passed", rollout_id, k + 1, state.waves[k], len(passed),
                      len(targets))
@@ -244,7 +245,7 @@ def run_rollout(grid: Any, cfg: FederatedConfig, exchange: Any, wait_for_nodes: 
         # the wave failed: its devices that switched go back to the parent, and the rollout stops
         back = exchange(grid, {where[p]: _request("rollback", **{"rollout-id": rollout_id}) for p in passed},
                         QUERY_ROLLOUT, cfg.reply_timeout)
-        with RolloutStore(cfg.run_path / "rollout.sqlite") as store:
+        with RolloutStore(Run(cfg.run_path).path("rollout_db")) as store:
             for p in passed:
                 ok = where[p] in back
                 store.record(rollout_id, p, k, "rolled-back" if ok else "rollback-unconfirmed", [], {})
@@ -257,7 +258,7 @@ def run_rollout(grid: Any, cfg: FederatedConfig, exchange: Any, wait_for_nodes: 
     else:
         summary.status = "completed"
         log.info("rollout %s of %s completed", rollout_id, manifest["model_version"])
-    write_json(cfg.run_path / "rollouts" / f"{rollout_id}-run{flower_run_id}.json", asdict(summary))
+    write_json(Run(cfg.run_path).path("rollouts") / f"{rollout_id}-run{flower_run_id}.json", asdict(summary))
     return summary
 
 
@@ -347,7 +348,7 @@ def _install(device: Device, rollout_id: str, blob: bytes, max_auc: float) -> di
 
 def filed_samples(device: Device) -> list[int]:
     """Training samples of this device that its acknowledged deletion requests cover."""
-    own = partition.partition(data.Split.load(device.run_cfg.run_path / "split.json").train,
+    own = partition.partition(data.Split.load(Run(device.run_cfg.run_path).require("split")).train,
                               device.cfg.num_partitions, device.partition_id)
     ids: set[int] = set()
     labels = None
@@ -358,7 +359,7 @@ def filed_samples(device: Device) -> list[int]:
             ids.update(own)
         elif req["kind"] == "class":
             if labels is None:
-                split = data.Split.load(device.run_cfg.run_path / "split.json")
+                split = data.Split.load(Run(device.run_cfg.run_path).require("split"))
                 labels = data.load_dataset(split.dataset, split.root, seed=split.seed).train.labels
             ids.update(i for i in own if int(labels[i]) == req["class"])
     return sorted(ids)
@@ -376,7 +377,7 @@ def forget_check(device: Device, model: Path) -> tuple[float, int] | None:
         return None
     from edge_qmul.devices import runtime
 
-    split = data.Split.load(device.run_cfg.run_path / "split.json")
+    split = data.Split.load(Run(device.run_cfg.run_path).require("split"))
     source = data.load_dataset(split.dataset, split.root, seed=split.seed)
     held = partition.partition(split.val, device.cfg.num_partitions, device.partition_id) if len(split.val) >= \
         device.cfg.num_partitions else list(split.val)
@@ -398,3 +399,32 @@ def forget_check(device: Device, model: Path) -> tuple[float, int] | None:
     ranks[order] = np.arange(1, len(order) + 1)
     auc_high = (ranks[: len(lf)].sum() - len(lf) * (len(lf) + 1) / 2) / (len(lf) * len(lh))
     return float(1.0 - auc_high), len(lf)
+
+
+def current_fleet_version(run_dir: Path, device: str) -> str | None:
+    """The model version of the last rollout to this device profile that completed (None: the factory model):
+    what a new bundle for that profile replaces."""
+    from edge_qmul.export.bundle import read_manifest  # server side only (onnx, cryptography)
+
+    db = Run(run_dir).path("rollout_db")
+    if not db.exists():
+        return None
+    with RolloutStore(db) as store:
+        done = [r for r in store.all() if r.status == "completed" and Path(r.bundle).exists()
+                and read_manifest(Path(r.bundle)).get("device") == device]
+    return done[-1].model_version if done else None
+
+
+def describe_rollouts(run: Run) -> dict[str, Any]:
+    """The federated layer's part of ``Run.describe``: each rollout's status and its devices' outcomes."""
+    if not run.exists("rollout_db"):
+        return {}
+    with RolloutStore(run.path("rollout_db")) as store:
+        rollouts = []
+        for r in store.all():
+            counts: dict[str, int] = {}
+            for d in store.devices(r.rollout_id).values():
+                counts[d["status"]] = counts.get(d["status"], 0) + 1
+            rollouts.append({"rollout_id": r.rollout_id, "model_version": r.model_version, "status": r.status,
+                             "waves_passed": f"{r.next_wave}/{len(r.waves)}", "devices": counts})
+    return {"rollouts": rollouts}

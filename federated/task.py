@@ -33,6 +33,7 @@ from edge_qmul.federated.protocol import DeviceBatch, ForgetRequest, Outcome, Si
 from edge_qmul import data
 from edge_qmul.atomic import write_json
 from edge_qmul.errors import ConfigError, ForgetRequestError
+from edge_qmul.run import Run
 
 STATE_FORMAT = "edge-qmul/device-state/1"
 STATE_FILE = "device.json"
@@ -79,7 +80,7 @@ def request_id(seed: int, partition_id: int, tag: str) -> str:
 
 
 def own_samples(run_cfg: FederatedConfig, device_cfg: DeviceConfig) -> list[int]:
-    split = data.Split.load(run_cfg.run_path / "split.json")
+    split = data.Split.load(Run(run_cfg.run_path).require("split"))
     return partition.partition(split.train, device_cfg.num_partitions, device_cfg.partition_id)
 
 
@@ -99,7 +100,7 @@ def generate_requests(run_cfg: FederatedConfig, device_cfg: DeviceConfig, own: l
         if m > 0
     ]
     if pid in run_cfg.class_ids:
-        split = data.Split.load(run_cfg.run_path / "split.json")
+        split = data.Split.load(Run(run_cfg.run_path).require("split"))
         labels = data.load_dataset(split.dataset, split.root, seed=split.seed).train.labels
         klass = int(labels[own[0]])  # a class this device certainly holds
         out.append(PendingRequest(request_id(run_cfg.seed, pid, f"c{klass}"), "class", klass=klass))
@@ -210,7 +211,7 @@ class Device:
     def _faults(self, sent: list[tuple[str, SignedRequest]], now: int) -> list[tuple[str, SignedRequest]]:
         """One request per fault the server must refuse (see ``EXPECTED_FAULT_REASONS``)."""
         pid, n, seed = self.partition_id, self.cfg.num_partitions, self.run_cfg.seed
-        split = data.Split.load(self.run_cfg.run_path / "split.json")
+        split = data.Split.load(Run(self.run_cfg.run_path).require("split"))
         own = partition.partition(split.train, n, pid)
         m = max(1, self.run_cfg.samples_per_request)
         out: list[tuple[str, SignedRequest]] = []

@@ -108,7 +108,8 @@ def test_int8_model_on_emulated_cortex_a72_matches_x86(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     int8 = quant.quantize_ptq(trained.model, trained.calib, backend)
-    exported = export_models(int8, trained.model, tmp_path, input_shape=(1, 8, 8), metadata={"dataset": "digits"})
+    exported = export_models(int8, trained.model, tmp_path / "model.int8.onnx", tmp_path / "model.fp32.onnx",
+                             input_shape=(1, 8, 8), metadata={"dataset": "digits"})
     model_path = exported.int8_path
 
     # The x86 reference: this host's onnxruntime with the session settings the runtime itself uses.

@@ -108,7 +108,7 @@ def test_after_the_purge_the_run_cannot_read_them_and_starts_from_the_certified_
     assert main(["unlearn", "--run", str(run), "--method", "qmul", "--quiet"]) == 0
     assert main(["unlearn", "--run", str(run), "--method", "retrain", "--quiet"]) == 0
     report = pipeline.evaluate(run, ["qmul", "retrain"])
-    assert report["forget_count"] == len(before) + 20
+    assert report.forget_count == len(before) + 20
     assert not rd.source.train.images[sorted(before)].any()  # the pool the run reads has no pixels for them
     assert main(["status", "--run", str(run)]) == 0
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from edge_qmul.cli import main
+from edge_qmul.run import Run
 
 FAST = ["--epochs", "4", "--quiet"]
 
@@ -27,11 +28,12 @@ def _copy(run: Path, tmp_path: Path) -> Path:
 
 def test_demo_writes_split_report_and_table(demo_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     split = json.loads((demo_run / "split.json").read_text())
-    assert {"dataset", "root", "train", "val", "test", "forget"} <= set(split)
-    assert split["dataset"] == "digits" and set(split["forget"]) <= set(split["train"])
+    assert {"dataset", "root", "train", "val", "test"} <= set(split) and "forget" not in split
+    forget = Run(demo_run).forget_ids()  # the ledger is the forget set's one home
+    assert split["dataset"] == "digits" and set(forget) <= set(split["train"])
     report = json.loads((demo_run / "report.json").read_text())
     assert report["dataset"] == "digits" and report["seed"] == 0
-    assert report["forget_count"] == len(split["forget"]) == round(0.1 * len(split["train"]))
+    assert report["forget_count"] == len(forget) == round(0.1 * len(split["train"]))
     methods = report["methods"]
     assert set(methods) == {"none", "retrain", "qmul", "finetune", "random_label", "grad_ascent", "famr"}
     for row in methods.values():
@@ -57,7 +59,7 @@ def test_forget_is_idempotent_and_unlearn_follows_the_ledger(
     assert main(["forget", "--run", str(run), "--ids", ids, "--request-id", "user-42"]) == 0
     assert main(["forget", "--run", str(run), "--ids", ids, "--request-id", "user-42"]) == 0
     assert "already recorded" in capsys.readouterr().out
-    forget = json.loads((run / "split.json").read_text())["forget"]
+    forget = Run(run).forget_ids()
     assert set(train_ids[:3]) <= set(forget)
     # results made for the old forget set are stale now
     assert main(["evaluate", "--run", str(run), "--methods", "qmul"]) == 4

@@ -65,7 +65,7 @@ def test_auto_replays_the_newest_generation_exactly_bit_for_bit(generational: Pa
     retrained, *_ = load_checkpoint(run / "unlearn" / "retrain" / "float.pt")
     assert all(torch.equal(ref_state[k], v) for k, v in retrained.state_dict().items())
     report = pipeline.evaluate(run, ["retrain", "auto"])
-    assert report["methods"]["auto"]["avg_gap"] == pytest.approx(0.0, abs=1e-9)
+    assert report.methods["auto"]["avg_gap"] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_plan_prefers_qmul_when_replay_would_retrain_everything() -> None:

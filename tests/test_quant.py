@@ -69,7 +69,8 @@ def test_split_at_classifier_composes_to_the_model_and_shares_parameters(digits)
     x = digits.test_x[:64]
     with torch.no_grad():
         assert torch.equal(head(features(x)), qat(x))
-    assert {n for n, _ in head.named_parameters()} == {n for n, _ in qat.named_parameters() if n.startswith("fc")}
+    # the head is the last Linear (fc2); fc1 belongs to the features
+    assert {n for n, _ in head.named_parameters()} == {n for n, _ in qat.named_parameters() if n.startswith("fc2")}
     with torch.no_grad():
         for p in head.parameters():
             p.add_(0.01)
@@ -83,7 +84,7 @@ def test_int8_features_feed_the_int8_classifier(digits) -> None:
     x = digits.test_x
     with torch.no_grad():
         f = feats(x)
-        assert not f.is_quantized and f.shape == (len(x), 128)  # 2w channels x 2 x 2
+        assert not f.is_quantized and f.shape == (len(x), 64)  # fc1's outputs (4w), the last Linear's inputs
         agree = (head(f).argmax(1) == quant.convert(qat)(x).argmax(1)).float().mean()
     assert float(agree) >= 0.99
 

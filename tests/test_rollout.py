@@ -209,6 +209,11 @@ def test_status_summarises_the_run(shipped: tuple[Path, Path, Path, Path], tmp_p
     from edge_qmul.export.bundle import build_bundle
 
     keys = key.parent
-    nxt = build_bundle(run, load_profile("x86-server"), keys / "signing_key.pem", out=tmp_path / "next.tar")
+    nxt = tmp_path / "next.tar"
+    assert main(["bundle", "--run", str(run), "--device", "x86-server", "--key", str(keys / "signing_key.pem"),
+                 "--out", str(nxt)]) == 0
     assert read_manifest(nxt)["parent_version"] == status["rollouts"][0]["model_version"]
+    # the export layer cannot see the fleet: called directly, the parent is whatever the caller says
+    assert read_manifest(build_bundle(run, load_profile("x86-server"), keys / "signing_key.pem",
+                                      out=tmp_path / "orphan.tar"))["parent_version"] is None
     assert main(["status", "--run", str(tmp_path / "nope")]) == 4

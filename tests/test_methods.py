@@ -20,7 +20,7 @@ from edge_qmul.config import (
     method_config,
 )
 from edge_qmul.errors import ConfigError, UnlearningError
-from edge_qmul.unlearn import (
+from edge_qmul.methods import (
     HANDLERS,
     REGISTRY,
     AutoMethod,
@@ -213,7 +213,7 @@ def test_forget_target_val_skips_the_forget_pass_once_forgotten(digits) -> None:
 
 
 def test_random_label_ablation_never_returns_the_true_label() -> None:
-    from edge_qmul.unlearn import similar_labels
+    from edge_qmul.methods import similar_labels
 
     y = torch.randint(0, 10, (500,))
     logits = torch.randn(500, 10)
@@ -225,7 +225,7 @@ def test_random_label_ablation_never_returns_the_true_label() -> None:
 
 def test_retain_ratio_draws_a_sample_proportional_to_the_forget_set() -> None:
     from edge_qmul.errors import ConfigError
-    from edge_qmul.unlearn import retain_sample_size
+    from edge_qmul.methods import retain_sample_size
 
     cfg = QMul.paper_code(retain_ratio=3.0, batch_size=256)
     assert retain_sample_size(cfg, 5400, 48_600) == 16_200  # 3 x the forget set

@@ -63,8 +63,8 @@ class UnlearnContext:
     retain_x: torch.Tensor
     retain_y: torch.Tensor
     num_classes: int
-    model_cfg: ModelConfig
-    train_cfg: TrainConfig  # the original recipe (retrain)
+    model_cfg: ModelConfig | None  # the original model and recipe (retrain, replay); None for in-memory models
+    train_cfg: TrainConfig | None
     backend: str
     calib_size: int  # calibration samples for PTQ; retrain takes them from the retain set
     val_x: torch.Tensor | None = None  # held-out split of the training file (forget_target="val")
@@ -74,6 +74,14 @@ class UnlearnContext:
     # precomputed once per deployed model (see pipeline.quantize). Computed on the fly when absent.
     features: FeatureCache | None = None
     history: TrainingHistory | None = None  # auto and generational retrain
+    head: str = ""  # the trainable head's module name in the QAT graph ("" = its last Linear)
+
+    def recipe(self) -> tuple[ModelConfig, TrainConfig]:
+        """The model config and training recipe that retrain and exact replay need."""
+        if self.model_cfg is None or self.train_cfg is None:
+            raise UnlearningError("retrain and exact replay need the model's training recipe",
+                                  "unlearn through a run directory (eq.Run / `edge-qmul unlearn`)")
+        return self.model_cfg, self.train_cfg
 
 
 @dataclass
@@ -240,7 +248,7 @@ def classifier_context(ctx: UnlearnContext, with_val: bool) -> UnlearnContext:
     classifier reads), and each unlearning step costs only the classifier, so whole retain passes
     become affordable.
     """
-    _, head = quant.split_at_classifier(ctx.qat)
+    _, head = quant.split_at_classifier(ctx.qat, ctx.head)
     val_y = ctx.val_y if with_val and ctx.val_x is not None else None
     if ctx.features is not None:
         cache = ctx.features
@@ -248,7 +256,7 @@ def classifier_context(ctx: UnlearnContext, with_val: bool) -> UnlearnContext:
             raise UnlearningError("the feature cache has no validation features", "re-run `edge-qmul quantize`")
         return replace(ctx, qat=head, forget_x=cache.forget, retain_x=cache.retain,
                        val_x=cache.val if val_y is not None else None, val_y=val_y)
-    features = quant.int8_features(ctx.qat)
+    features = quant.int8_features(ctx.qat, head=ctx.head)
     val_x = predict_logits(features, ctx.val_x) if val_y is not None and ctx.val_x is not None else None
     return replace(
         ctx, qat=head, forget_x=predict_logits(features, ctx.forget_x),
@@ -493,11 +501,12 @@ def quantize_float(ctx: UnlearnContext, float_model: nn.Module) -> tuple[nn.Modu
 def retrain_float(ctx: UnlearnContext, label: str = "retrain") -> tuple[nn.Module, list[dict[str, Any]]]:
     """The original recipe from scratch without the forget set (generation by generation if it had them)."""
     h = ctx.history
+    model_cfg, train_cfg = ctx.recipe()
     if h is not None and len(h.generations) > 1:
-        model, logs = planner.train_phases(ctx.model_cfg, ctx.train_cfg, h.pool_x, h.pool_y, h.generations,
+        model, logs = planner.train_phases(model_cfg, train_cfg, h.pool_x, h.pool_y, h.generations,
                                            exclude=frozenset(h.forget_ids), quiet=ctx.quiet)
         return model, [asdict(p) for p in logs]
-    model, log = train_float(ctx.model_cfg, ctx.train_cfg, ctx.retain_x, ctx.retain_y, quiet=ctx.quiet, label=label)
+    model, log = train_float(model_cfg, train_cfg, ctx.retain_x, ctx.retain_y, quiet=ctx.quiet, label=label)
     return model, log["epochs"]
 
 
@@ -511,7 +520,7 @@ class RetrainMethod(Method):
         qat, int8 = quantize_float(ctx, float_model)
         log = {
             "method": self.name,
-            "config": {"train": asdict(ctx.train_cfg)},
+            "config": {"train": asdict(ctx.recipe()[1])},  # the recipe it reused
             "epochs": epochs,
             "seconds": time.perf_counter() - start,
         }
@@ -528,15 +537,16 @@ class AutoMethod(Method):
     def run(self, ctx: UnlearnContext) -> UnlearnResult:
         start = time.perf_counter()
         h = ctx.history
+        model_cfg, train_cfg = ctx.recipe()
         approx_cfg = self.cfg.qmul()
         approx = estimate_qmul_seconds(ctx, approx_cfg)
         step = probe_train_step(ctx)
         if h is None:  # no training record (a context built by hand): one generation, quantization not timed
             n_f = len(ctx.forget_y)
             everything = list(range(n_f + len(ctx.retain_y)))
-            p = planner.plan([everything], set(everything[:n_f]), ctx.train_cfg, step, 0.0, approx)
+            p = planner.plan([everything], set(everything[:n_f]), train_cfg, step, 0.0, approx)
         else:
-            p = planner.plan(h.generations, set(h.forget_ids), ctx.train_cfg, step, h.quantize_seconds, approx)
+            p = planner.plan(h.generations, set(h.forget_ids), train_cfg, step, h.quantize_seconds, approx)
         if p.choice == "approximate":
             result = QMulMethod(approx_cfg).run(ctx)
             extra: dict[str, Any] = {"epochs": result.log["epochs"], "qmul": result.log}
@@ -551,7 +561,7 @@ class AutoMethod(Method):
                 raise UnlearningError("the run has generations but no checkpoints", "re-train it")
             state = planner.load_phase(h.checkpoint_dir, p.first_affected - 1)
             float_model, logs = planner.train_phases(
-                ctx.model_cfg, ctx.train_cfg, h.pool_x, h.pool_y, h.generations, exclude=frozenset(h.forget_ids),
+                model_cfg, train_cfg, h.pool_x, h.pool_y, h.generations, exclude=frozenset(h.forget_ids),
                 start_phase=p.first_affected, start_state=state, quiet=ctx.quiet,
             )
             qat, int8 = quantize_float(ctx, float_model)
@@ -564,9 +574,10 @@ class AutoMethod(Method):
 def probe_train_step(ctx: UnlearnContext, probes: int = 8) -> float:
     """Seconds per step of the original recipe (forward + backward + SGD step on a fresh model)."""
     torch.manual_seed(0)
-    model = build_model(ctx.model_cfg).train()
-    opt = sgd(model, ctx.train_cfg.lr, ctx.train_cfg.momentum, ctx.train_cfg.weight_decay)
-    x, y = ctx.retain_x[: ctx.train_cfg.batch_size], ctx.retain_y[: ctx.train_cfg.batch_size]
+    model_cfg, recipe = ctx.recipe()
+    model = build_model(model_cfg).train()
+    opt = sgd(model, recipe.lr, recipe.momentum, recipe.weight_decay)
+    x, y = ctx.retain_x[: recipe.batch_size], ctx.retain_y[: recipe.batch_size]
     t0 = time.perf_counter()
     for _ in range(probes):
         loss = F.cross_entropy(model(x), y)

@@ -1,0 +1,305 @@
+"""Bring your own model and data (issue 12): a model defined in this file, an image folder of real PNGs,
+the CLI end to end (import weights → quantize → forget by hash → unlearn qmul → export → validate → bundle),
+the same flow through the Python API, and one clear error per bad model / weights / data, with nothing
+written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from imagedata import write_image_folder
+from sklearn.datasets import load_digits
+from torch import nn
+
+from edge_qmul.cli import main
+from edge_qmul.store import SampleStore
+
+NUM_CLASSES = 10
+
+
+class DepthwiseSeparable(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(cin, cin, 3, padding=1, groups=cin, bias=False)
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.relu1 = nn.ReLU()
+        self.pw = nn.Conv2d(cin, cout, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.pw(self.relu1(self.bn1(self.dw(x)))))
+
+
+class TinyNet(nn.Module):
+    """Depthwise-separable convs, a residual add and a head named ``classifier``."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES, in_channels: int = 1) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.block = DepthwiseSeparable(16, 16)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.relu(self.block(x) + x)  # residual add
+        return self.classifier(torch.flatten(self.pool(x), 1))
+
+
+def build(num_classes: int, in_channels: int) -> nn.Module:
+    return TinyNet(num_classes, in_channels)
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = Gate()
+        self.fc = nn.Linear(64, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.gate(x).flatten(1))
+
+
+class Gate(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            return x
+        return -x
+
+
+def build_untraceable() -> nn.Module:
+    return Untraceable()
+
+
+class NoInt8Kernel(nn.Module):
+    """A SiLU between two convs: no int8 kernel in the x86 backend, so it would run in float."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.act = nn.SiLU()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(256, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv2(self.act(self.conv(x))).flatten(1))
+
+
+def build_no_int8() -> nn.Module:
+    return NoInt8Kernel()
+
+
+def build_for_32px(num_classes: int) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(32 * 32, num_classes))
+
+
+HERE = Path(__file__).resolve()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Scikit-learn's digits as real 8x8 grayscale PNG files in class sub-folders."""
+    digits = load_digits()
+    images = (np.asarray(digits.images) * (255.0 / 16.0)).round().astype(np.uint8)[:, None]  # (N, 1, 8, 8)
+    root = tmp_path_factory.mktemp("pics")
+    write_image_folder(root, images, np.asarray(digits.target), [str(i) for i in range(10)])
+    return root
+
+
+@pytest.fixture(scope="module")
+def weights(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The team's own training, outside edge-qmul: a TinyNet trained on the folder's pixels."""
+    torch.manual_seed(0)
+    digits = load_digits()
+    x = torch.tensor((np.asarray(digits.images) * (255.0 / 16.0)).round() / 255.0, dtype=torch.float32)[:, None]
+    y = torch.tensor(digits.target)
+    model = TinyNet()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(60):
+        for idx in torch.randperm(len(x)).split(128):
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for m in model.modules():  # BatchNorm statistics of the whole set, as a careful team would ship them
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    with torch.no_grad():
+        model(x)
+    path = tmp_path_factory.mktemp("w") / "tinynet.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def _files(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_cli_end_to_end_with_a_model_from_this_file(folder: Path, weights: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    spec = f"{HERE}:build"
+    base = ["--run", str(run), "--quiet"]
+    assert main(["import", *base, "--dataset", "imagefolder", "--data-root", str(folder), "--model", spec,
+                 "--weights", str(weights), "--head", "classifier"]) == 0
+    out = capsys.readouterr().out
+    assert "imported weights" in out
+    float_test = float(out.split("test ")[1].split("%")[0])
+    assert float_test > 90.0  # the team's weights, evaluated on the run's test split
+
+    assert main(["quantize", *base]) == 0
+    # forget by content: the sha256 of 12 PNG files of class 3 that the model was trained on, as a device
+    # holding those files would name them
+    hashes = tmp_path / "hashes.txt"
+    hashes.write_text("".join(h + "\n" for h in _training_hashes(run, folder / "3")[:12]))
+    assert main(["forget", *base, "--hashes", str(hashes), "--request-id", "user-7"]) == 0
+    assert "12 samples recorded" in capsys.readouterr().out
+    assert main(["unlearn", *base, "--method", "qmul"]) == 0
+    assert main(["export", *base]) == 0
+    assert main(["validate", *base, "--device", "x86-server"]) == 0
+    assert main(["keygen", "--out", str(tmp_path / "keys")]) == 0
+    key = tmp_path / "keys" / "signing_key.pem"
+    assert main(["bundle", *base, "--device", "x86-server", "--key", str(key)]) == 0
+    assert len(list((run / "bundles").glob("*.tar"))) == 1
+    capsys.readouterr()
+    assert main(["status", "--run", str(run)]) == 0
+    assert "ledger: 1 requests (12 samples)" in capsys.readouterr().out
+
+
+def test_the_python_api_flow(folder: Path, weights: Path, tmp_path: Path) -> None:
+    import edge_qmul as eq
+
+    # --- the README example, as written there ---
+    model = TinyNet()
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    digits = load_digits()
+    x = torch.tensor(np.asarray(digits.images) / 16.0, dtype=torch.float32)[:, None]
+    y = torch.tensor(digits.target)
+    forget, retain, test = (x[:60], y[:60]), (x[60:1400], y[60:1400]), (x[1400:], y[1400:])
+    q = eq.quantize(model, retain[0][:512], backend="x86")
+    q2 = eq.unlearn(q, forget, retain, eq.QMul())
+    eq.export_onnx(q2.int8, tmp_path / "model.int8.onnx", input_shape=(1, 8, 8))
+    report = eq.validate(tmp_path / "model.int8.onnx", eq.EvalSets(*forget, *retain, *test),
+                         profile=eq.load_profile("x86-server"), budgets=eq.load_budgets(), int8=q2.int8, before=q.int8)
+    # --- end ---
+    assert q2.head == "classifier"
+    assert report.metrics["parity_top1"] >= 99.0
+    assert report.metrics["FA"] < 100.0  # Q-MUL moved the forgotten samples
+    assert report.checks["ta_drop"]["value"] is not None
+    with torch.no_grad():  # the input model and the first Quantized are untouched
+        assert torch.equal(q.int8(x[:4]), eq.quantize(model, retain[0][:512]).int8(x[:4]))
+
+
+@pytest.mark.parametrize(("model", "message", "code"), [
+    ("build_untraceable", "in module 'gate'", 2),
+    ("build_no_int8", "act (SiLU)", 8),
+    ("build_for_32px", "rejects input of shape [2, 1, 8, 8]", 2),
+    ("no_such_factory", "has no callable 'no_such_factory'", 2),
+])
+def test_a_bad_model_is_refused_by_name_and_nothing_is_written(folder: Path, tmp_path: Path, model: str, message: str,
+                                                               code: int, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    argv = ["train", "--run", str(run), "--quiet", "--dataset", "imagefolder", "--data-root", str(folder),
+            "--model", f"{HERE}:{model}", "--epochs", "1"]
+    if code == 8:  # trains, then quantize refuses the float layer
+        assert main(argv) == 0
+        before = _files(run)
+        assert main(["quantize", "--run", str(run), "--quiet"]) == code
+        assert _files(run) == before
+    else:
+        assert main(argv) == code
+        assert not run.exists()
+    err = capsys.readouterr().err
+    assert message in err and "fix:" in err
+
+
+def test_weights_that_do_not_fit_are_listed(folder: Path, weights: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    state = torch.load(weights, weights_only=True)
+    state["classifier.weight"] = torch.zeros(5, 16)
+    del state["stem.0.weight"]
+    state["extra.bias"] = torch.zeros(3)
+    bad = tmp_path / "bad.pt"
+    torch.save(state, bad)
+    run = tmp_path / "run"
+    code = main(["import", "--run", str(run), "--dataset", "imagefolder", "--data-root", str(folder),
+                 "--model", f"{HERE}:build", "--weights", str(bad)])
+    err = capsys.readouterr().err
+    assert code == 4
+    assert "missing: stem.0.weight" in err and "unexpected: extra.bias" in err and "classifier.weight [5, 16]" in err
+    assert not run.exists()
+    pickle_file = tmp_path / "evil.pt"
+    torch.save({"x": object()}, pickle_file)  # not loadable with weights_only=True
+    assert main(["import", "--run", str(run), "--dataset", "imagefolder", "--data-root", str(folder),
+                 "--model", f"{HERE}:build", "--weights", str(pickle_file)]) == 4
+    assert not run.exists()
+
+
+def test_bad_data_is_refused_and_nothing_is_written(folder: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    victim = sorted((broken / "4").glob("*.png"))[0]
+    victim.write_bytes(victim.read_bytes()[:20])
+    run = tmp_path / "run"
+    assert main(["train", "--run", str(run), "--dataset", "imagefolder", "--data-root", str(broken),
+                 "--model", f"{HERE}:build"]) == 3
+    assert victim.name in capsys.readouterr().err
+    assert not run.exists()
+
+
+def test_forget_by_a_hash_the_run_never_saw_is_refused(folder: Path, weights: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    assert main(["import", "--run", str(run), "--quiet", "--dataset", "imagefolder", "--data-root", str(folder),
+                 "--model", f"{HERE}:build", "--weights", str(weights)]) == 0
+    hashes = tmp_path / "h.txt"
+    hashes.write_text("0" * 64 + "\n")
+    before = _files(run)
+    assert main(["forget", "--run", str(run), "--hashes", str(hashes)]) == 5
+    assert "is not a sample of this run's dataset" in capsys.readouterr().err
+    assert _files(run) == before
+
+
+def test_the_run_api_flow(folder: Path, weights: Path, tmp_path: Path) -> None:
+    import edge_qmul as eq
+
+    key_path, _ = eq.keygen(tmp_path / "keys")
+    spec = f"{HERE}:build"
+    # --- the README example, as written there (paths and hashes from the fixtures) ---
+    run = eq.Run(tmp_path / "run")
+    run.train(eq.DataConfig("imagefolder", root=str(folder)), eq.TrainConfig(model=spec), weights=weights)
+    run.quantize(eq.QuantConfig(backend="x86"))
+    hashes = _training_hashes(run.root, folder / "7")[:15]
+    run.forget(hashes=hashes, request_id="user-42")
+    run.unlearn(eq.QMul())
+    eq.export_run(run)
+    report = eq.validate_run(run, eq.load_profile("x86-server"), eq.load_budgets())
+    eq.build_bundle(run, eq.load_profile("x86-server"), key_path)
+    # --- end ---
+    assert report.passed
+    assert len(list(run.path("bundles").glob("*.tar"))) == 1
+    with run.ledger() as ledger:
+        (request,) = ledger.requests()
+    assert request.request_id == "user-42" and request.source == "api" and len(request.sample_ids) == 15
+    assert run.forget_ids() == sorted(request.sample_ids)  # the forget set lives in the ledger only
+    assert "forget" not in json.loads(run.path("split").read_text()) or not json.loads(
+        run.path("split").read_text())["forget"]
+    assert run.model_version().startswith("qmul-")
+
+
+def _training_hashes(run: Path, class_dir: Path) -> list[str]:
+    train_ids = json.loads((run / "split.json").read_text())["train"]
+    with SampleStore(run / "samples.sqlite") as store:
+        trained = set(store.hashes(train_ids).values())
+    return [h for h in (hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(class_dir.glob("*.png")))
+            if h in trained]
