@@ -180,3 +180,150 @@ def test_quantize_with_a_device_picks_its_engine(demo_run: Path, tmp_path: Path)
     payload = torch.load(run / "quantized.pt", weights_only=True)
     assert payload["info"]["backend"] == "qnnpack"
     torch.backends.quantized.engine = "x86"
+
+
+ZOO = [
+    pytest.param("resnet8", 32, 1.0, 9, id="resnet8-32"),
+    pytest.param("mobilenetv2", 32, 0.35, 52, id="mobilenetv2-0.35-32", marks=pytest.mark.slow),
+    pytest.param("mobilenetv2", 96, 0.35, 52, id="mobilenetv2-0.35-96"),
+    pytest.param("mobilenetv2", 32, 1.0, 52, id="mobilenetv2-1.0-32", marks=pytest.mark.slow),
+    pytest.param("mobilenetv2", 96, 1.0, 52, id="mobilenetv2-1.0-96", marks=pytest.mark.slow),
+]
+
+
+def _zoo_model(name: str, size: int, alpha: float):
+    import torch
+
+    from edge_qmul.models import DEFAULT_WIDTH, ModelConfig, build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(name, 3, size, 10, (0.5,) * 3, (0.25,) * 3, DEFAULT_WIDTH[name], width_multiplier=alpha)
+    model = build_model(cfg).train()
+    with torch.no_grad():
+        for _ in range(10):  # settle BatchNorm statistics, as training would
+            model(torch.rand(16, 3, size, size))
+        head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        head.weight.mul_(20)  # decisive logits, so top-1 agreement measures the int8 arithmetic, not ties
+    return model.eval()
+
+
+@pytest.mark.parametrize(("name", "size", "alpha", "qlinear_convs"), ZOO)
+def test_zoo_model_runs_int8_end_to_end(name: str, size: int, alpha: float, qlinear_convs: int, tmp_path: Path) -> None:
+    import onnxruntime as ort
+    import torch
+    from edge_qmul.export.onnx_export import _export_bytes, float_ops_in_int8_region, optimized_op_counts
+
+    from edge_qmul import quant
+
+    model = _zoo_model(name, size, alpha)
+    torch.fx.symbolic_trace(model)
+    calib, x = [torch.rand(8, 3, size, size)], torch.rand(32, 3, size, size)
+    int8 = quant.quantize_ptq(model, calib, "x86")
+    folded = [m for m in int8.modules() if type(m).__name__ == "ConvReLU2d" and m.scale == quant.RELU6_SCALE]
+    assert len(folded) == (35 if name == "mobilenetv2" else 0)  # every ReLU6 folded into its conv
+    qat = quant.prepare_qat(model, "x86", calib[0])
+    quant.calibrate_qat(qat, calib)
+    with torch.no_grad():
+        ref, qat_int8 = int8(x), quant.convert(qat)(x)
+    assert float((ref.argmax(1) == qat_int8.argmax(1)).float().mean()) >= 0.9  # QAT copy converts to the PTQ model
+
+    path = tmp_path / "model.int8.onnx"
+    path.write_bytes(_export_bytes(int8, x[:1]))
+    counts = check_fusion(path)
+    _, optimized = optimized_op_counts(path)
+    assert float_ops_in_int8_region(optimized) == []
+    assert counts["QLinearConv"] == qlinear_convs and counts["QGemm"] == 1 and "Clip" not in counts
+    assert counts["QuantizeLinear"] == 1 and counts["DequantizeLinear"] == 1  # one way in, one way out
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = sess.run(None, {"pixels": x.numpy()})
+    assert float((out.argmax(1) == ref.numpy().argmax(1)).mean()) >= 0.9
+
+
+def _graph_with(op: onnx.NodeProto, zero_point: int, path: Path) -> None:
+    """pixels -> Q -> DQ -> op -> Q -> DQ -> logits, on uint8 with the given zero point."""
+    scale = helper.make_tensor("s", TensorProto.FLOAT, [], [0.1])
+    zp = helper.make_tensor("z", TensorProto.UINT8, [], [zero_point])
+    nodes = [
+        helper.make_node("QuantizeLinear", ["pixels", "s", "z"], ["q"], name="quant"),
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"], name="dequant"),
+        op,
+        helper.make_node("QuantizeLinear", ["act", "s", "z"], ["q2"], name="requant"),
+        helper.make_node("DequantizeLinear", ["q2", "s", "z"], ["logits"], name="out"),
+    ]
+    lo = helper.make_tensor("lo", TensorProto.FLOAT, [], [-1.0])
+    hi = helper.make_tensor("hi", TensorProto.FLOAT, [], [1.0])
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], [scale, zp, lo, hi],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+@pytest.mark.parametrize(
+    ("op", "named", "fix"),
+    [
+        (helper.make_node("Clip", ["dq", "lo", "hi"], ["act"], name="block3_relu6_clip"), "'block3_relu6_clip' (Clip)",
+         "ReLU6 / hardtanh"),
+        # onnxruntime inlines HardSwish into HardSigmoid + Mul (nameless nodes, named by their outputs)
+        (helper.make_node("HardSwish", ["dq"], ["act"], name="block3_hardswish"), "HardSwish_HS_X' (HardSigmoid)",
+         "hardswish has no int8 kernel"),
+        (helper.make_node("Erf", ["dq"], ["act"], name="block3_erf"), "'block3_erf' (Erf)", "no int8 kernel"),
+        (helper.make_node("Relu", ["dq"], ["act"], name="block3_relu"), "'block3_relu' (Relu)", "no int8 kernel"),
+    ],
+)
+def test_fusion_check_refuses_float_ops_inside_the_int8_region(op: onnx.NodeProto, named: str, fix: str,
+                                                                 tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    _graph_with(op, zero_point=128, path=path)  # zero point 128: onnxruntime cannot drop a Relu or a Clip
+    with pytest.raises(FusionError) as err:
+        check_fusion(path)
+    assert named in str(err.value) and fix in str(err.value)
+    assert err.value.exit_code == 8
+
+
+def test_float_ops_in_int8_region_skips_shape_ops_and_the_float_ends() -> None:
+    from edge_qmul.export.onnx_export import FloatOp, float_ops_in_int8_region
+
+    def graph(*nodes: onnx.NodeProto) -> onnx.ModelProto:
+        return helper.make_model(helper.make_graph(list(nodes), "g", [], []))
+
+    node = helper.make_node
+    ends = [node("Sub", ["pixels", "m"], ["a"], name="norm_sub"), node("Mul", ["a", "k"], ["b"], name="norm_mul"),
+            node("QuantizeLinear", ["b", "s", "z"], ["q"], name="q_in")]
+    clean = graph(*ends, node("MaxPool", ["q"], ["p"], name="pool_u8"),
+                  node("DequantizeLinear", ["p", "s", "z"], ["d"]), node("Reshape", ["d", "shape"], ["r"]),
+                  node("QuantizeLinear", ["r", "s", "z"], ["q2"]),
+                  node("DequantizeLinear", ["q2", "s", "z"], ["logits"]), node("Softmax", ["logits"], ["probs"]))
+    assert float_ops_in_int8_region(clean) == []
+    dirty = graph(*ends, node("DequantizeLinear", ["q", "s", "z"], ["d"]), node("Mul", ["d", "k"], ["e"], name="scale"),
+                  node("Reshape", ["e", "shape"], ["r"]), node("QuantizeLinear", ["r", "s", "z"], ["q2"]),
+                  node("DequantizeLinear", ["q2", "s", "z"], ["d2"]), node("Gemm", ["d2", "w"], ["logits"], name="fc"))
+    assert float_ops_in_int8_region(dirty) == [FloatOp("scale", "Mul"), FloatOp("fc", "Gemm")]
+
+
+def test_a_hardswish_model_is_refused_at_export(tmp_path: Path) -> None:
+    import torch
+    from edge_qmul.export.onnx_export import _export_bytes
+
+    from edge_qmul import quant
+    from edge_qmul.models import Normalize
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.normalize = Normalize((0.5,), (0.25,))
+            self.conv, self.act = torch.nn.Conv2d(1, 4, 3), torch.nn.Hardswish()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.act(self.conv(self.normalize(x)))
+            return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    x = torch.rand(8, 1, 8, 8)
+    path = tmp_path / "hs.onnx"
+    path.write_bytes(_export_bytes(quant.quantize_ptq(Block().eval(), [x], "x86"), x[:1]))
+    with pytest.raises(FusionError, match=r"(?s)/act/HardSwish.*hardswish has no int8 kernel") as err:
+        check_fusion(path)
+    assert "HardSwish" in str(err.value) or "HardSigmoid" in str(err.value)
