@@ -89,7 +89,7 @@ def quantize(model: nn.Module, calibration: Any, backend: str = "x86", *, head: 
     head_name = usermodel.head_name(model, head)
     batches = list(x.split(256))
     int8 = quant.quantize_ptq(model, batches, backend)
-    islands = quant.float_ops_in_int8_region(int8)
+    islands = quant.float_layers(int8)
     if islands:
         named = ", ".join(f"{name} ({kind})" for name, kind in islands[:6])
         raise ExportError(f"{len(islands)} op(s) have no int8 kernel in the {backend} backend: {named}",

@@ -329,7 +329,7 @@ def quantize(run_dir: Run | Path, quant_cfg: QuantConfig, *, quiet: bool = False
     calib = _calib_batches(x, quant_cfg.calibration_size)
     t_quant = time.perf_counter()
     int8 = quant.quantize_ptq(model, calib, quant_cfg.backend)
-    islands = quant.float_ops_in_int8_region(int8)
+    islands = quant.float_layers(int8)
     if islands:
         named = ", ".join(f"{name} ({kind})" for name, kind in islands[:6])
         raise ExportError(f"model {model_cfg.name}: {len(islands)} op(s) have no int8 kernel in the "

@@ -517,7 +517,7 @@ def int8_features(qat: nn.Module, dequantize: bool = True, head: str = "") -> fx
     return _module(int8, prefix, out)
 
 
-def float_ops_in_int8_region(int8: nn.Module) -> list[tuple[str, str]]:
+def float_layers(int8: nn.Module) -> list[tuple[str, str]]:
     """(name, kind) of every op of a converted model that computes in float inside its int8 region: after a
     ``dequantize`` and before a later ``quantize_per_tensor``. Such a layer has no int8 kernel in the chosen
     backend (convert_fx leaves it in float between a dequantize and a re-quantize)."""

@@ -103,15 +103,21 @@ def save_checkpoint(
     write_bytes(path, buf.getvalue())
 
 
-def load_payload(path: str | Path, what: str, fix: str) -> dict[str, Any]:
-    """torch.load with weights_only=True (no arbitrary pickle), with errors that name the file."""
+def load_tensors(path: str | Path, what: str, fix: str) -> Any:
+    """torch.load with weights_only=True (no arbitrary pickle runs), with errors that name the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{what} not found: {path}", fix)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
-        raise CheckpointError(f"{what} {path} is corrupt or not a checkpoint ({err.__class__.__name__})", fix) from err
+        raise CheckpointError(f"{what} {path} is corrupt or not a torch file of tensors ({err.__class__.__name__})",
+                              fix) from err
+
+
+def load_payload(path: str | Path, what: str, fix: str) -> dict[str, Any]:
+    """An edge-qmul checkpoint (``load_tensors`` plus its ``format`` key)."""
+    payload = load_tensors(path, what, fix)
     if not isinstance(payload, dict) or "format" not in payload:
         raise CheckpointError(f"{what} {path} is not an edge-qmul checkpoint", fix)
     return payload

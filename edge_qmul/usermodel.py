@@ -17,9 +17,7 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
-import pickle
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ from torch import fx, nn
 
 from edge_qmul.errors import CheckpointError, ConfigError
 from edge_qmul.models import ModelConfig, Normalize
+from edge_qmul.train import load_tensors
 
 
 class UserModel(nn.Module):
@@ -197,12 +196,7 @@ def load_user_weights(model: nn.Module, path: Path) -> None:
     """Load a float state_dict (``weights_only=True``) into ``model`` (a built-in model or a UserModel's
     ``net``), listing every missing, unexpected and mismatched key."""
     fix = "pass the state_dict saved from this model: torch.save(model.state_dict(), FILE)"
-    if not path.is_file():
-        raise CheckpointError(f"weights file {path} does not exist", fix)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
-        raise CheckpointError(f"weights file {path} is not a torch state_dict ({err.__class__.__name__})", fix) from err
+    state = load_tensors(path, "weights file", fix)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -20,7 +20,7 @@ import torch
 from edge_qmul.devices.profiles import DeviceProfile
 from edge_qmul.devices.runtime import run_in_fresh_process, top1_agrees, top_classes
 from edge_qmul.export.budgets import CHECKS, Budgets
-from edge_qmul.export.onnx_export import INPUT, check_contract, require_file
+from edge_qmul.export.onnx_export import INPUT, INT8_KERNELS, check_contract, check_fusion, require_file
 
 from edge_qmul import __version__, pipeline
 from edge_qmul.atomic import write_bytes, write_json, write_text
@@ -127,6 +127,7 @@ def _validate(
     require_file(model_path, "export the model first (`edge-qmul export`, or eq.export_onnx)")
     c, h, w = (int(d) for d in sets.test_x.shape[1:])
     check_contract(model_path, (c, h, w))
+    kernels = check_fusion(model_path)  # a float op inside the int8 region is refused (exit 8), whatever the budgets
     session = ort_session(model_path, profile.threads)
     f, r, t = (ort_logits(session, x) for x in (sets.forget_x, sets.retain_x, sets.test_x))
     with torch.no_grad():
@@ -158,6 +159,7 @@ def _validate(
         "latency_ms_p95": board["latency_ms_p95"],
         "peak_memory_mb": board["peak_rss_mb"],
         "size_bytes": model_path.stat().st_size,
+        "int8_kernels": sum(n for op, n in kernels.items() if op in INT8_KERNELS),
         "TA_before": None if before_t is None else accuracy(before_t, sets.test_y),
         "FA_before": None if before_f is None else accuracy(before_f, sets.forget_y),
         "MIA_retrain": retrain_mia,

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -175,22 +177,29 @@ def test_cli_end_to_end_with_a_model_from_this_file(folder: Path, weights: Path,
     assert "ledger: 1 requests (12 samples)" in capsys.readouterr().out
 
 
-def test_the_python_api_flow(folder: Path, weights: Path, tmp_path: Path) -> None:
+def readme_examples() -> list[str]:
+    """The ```python blocks of the README's "Python API" section, exactly as a reader copies them."""
+    text = (HERE.parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Python API", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+def test_the_readme_has_the_in_memory_and_the_run_directory_examples() -> None:
+    blocks = readme_examples()
+    assert len(blocks) == 2
+    assert all(len(b.strip().splitlines()) <= 15 for b in blocks)  # the whole flow in <= 15 lines
+
+
+def test_the_python_api_flow(weights: Path, tmp_path: Path) -> None:
     import edge_qmul as eq
 
-    # --- the README example, as written there ---
-    model = TinyNet()
-    model.load_state_dict(torch.load(weights, weights_only=True))
     digits = load_digits()
     x = torch.tensor(np.asarray(digits.images) / 16.0, dtype=torch.float32)[:, None]
     y = torch.tensor(digits.target)
-    forget, retain, test = (x[:60], y[:60]), (x[60:1400], y[60:1400]), (x[1400:], y[1400:])
-    q = eq.quantize(model, retain[0][:512], backend="x86")
-    q2 = eq.unlearn(q, forget, retain, eq.QMul())
-    eq.export_onnx(q2.int8, tmp_path / "model.int8.onnx", input_shape=(1, 8, 8))
-    report = eq.validate(tmp_path / "model.int8.onnx", eq.EvalSets(*forget, *retain, *test),
-                         profile=eq.load_profile("x86-server"), budgets=eq.load_budgets(), int8=q2.int8, before=q.int8)
-    # --- end ---
+    scope: dict[str, Any] = {"torch": torch, "TinyNet": TinyNet, "weights": weights, "x": x, "y": y,
+                             "tmp_path": tmp_path}
+    exec(readme_examples()[0], scope)  # the README's in-memory example, verbatim
+    q, q2, report, model, retain = (scope[k] for k in ("q", "q2", "report", "model", "retain"))
     assert q2.head == "classifier"
     assert report.metrics["parity_top1"] >= 99.0
     assert report.metrics["FA"] < 100.0  # Q-MUL moved the forgotten samples
@@ -270,30 +279,28 @@ def test_forget_by_a_hash_the_run_never_saw_is_refused(folder: Path, weights: Pa
     assert _files(run) == before
 
 
-def test_the_run_api_flow(folder: Path, weights: Path, tmp_path: Path) -> None:
+def test_the_run_api_flow(folder: Path, weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import edge_qmul as eq
 
+    # what the README's reader has: a folder of images, a model file, its weights, a key, a user's hashes
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(folder, "pics")
+    Path("my_net.py").write_text(f"import sys\nsys.path.insert(0, {str(HERE.parent)!r})\nfrom test_byo import build\n")
+    shutil.copy(weights, "my_net.pt")
     key_path, _ = eq.keygen(tmp_path / "keys")
-    spec = f"{HERE}:build"
-    # --- the README example, as written there (paths and hashes from the fixtures) ---
-    run = eq.Run(tmp_path / "run")
-    run.train(eq.DataConfig("imagefolder", root=str(folder)), eq.TrainConfig(model=spec), weights=weights)
-    run.quantize(eq.QuantConfig(backend="x86"))
-    hashes = _training_hashes(run.root, folder / "7")[:15]
-    run.forget(hashes=hashes, request_id="user-42")
-    run.unlearn(eq.QMul())
-    eq.export_run(run)
-    report = eq.validate_run(run, eq.load_profile("x86-server"), eq.load_budgets())
-    eq.build_bundle(run, eq.load_profile("x86-server"), key_path)
-    # --- end ---
+    scope: dict[str, Any] = {"eq": eq, "key_path": key_path}
+    probe = eq.Run(tmp_path / "probe")  # the hashes a device holding 15 training images of class 7 would send
+    probe.train(eq.DataConfig("imagefolder", root="pics"), eq.TrainConfig(model="my_net.py:build"), weights="my_net.pt")
+    scope["hashes"] = _training_hashes(probe.root, Path("pics") / "7")[:15]
+    exec(readme_examples()[1], scope)  # the README's run-directory example, verbatim
+    run, report = scope["run"], scope["report"]
     assert report.passed
     assert len(list(run.path("bundles").glob("*.tar"))) == 1
     with run.ledger() as ledger:
         (request,) = ledger.requests()
     assert request.request_id == "user-42" and request.source == "api" and len(request.sample_ids) == 15
     assert run.forget_ids() == sorted(request.sample_ids)  # the forget set lives in the ledger only
-    assert "forget" not in json.loads(run.path("split").read_text()) or not json.loads(
-        run.path("split").read_text())["forget"]
+    assert "forget" not in json.loads(run.path("split").read_text())
     assert run.model_version().startswith("qmul-")
 
 

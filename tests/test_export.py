@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +171,19 @@ def test_validate_refuses_a_file_that_is_not_onnx(exported: Path, tmp_path: Path
     (run / "model.int8.onnx").write_bytes(b"\x00" * 100)
     assert main(["validate", "--run", str(run), "--device", "rpi4"]) == 8
     assert "model.int8.onnx" in capsys.readouterr().err
+
+
+def test_validate_refuses_a_float_model_whatever_the_budgets(exported: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    run = copy_run(exported, tmp_path)
+    shutil.copy(run / "model.fp32.onnx", run / "model.int8.onnx")
+    before = (run / "validation.json").read_bytes() if (run / "validation.json").exists() else None
+    loose = tmp_path / "loose.toml"
+    loose.write_text("max_logit_diff = 5.0\nparity_top1 = 0.0\n")
+    assert main(["validate", "--run", str(run), "--device", "x86-server", "--budgets", str(loose)]) == 8
+    assert "float" in capsys.readouterr().err
+    after = (run / "validation.json").read_bytes() if (run / "validation.json").exists() else None
+    assert after == before  # nothing written
 
 
 def test_quantize_with_a_device_picks_its_engine(demo_run: Path, tmp_path: Path) -> None:
