@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from imagedata import write_image_folder
+from PIL import Image
 from sklearn.datasets import load_digits
 from torch import nn
 
@@ -253,16 +254,43 @@ def test_weights_that_do_not_fit_are_listed(folder: Path, weights: Path, tmp_pat
     assert not run.exists()
 
 
-def test_bad_data_is_refused_and_nothing_is_written(folder: Path, tmp_path: Path,
+def _corrupt_image(root: Path) -> tuple[list[str], str]:
+    victim = sorted((root / "4").glob("*.png"))[0]
+    victim.write_bytes(victim.read_bytes()[:20])
+    return ["--data-root", str(root)], victim.name
+
+
+def _mixed_sizes(root: Path) -> tuple[list[str], str]:
+    odd = sorted((root / "2").glob("*.png"))[0]
+    Image.new("L", (9, 9)).save(odd)
+    return ["--data-root", str(root)], "--image-size"
+
+
+def _empty_class(root: Path) -> tuple[list[str], str]:
+    (root / "zz-empty").mkdir()
+    return ["--data-root", str(root)], "zz-empty"
+
+
+def _labels_out_of_range(root: Path) -> tuple[list[str], str]:
+    digits = load_digits()
+    x = (np.asarray(digits.images) * 15).astype(np.uint8)
+    y = np.asarray(digits.target).copy()
+    y[5] = -1
+    path = root.parent / "bad.npz"
+    np.savez(path, x_train=x[:1500], y_train=y[:1500], x_test=x[1500:], y_test=np.asarray(digits.target)[1500:])
+    return ["--dataset", "npz", "--data-root", str(path)], "y_train"
+
+
+@pytest.mark.parametrize("damage", [_corrupt_image, _mixed_sizes, _empty_class, _labels_out_of_range])
+def test_bad_data_is_refused_and_nothing_is_written(folder: Path, tmp_path: Path, damage: Any,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(folder, broken)
-    victim = sorted((broken / "4").glob("*.png"))[0]
-    victim.write_bytes(victim.read_bytes()[:20])
+    flags, named = damage(broken)
     run = tmp_path / "run"
-    assert main(["train", "--run", str(run), "--dataset", "imagefolder", "--data-root", str(broken),
-                 "--model", f"{HERE}:build"]) == 3
-    assert victim.name in capsys.readouterr().err
+    assert main(["train", "--run", str(run), "--dataset", "imagefolder", *flags, "--model", f"{HERE}:build"]) == 3
+    err = capsys.readouterr().err
+    assert named in err and "fix:" in err
     assert not run.exists()
 
 
