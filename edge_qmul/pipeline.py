@@ -323,7 +323,10 @@ def quantize(run_dir: Run | Path, quant_cfg: QuantConfig, *, quiet: bool = False
     """
     run = as_run(run_dir)
     float_path = run.require("float")
-    model, model_cfg, _, _ = load_checkpoint(float_path)
+    model, model_cfg, _, extra = load_checkpoint(float_path)
+    if extra.get("split_sha256", run.digest("split")) != run.digest("split"):
+        raise CheckpointError(f"{float_path} is stale: it was trained on another split than {run.path('split')}",
+                              run.fix("float"))
     rd = load_run_data(run)
     x, _ = rd.tensors("train")
     calib = _calib_batches(x, quant_cfg.calibration_size)

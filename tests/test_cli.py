@@ -154,3 +154,14 @@ def test_console_script_help_is_fast_and_lists_exit_codes() -> None:
         capture_output=True, text=True, check=True,
     )
     assert probe.stdout.strip() == "False"
+
+
+def test_quantize_refuses_a_float_model_trained_on_another_split(demo_run: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    run = _copy(demo_run, tmp_path)
+    split = json.loads((run / "split.json").read_text())
+    (run / "split.json").write_text(json.dumps({**split, "train": split["train"][::-1]}))
+    before = (run / "quantized.pt").read_bytes()
+    assert main(["quantize", "--run", str(run), "--quiet"]) == 4
+    assert "is stale" in capsys.readouterr().err
+    assert (run / "quantized.pt").read_bytes() == before
