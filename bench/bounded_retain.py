@@ -37,7 +37,7 @@ def scratch_copy(run: Path, dst: Path) -> Path:
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
-    for name in ("split.json", "run.json", "float.pt", "quantized.pt", "features.pt", "ledger.sqlite"):
+    for name in ("split.json", "run.json", "float.pt", "quantized.pt", "features.pt", "ledger.sqlite", "digests.json"):
         if (run / name).exists():
             shutil.copy2(run / name, dst / name)
     shutil.copytree(run / "unlearn" / "retrain", dst / "unlearn" / "retrain")

@@ -34,7 +34,7 @@ from edge_qmul import pipeline
 from edge_qmul.config import DataConfig, QuantConfig, method_config
 from edge_qmul.train import TrainConfig
 
-SHARED = ("split.json", "run.json", "float.pt", "quantized.pt", "features.pt")
+SHARED = ("split.json", "run.json", "float.pt", "quantized.pt", "features.pt", "digests.json")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,7 +76,7 @@ def fresh_copy(run: Path, dst: Path, ids: list[int], request_id: str) -> Path:
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
-    for name in ("split.json", "run.json", "float.pt", "quantized.pt", "features.pt"):
+    for name in ("split.json", "run.json", "float.pt", "quantized.pt", "features.pt", "digests.json"):
         shutil.copy2(run / name, dst / name)
     pipeline.forget(dst, ids=ids, request_id=request_id)
     return dst

@@ -48,7 +48,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "ḡ_r on 4 retain batches": {"norm_batches": 4},
     "ḡ_r on every retain batch": {"norm_batches": 0},
 }
-BASE_FILES = ("split.json", "run.json", "float.pt", "quantized.pt", "features.pt")
+BASE_FILES = ("split.json", "run.json", "float.pt", "quantized.pt", "features.pt", "digests.json")
 
 
 def onnx_metrics(run: Path, method: str | None) -> dict[str, float]:

@@ -31,7 +31,7 @@ from edge_qmul.export.validate import validate_run
 from edge_qmul import data, pipeline
 from edge_qmul.config import method_config
 
-BASE_FILES = ("split.json", "run.json", "float.pt", "quantized.pt", "features.pt")
+BASE_FILES = ("split.json", "run.json", "float.pt", "quantized.pt", "features.pt", "digests.json")
 SIZES = (1, 10, 100, 1000, 6000)
 
 

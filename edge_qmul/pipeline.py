@@ -106,10 +106,10 @@ def load_run_data(run_dir: Run | Path) -> RunData:
     """The run's split, its forget set (from the ledger) and its data; training samples come from the run's
     sample store when it has one."""
     run = as_run(run_dir)
-    split = data.Split.load(run.require("split"))
+    split = data.Split.load(run.verified("split"))
     split.forget = run.forget_ids()
     # image folders are read with the options the run was trained with (size, colour)
-    options = json.loads(run.path("run_info").read_text()).get("data", {}) if run.exists("run_info") else {}
+    options = json.loads(run.verified("run_info").read_text()).get("data", {}) if run.exists("run_info") else {}
     source = data.load_dataset(split.dataset, split.root, seed=split.seed,
                                image_size=options.get("image_size") or None, color=options.get("color", "auto"))
     store_path = run.path("samples")
@@ -171,6 +171,7 @@ def train(
     )
     if data_cfg.train_fraction < 1.0:  # the list is a seeded shuffle: its head is a random subset
         split.train = split.train[: max(1, round(data_cfg.train_fraction * len(split.train)))]
+    split = _frozen_split(run, split)
     c, h, w = source.input_shape
     if h != w:
         raise DataError(f"{source.name} images are {h}x{w}; the models take square images",
@@ -208,10 +209,12 @@ def train(
     with SampleStore(run.path("samples")) as store:  # the server's own copy, from here on the source
         store.ingest(source.train.images, source.train.labels, source.train.scale, data.content_ids(source.train))
     split.save(run.path("split"))
+    run.record("split")
     save_checkpoint(
         run.path("float"), model, model_cfg, train_cfg,
         {"dataset": source.name, "classes": list(source.classes), "split_sha256": run.digest("split")},
     )
+    run.record("float")
     result = TrainResult(train_cfg.model, weights is not None, train_acc, test_acc, float(log["seconds"]),
                          list(log["epochs"]))
     write_json(
@@ -229,7 +232,32 @@ def train(
             "train_seconds": log["seconds"],
         },
     )
+    run.record("run_info")
     return result
+
+
+def _frozen_split(run: Run, fresh: data.Split) -> data.Split:
+    """The split to train on: ``fresh``, or, once the run's ledger holds requests, the run's own split.
+
+    Forget requests name training samples of this split; re-splitting could move a forgotten sample into
+    val or test, where it would be evaluated rather than forgotten. So the split is frozen: retraining a run
+    with requests (another seed, another recipe, imported weights) keeps it, and another dataset is refused.
+    """
+    forgotten = run.forget_ids() if run.exists("split") else []
+    if not forgotten:
+        return fresh
+    frozen = data.Split.load(run.verified("split"))
+    if (frozen.dataset, frozen.root) != (fresh.dataset, fresh.root):
+        raise ForgetRequestError(
+            f"{run.root} has {len(forgotten)} forgotten samples of {frozen.dataset} ({frozen.root or 'embedded'}); "
+            f"it cannot be re-trained on {fresh.dataset} ({fresh.root or 'embedded'})",
+            "start a new run directory for another dataset",
+        )
+    moved = sorted(set(forgotten) - set(frozen.train))
+    if moved:  # cannot happen through edge-qmul: the ledger only accepts training samples
+        raise ForgetRequestError(f"{len(moved)} forgotten id(s) are not training samples of {run.path('split')}",
+                                 "restore the split file the requests were filed against")
+    return frozen
 
 
 @torch.no_grad()
@@ -256,6 +284,7 @@ def _train_generations(
         "format": GENERATIONS_FORMAT, "phase_epochs": planner.phase_epochs(cfg), "generations": generations,
         "phases": [asdict(p) for p in phases],
     })
+    run.record("generations")
     with torch.no_grad():
         x, y = pool_x[split.train], pool_y[split.train]
         acc = 100.0 * float(torch.cat([model(b).argmax(1) for b in x.split(1024)]).eq(y).float().mean())
@@ -269,11 +298,11 @@ def training_history(run_dir: Run | Path, rd: RunData, forget_ids: list[int], q:
     live = rd.live
     pool_x, pool_y = data.to_tensors(rd.source.train, list(range(len(rd.source.train.labels))))
     if run.exists("generations"):
-        record = json.loads(run.path("generations").read_text())
+        record = json.loads(run.verified("generations").read_text())
         generations = [live(g) for g in record["generations"]]
         phases, ckpt = record["phases"], run.path("generation_checkpoints")
     else:
-        run_info = json.loads(run.require("run_info").read_text())
+        run_info = json.loads(run.verified("run_info").read_text())
         generations = [live(rd.split.train)]
         phases = [{"phase": 0, "samples": len(rd.split.train), "epochs": q.train_cfg.epochs,
                    "seconds": float(run_info.get("train_seconds", 0.0)) or 1.0}]
@@ -322,7 +351,7 @@ def quantize(run_dir: Run | Path, quant_cfg: QuantConfig, *, quiet: bool = False
     A layer that stays in float inside the int8 region (no int8 kernel in the backend) is refused, named.
     """
     run = as_run(run_dir)
-    float_path = run.require("float")
+    float_path = run.verified("float")
     model, model_cfg, _, extra = load_checkpoint(float_path)
     if extra.get("split_sha256", run.digest("split")) != run.digest("split"):
         raise CheckpointError(f"{float_path} is stale: it was trained on another split than {run.path('split')}",
@@ -366,6 +395,7 @@ def quantize(run_dir: Run | Path, quant_cfg: QuantConfig, *, quiet: bool = False
             "qat_state": quant.save_qat_state(qat),
         },
     )
+    run.record("quantized")
     _save_features(run, qat, rd, model_cfg.head)
     return result
 
@@ -383,11 +413,12 @@ def rebase(run_dir: Run | Path, method: str) -> dict[str, Any]:
     result = load_result_full(run, method, q, run.forget_ids())
     info = {**q.info, "base": {"method": method, "result_sha256": sha256_file(result.path),
                                "since": datetime.now(UTC).isoformat(timespec="seconds")}}
-    payload = load_payload(run.require("quantized"), "quantized model", run.fix("quantized"))
+    payload = load_payload(run.verified("quantized"), "quantized model", run.fix("quantized"))
     _save_torch(
         run.path("quantized"),
         {**payload, "info": info, "int8_state": result.int8.state_dict(), "qat_state": result.qat_state},
     )
+    run.record("quantized")
     _save_features(run, result.qat(q), load_run_data(run), q.model_cfg.head)
     return info
 
@@ -414,6 +445,7 @@ def _save_features(run: Run, qat: nn.Module, rd: RunData, head: str) -> None:
             "zero_point": int(chunks[0].q_zero_point()),
         },
     )
+    run.record("features")
 
 
 def load_features(
@@ -421,10 +453,9 @@ def load_features(
 ) -> FeatureCache | None:
     """The cached features of this run's forget / retain / val samples, or None if absent or stale."""
     run = as_run(run_dir)
-    path = run.path("features")
-    if not path.exists():
+    if not run.exists("features"):
         return None
-    payload = load_payload(path, "feature cache", run.fix("features"))
+    payload = load_payload(run.verified("features"), "feature cache", run.fix("features"))
     if payload["format"] != FEATURES_FORMAT or payload["quantized_sha256"] != q.sha256:
         return None  # made for another deployed model: computed afresh instead
     indices, values, scale, zp = payload["indices"], payload["values"], payload["scale"], payload["zero_point"]
@@ -446,8 +477,8 @@ def load_features(
 
 def load_quantized(run_dir: Run | Path) -> Quantized:
     run = as_run(run_dir)
-    float_path = run.require("float")
-    q_path = run.require("quantized")
+    float_path = run.verified("float")
+    q_path = run.verified("quantized")
     fix = run.fix("quantized")
     payload = load_payload(q_path, "quantized model", fix)
     if payload["format"] != QUANTIZED_FORMAT:
@@ -611,6 +642,7 @@ def save_result(
     if result.float_model is not None:
         save_checkpoint(run.path("result_float", method=name), result.float_model, q.model_cfg, q.train_cfg,
                         {"retrain": True})
+        run.record("result_float", method=name)
     record = UnlearnRecord(name, ids_hash(forget_ids), len(forget_ids), list(request_ids), q.sha256,
                            float(result.log["seconds"]), datetime.now(UTC).isoformat(timespec="seconds"))
     _save_torch(
@@ -623,22 +655,26 @@ def save_result(
             "int8_state": result.int8.state_dict(),
         },
     )
+    run.record("result", method=name)
     write_json(run.path("result_log", method=name), {**record.to_dict(), "log": result.log})
+    run.record("result_log", method=name)
     set_latest(run, name)
     return record
 
 
 def set_latest(run_dir: Run | Path, method: str) -> None:
     """Record which unlearning result later stages (export) use by default."""
-    write_json(as_run(run_dir).path("latest"), {"method": method})
+    run = as_run(run_dir)
+    write_json(run.path("latest"), {"method": method})
+    run.record("latest")
 
 
 def latest_method(run_dir: Run | Path) -> str:
     run = as_run(run_dir)
-    path = run.path("latest")
-    if not path.exists():
+    if not run.exists("latest"):
         raise CheckpointError(f"{run.root} has no unlearning result",
                               f"run `edge-qmul unlearn --run {run.root} --method qmul`")
+    path = run.verified("latest")
     try:
         return str(json.loads(path.read_text())["method"])
     except (json.JSONDecodeError, KeyError, TypeError) as err:
@@ -660,7 +696,7 @@ class LoadedResult:
 
 def load_result_full(run_dir: Run | Path, method: str, q: Quantized, forget_ids: list[int]) -> LoadedResult:
     run = as_run(run_dir)
-    path = run.path("result", method=method)
+    path = run.verified("result", method=method)
     fix = run.fix("result", method=method)
     payload = load_payload(path, "unlearning result", fix)
     if payload["format"] != RESULT_FORMAT:
@@ -726,6 +762,7 @@ def evaluate(run_dir: Run | Path, methods: list[str] | None = None) -> EvalRepor
     report = EvalReport(__version__, rd.split.dataset, rd.split.seed, len(forget_ids), q.backend,
                         REFERENCE if REFERENCE in rows else None, rows, ratios)
     write_json(run.path("report"), report.to_dict())
+    run.record("report")
     return report
 
 

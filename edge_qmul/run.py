@@ -13,7 +13,9 @@ Two facts live in one place only:
   ledger receipts, bundles and certificates all cite.
 
 Stale inputs are refused: each artifact records the sha256 of the artifacts it was made from
-(``made_from``), and the stage that reads it compares them with the files on disk.
+(``made_from``), and the stage that reads it compares them with the files on disk. Silent corruption is
+refused too: ``Run.record`` keeps the sha256 of every file artifact when a stage writes it (in
+``digests.json``), and ``Run.verified`` checks it before a stage reads the file (exit 4, naming the file).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_qmul.atomic import write_json
 from edge_qmul.errors import CheckpointError
 from edge_qmul.ledger import Ledger
 
@@ -93,7 +96,13 @@ ARTIFACTS: dict[str, Artifact] = _declare(
     Artifact("federated", "federated", "dir", "federated round summaries", "flwr run (central / federated mode)"),
     Artifact("certificates", "certificates", "dir", "signed deletion certificates", "edge-qmul certify"),
     Artifact("purge", "purge.json", "json", "which certified samples were purged", "edge-qmul certify"),
+    Artifact("digests", "digests.json", "json", "sha256 of every file artifact when it was written",
+             "every stage that writes one"),
 )
+
+# Formats whose files are written once and then only read: their digests are recorded and checked. SQLite
+# files change by design (and check their own pages); directories hold artifacts of their own.
+CHECKED_FORMATS = ("json", "torch", "onnx", "npz")
 
 
 def sha256_file(path: Path) -> str:
@@ -157,6 +166,50 @@ class Run:
 
     def digest(self, key: str, **fields: str) -> str:
         return sha256_file(self.require(key, **fields))
+
+    # -- integrity ------------------------------------------------------------------------------------------
+    def _digests(self) -> dict[str, str] | None:
+        path = self.path("digests")
+        if not path.exists():
+            return None  # a run from before digests were recorded
+        try:
+            table = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{path} is unreadable ({err.__class__.__name__})",
+                                  "restore it from a backup, or re-run the stages from `edge-qmul train`") from err
+        if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+            raise CheckpointError(f"{path} is not a table of digests", "restore it, or re-run the stages")
+        return table
+
+    def record(self, key: str, **fields: str) -> None:
+        """Record the sha256 of an artifact a stage has just written (what ``verified`` checks later)."""
+        if ARTIFACTS[key].format not in CHECKED_FORMATS:
+            raise ValueError(f"artifact {key!r} ({ARTIFACTS[key].format}) has no recorded digest")
+        table = self._digests() or {}
+        table[ARTIFACTS[key].relative(**fields)] = sha256_file(self.require(key, **fields))
+        write_json(self.path("digests"), dict(sorted(table.items())))
+
+    def forget_digest(self, key: str, **fields: str) -> None:
+        """Drop an artifact's record (the stage that removes the file calls this)."""
+        table = self._digests()
+        if table is not None and table.pop(ARTIFACTS[key].relative(**fields), None) is not None:
+            write_json(self.path("digests"), table)
+
+    def verified(self, key: str, **fields: str) -> Path:
+        """The path of an artifact that exists and still has the sha256 recorded when it was written."""
+        path = self.require(key, **fields)
+        table = self._digests()
+        if table is None or ARTIFACTS[key].format not in CHECKED_FORMATS:
+            return path
+        expected = table.get(ARTIFACTS[key].relative(**fields))
+        if expected is None:
+            raise CheckpointError(f"{path} has no recorded digest: edge-qmul did not write it",
+                                  self.fix(key, **fields))
+        actual = sha256_file(path)
+        if actual != expected:
+            raise CheckpointError(f"{path} changed after it was written (sha256 {actual[:12]}..., recorded "
+                                  f"{expected[:12]}...)", f"restore the file, or {self.fix(key, **fields)}")
+        return path
 
     def results(self) -> list[str]:
         """Methods with an unlearning result in this run, sorted."""

@@ -39,7 +39,7 @@ def export_run(run_dir: Run | Path, method: str | None = None) -> ExportResult:
     q = pipeline.load_quantized(run)
     rd = pipeline.load_run_data(run)
     result = pipeline.load_result_full(run, method, q, rd.split.forget)
-    run_info = json.loads(run.require("run_info").read_text())
+    run_info = json.loads(run.verified("run_info").read_text())
     cfg = q.model_cfg
     metadata: dict[str, Any] = {
         "dataset": rd.split.dataset,
@@ -55,6 +55,9 @@ def export_run(run_dir: Run | Path, method: str | None = None) -> ExportResult:
     }
     float_model = q.float_model
     if run.exists("result_float", method=method):
-        float_model = load_checkpoint(run.path("result_float", method=method))[0]
+        float_model = load_checkpoint(run.verified("result_float", method=method))[0]
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
-    return export_models(result.int8, float_model, run.path("int8_onnx"), run.path("fp32_onnx"), shape, metadata)
+    exported = export_models(result.int8, float_model, run.path("int8_onnx"), run.path("fp32_onnx"), shape, metadata)
+    run.record("int8_onnx")
+    run.record("fp32_onnx")
+    return exported

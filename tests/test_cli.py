@@ -161,7 +161,43 @@ def test_quantize_refuses_a_float_model_trained_on_another_split(demo_run: Path,
     run = _copy(demo_run, tmp_path)
     split = json.loads((run / "split.json").read_text())
     (run / "split.json").write_text(json.dumps({**split, "train": split["train"][::-1]}))
+    Run(run).record("split")  # as if a stage had written it: the float model's own record must catch it
     before = (run / "quantized.pt").read_bytes()
     assert main(["quantize", "--run", str(run), "--quiet"]) == 4
     assert "is stale" in capsys.readouterr().err
     assert (run / "quantized.pt").read_bytes() == before
+
+
+def _hashes(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("victim", ["quantized.pt", "split.json", "float.pt", "unlearn/qmul/result.pt"])
+def test_a_corrupted_artifact_is_refused_by_name(demo_run: Path, tmp_path: Path, victim: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    run = _copy(demo_run, tmp_path)
+    data = bytearray((run / victim).read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte flipped in the middle
+    (run / victim).write_bytes(bytes(data))
+    before = _hashes(run)
+    verb = ["export"] if victim.startswith("unlearn") else ["unlearn", "--method", "qmul", "--epochs", "1"]
+    assert main([*verb, "--run", str(run), "--quiet"]) == 4
+    err = capsys.readouterr().err
+    assert victim.split("/")[-1] in err and "changed after it was written" in err
+    assert _hashes(run) == before
+
+
+def test_the_split_is_frozen_once_the_ledger_has_requests(demo_run: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    run = _copy(demo_run, tmp_path)
+    split_before = (run / "split.json").read_bytes()
+    forgotten = Run(run).forget_ids()
+    assert main(["train", "--run", str(run), "--seed", "7", "--epochs", "1", "--quiet"]) == 0
+    assert (run / "split.json").read_bytes() == split_before  # the new seed trains, it does not re-split
+    assert main(["quantize", "--run", str(run), "--quiet"]) == 0
+    assert main(["unlearn", "--run", str(run), "--method", "finetune", "--epochs", "1", "--quiet"]) == 0
+    assert set(forgotten) <= set(json.loads((run / "split.json").read_text())["train"])
+    before = _hashes(run)
+    assert main(["train", "--run", str(run), "--dataset", "synthetic", "--epochs", "1", "--quiet"]) == 5
+    assert "start a new run directory" in capsys.readouterr().err
+    assert _hashes(run) == before
