@@ -32,6 +32,7 @@ from edge_qmul.federated.inprocess import NODE, act_as_flower_process, local_gri
 
 from edge_qmul import pipeline
 from edge_qmul.config import DataConfig, QuantConfig, method_config
+from edge_qmul.demo import format_table
 from edge_qmul.train import TrainConfig
 
 SHARED = ("split.json", "run.json", "float.pt", "quantized.pt", "features.pt", "digests.json")
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     pipeline.run_unlearn(args.run, method_config("qmul"), quiet=True)
     pipeline.run_unlearn(args.run, method_config("retrain"), quiet=True)
     report = pipeline.evaluate(args.run, ["retrain", "qmul", "fedqmul"])
-    table = pipeline.format_table(report)
+    table = format_table(report)
     fed_log = json.loads((args.run / "unlearn" / "fedqmul" / "log.json").read_text())["log"]
     print(table)
     rows = report.methods

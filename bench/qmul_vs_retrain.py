@@ -27,6 +27,7 @@ import torch
 
 from edge_qmul import data, pipeline
 from edge_qmul.config import DataConfig, QuantConfig, method_config
+from edge_qmul.demo import format_table
 from edge_qmul.ledger import Ledger
 from edge_qmul.metrics import avg_gap, evaluate_model
 from edge_qmul.train import TrainConfig
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     for method in OTHERS:
         pipeline.run_unlearn(rdir, method_config(method), quiet=args.quiet)
     report = pipeline.evaluate(rdir, ["retrain", "qmul", *OTHERS])
-    table = pipeline.format_table(report)
+    table = format_table(report)
     rows = report.methods
     ratio = rows["qmul"]["seconds"] / rows["retrain"]["seconds"]
     summary = {

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from edge_qmul.config import IMAGE_SIZE_RANGE, MAX_COUNT, MAX_SEED
 from edge_qmul.errors import EXIT_CODES, BundleError, ConfigError, EdgeQmulError, ValidationFailed
 
 
@@ -24,15 +26,56 @@ def _ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--ids must be integers separated by commas, got {text!r}") from err
 
 
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer in low..high, else a usage error (exit 2) stating the range."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r:.40} is not an integer in {low}..{high}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number in the interval, else a usage error (exit 2) stating the range."""
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        if not (math.isfinite(value) and above and below):
+            raise argparse.ArgumentTypeError(f"{text!r:.40} is not a finite number in {interval}")
+        return value
+
+    return parse
+
+
+COUNT = _int_in(1, MAX_COUNT)
+MAX_REFERENCES = 256  # audit: reference models, each trained from scratch
+MAX_CLIENTS = 100_000  # rollout: fleet size
+MAX_TIMEOUT = 7 * 24 * 3600.0  # rollout: seconds to wait, a week
+SEED = _int_in(0, MAX_SEED)  # as DataConfig / TrainConfig seeds: torch takes a signed 64-bit seed
+SHARE = _float_in(0.0, 1.0, low_open=True)  # (0, 1]: pass rates, AUC limits (as FederatedConfig)
+
+
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", help="digits (default), fashion-mnist, mnist, cifar10, cifar100, synthetic, "
                    "imagefolder (class sub-folders of PNG/JPEG), npz (x_train, y_train, x_test, y_test)")
     g.add_argument("--data-root", dest="root", help="dataset directory or .npz file (fashion-mnist defaults to the "
                    "Debian package)")
-    g.add_argument("--image-size", type=int, help="imagefolder: resize every image to N x N (default: keep)")
+    g.add_argument("--image-size", type=_int_in(*IMAGE_SIZE_RANGE), help="imagefolder: resize every image to N x N (default: keep)")
     g.add_argument("--color", choices=["auto", "grayscale", "rgb"], help="imagefolder: channels (default auto)")
-    g.add_argument("--seed", type=int, help="seed for the split, training and forget selection (default 0)")
+    g.add_argument("--seed", type=SEED, help="seed for the split, training and forget selection (default 0)")
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -78,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_flags(p)
     _add_train_flags(p)
     _add_quant_flags(p)
-    p.add_argument("--forget-fraction", type=float, default=0.1, help="fraction of training samples to forget")
+    p.add_argument("--forget-fraction", type=_float_in(0.0, 1.0, low_open=True, high_open=True), default=0.1, help="fraction of training samples to forget")
     p.add_argument("--methods", help="comma-separated methods (default: retrain,qmul,finetune,random_label,"
                    "grad_ascent,famr)")
 
@@ -103,11 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     sel = p.add_mutually_exclusive_group(required=True)
     sel.add_argument("--ids", type=_ids, help="training-sample ids, e.g. 3,17,42")
     sel.add_argument("--hashes", type=Path, help="a file of content ids (sha256 of each sample's bytes), one per line")
-    sel.add_argument("--class", dest="klass", type=int, help="forget every training sample of this class")
-    sel.add_argument("--count", type=int, help="forget this many random training samples")
+    sel.add_argument("--class", dest="klass", type=_int_in(0, MAX_COUNT), help="forget every training sample of this class")
+    sel.add_argument("--count", type=COUNT, help="forget this many random training samples")
     sel.add_argument("--fraction", type=float, help="forget this fraction of the training samples")
     p.add_argument("--request-id", help="request id (default: derived from the selection; re-filing is a no-op)")
-    p.add_argument("--seed", type=int, default=0, help="seed for --count / --fraction")
+    p.add_argument("--seed", type=SEED, default=0, help="seed for --count / --fraction")
 
     p = cmd("unlearn", "unlearn every request in the ledger with one method")
     p.add_argument("--method", required=True, help="qmul, retrain, finetune, random_label, grad_ascent, famr, "
@@ -137,9 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="unlearning result the ONNX came from (default: from its metadata)")
 
     p = cmd("audit", "reference-model membership audit (LiRA-style, offline) of the original and unlearned models")
-    p.add_argument("--references", type=int, default=4, help="reference models trained on random halves (default 4)")
+    p.add_argument("--references", type=_int_in(2, MAX_REFERENCES), default=4, help="reference models trained on random halves (default 4)")
     p.add_argument("--methods", help="unlearning results to audit (default: all in the run)")
-    p.add_argument("--max-test", type=int, default=2000, help="test samples used as non-members (default 2000)")
+    p.add_argument("--max-test", type=COUNT, default=2000, help="test samples used as non-members (default 2000)")
 
     p = cmd("keygen", "make an Ed25519 signing key (bundles, certificates) and its public key", needs_run=False)
     p.add_argument("--out", type=Path, required=True, help="directory for signing_key.pem and public_key.hex")
@@ -154,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("certify", "issue signed deletion certificates for the validated model, then purge the samples")
     p.add_argument("--key", type=Path, required=True, help="signing_key.pem from `edge-qmul keygen`")
     p.add_argument("--no-purge", action="store_true", help="only issue certificates; keep the raw samples")
+    p.add_argument("--accept-inconclusive", action="store_true",
+                   help="certify on approximate-inconclusive evidence (a forget-set check could not tell at this "
+                   "request size); recorded in each certificate")
 
     p = cmd("rollout", "roll a signed bundle out to the fleet in waves, over a running Flower SuperLink")
     p.add_argument("--bundle", type=Path, required=True, help="the bundle from `edge-qmul bundle`")
@@ -161,10 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--app", type=Path, default=Path("."), help="the edge-qmul checkout with the Flower app's "
                    "pyproject.toml (default: the current directory)")
     p.add_argument("--waves", default="5,25,100", help="cumulative percentages of the fleet (default 5,25,100)")
-    p.add_argument("--pass-rate", type=float, default=1.0, help="share of a wave that must pass (default 1.0)")
-    p.add_argument("--max-forget-auc", type=float, default=0.75, help="on-board forget check limit (default 0.75)")
-    p.add_argument("--num-clients", type=int, default=3, help="fleet size (default 3)")
-    p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the rollout (default 1800)")
+    p.add_argument("--pass-rate", type=SHARE, default=1.0, help="share of a wave that must pass (default 1.0)")
+    p.add_argument("--max-forget-auc", type=SHARE, default=0.75, help="on-board forget check limit (default 0.75)")
+    p.add_argument("--num-clients", type=_int_in(1, MAX_CLIENTS), default=3, help="fleet size (default 3)")
+    p.add_argument("--timeout", type=_float_in(0.0, MAX_TIMEOUT, low_open=True), default=1800.0, help="seconds to wait for the rollout (default 1800)")
     p.add_argument("--flwr", default="flwr", help="the Flower CLI executable (default: flwr on PATH)")
 
     p = cmd("status", "the run's ledger, models, bundles, rollouts and certificates at a glance")
@@ -228,16 +274,16 @@ class Context:
 
 
 def cmd_demo(c: Context) -> int:
-    from edge_qmul import pipeline
+    from edge_qmul import demo, pipeline
 
     args = c.args
-    run_dir = args.run or pipeline.new_run_dir()
+    run_dir = args.run or demo.new_run_dir()
     methods = _methods(args.methods)
     unlearn_toml = dict(c.toml.get("unlearn", {}))  # a demo's [unlearn] table configures qmul
     if unlearn_toml.pop("method", "qmul") != "qmul":
         raise ConfigError("a demo's [unlearn] table configures qmul", 'leave out method = ... or set it to "qmul"')
-    pipeline.demo(run_dir, c.data(), c.train(), c.quant(), forget_fraction=args.forget_fraction,
-                  methods=tuple(methods) if methods else pipeline.DEMO_METHODS, unlearn_overrides=unlearn_toml,
+    demo.demo(run_dir, c.data(), c.train(), c.quant(), forget_fraction=args.forget_fraction,
+                  methods=tuple(methods) if methods else demo.DEMO_METHODS, unlearn_overrides=unlearn_toml,
                   quiet=args.quiet)
     print(f"report: {pipeline.as_run(run_dir).path('report')}")
     return 0
@@ -301,9 +347,9 @@ def cmd_unlearn(c: Context) -> int:
 
 
 def cmd_evaluate(c: Context) -> int:
-    from edge_qmul import pipeline
+    from edge_qmul.demo import format_table
 
-    print(pipeline.format_table(c.run().evaluate(_methods(c.args.methods))))
+    print(format_table(c.run().evaluate(_methods(c.args.methods))))
     return 0
 
 
@@ -377,8 +423,9 @@ def cmd_certify(c: Context) -> int:
     from edge_qmul.export.certificates import certify
 
     run = c.run()
-    res = certify(run, c.args.key, purge=not c.args.no_purge)
-    print(f"model {res['model_version']}: {len(res['issued'])} certificate(s) issued, {res['certified']} in all; "
+    res = certify(run, c.args.key, purge=not c.args.no_purge, accept_inconclusive=c.args.accept_inconclusive)
+    print(f"model {res['model_version']} ({res['level']}): {len(res['issued'])} certificate(s) issued, "
+          f"{res['certified']} in all; "
           f"{res['purged']} raw sample(s) purged -> {run.path('certificates')}")
     return 0
 
