@@ -15,7 +15,14 @@ hash per file verifies the whole bundle (``edge_qmul.devices.runtime.open_bundle
 installed runtime with the fleet's public key pinned on the board).
 
 A model is bundled only with a validation report for it that is present, fresh (same model sha256, same
-device profile, same forget ledger) and passed.
+device profile, same forget ledger) and passed, and the bundle trusts no flag it did not compute
+(``fresh_validation``): the model's graph is checked again for float ops inside the int8 region
+(``check_fusion``, exit 8, as ``validate`` does); the budgets file the record names is loaded again and its
+merged limits table must equal the one recorded (so an edited budgets file, or a changed profile budget, is
+refused, naming the limit); every check's value, limit, noise and verdict are recomputed from the recorded
+metrics (``edge_qmul.export.validate.recheck``); and what the record says about the run (sample counts,
+whole-class forgetting, which references existed) must match the run. The manifest carries the evidence
+level of the requests the model honours (``evidence_level``).
 """
 
 from __future__ import annotations
@@ -34,15 +41,27 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from edge_qmul.devices import ed25519, runtime
 from edge_qmul.devices.profiles import DeviceProfile
+from edge_qmul.export.budgets import CHECKS, Budgets, load_budgets
+from edge_qmul.export.onnx_export import check_fusion
+from edge_qmul.export.validate import forgotten_classes, recheck
 
 from edge_qmul import __version__, pipeline
 from edge_qmul.atomic import write_bytes
-from edge_qmul.errors import BundleError
+from edge_qmul.errors import BundleError, ConfigError
 from edge_qmul.run import Run, ids_hash, model_version, sha256_file
 
 KEY_FILE, PUBLIC_KEY_FILE = "signing_key.pem", "public_key.hex"
 MANIFEST_METRICS = ("FA", "RA", "TA", "MIA", "loss_auc", "tpr_at_1fpr", "parity_top1", "max_logit_diff",
-                    "latency_ms_p50", "latency_ms_p95", "peak_memory_mb", "size_bytes", "MIA_retrain")
+                    "latency_ms_p50", "latency_ms_p95", "peak_memory_mb", "size_bytes", "MIA_retrain",
+                    "TA_retained", "FA_retrain")
+
+# What a deletion is backed by (certificates, manifests, status; DESIGN §9):
+#   exact                    the model was retrained without the data (``retrain``, or ``auto`` that replayed);
+#   approximate-verified     approximate unlearning whose every forget-set check was conclusive and passed;
+#   approximate-inconclusive approximate unlearning with a forget-set check that could not tell at this size
+#                            (or was not budgeted): certified only when the operator accepts it explicitly.
+LEVELS = ("exact", "approximate-verified", "approximate-inconclusive")
+FORGET_SET_CHECKS = tuple(name for name, c in CHECKS.items() if c.statistical)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -98,9 +117,65 @@ def sign_json(key: Ed25519PrivateKey, obj: dict[str, Any]) -> tuple[bytes, bytes
 # ---------------------------------------------------------------------------------------------------
 
 
+def evidence_level(method: str, result_log: dict[str, Any] | None, checks: dict[str, Any]) -> str:
+    """The level (``LEVELS``) of a validated model's evidence for the requests it honours.
+
+    ``result_log`` is the unlearning method's log (``unlearn/<method>/log.json``'s ``log``): ``auto`` is exact
+    only when its planner chose, and ran, an exact replay."""
+    log = result_log or {}
+    plan = log.get("plan")
+    if method == pipeline.REFERENCE or (method == "auto" and isinstance(plan, dict) and plan.get("choice") == "exact"
+                                        and "replay" in log):
+        return "exact"
+    verified = all(isinstance(c := checks.get(name), dict) and c.get("value") is not None
+                   and "inconclusive" not in c and c.get("passed") is True for name in FORGET_SET_CHECKS)
+    return "approximate-verified" if verified else "approximate-inconclusive"
+
+
+def run_evidence_level(run: Run, report: dict[str, Any]) -> str:
+    """``evidence_level`` of a run's validated model (its method's log read from the run)."""
+    log, _ = run.read_json("result_log", method=str(report["method"]))
+    inner = (log or {}).get("log")
+    return evidence_level(str(report["method"]), inner if isinstance(inner, dict) else None, report["checks"])
+
+
+def _validated_budgets(report: dict[str, Any], report_path: Path, validate: str) -> Budgets:
+    """The budgets the record says it was judged against, loaded again from their file."""
+    if "budgets_limits" not in report:
+        raise BundleError(f"{report_path} records no budgets table: it was written by an older toolkit", validate)
+    path = report.get("budgets_file")
+    try:
+        return load_budgets(None if path is None else Path(str(path)))
+    except ConfigError as err:
+        raise BundleError(f"{report_path}: the budgets file it was validated against cannot be loaded again "
+                          f"({err.message})", f"restore {path}, or {validate} --budgets FILE") from err
+
+
+def _check_run_facts(run: Run, report: dict[str, Any], report_path: Path, validate: str) -> None:
+    """What the record says about the run must be true of it: the sample counts that set the statistical
+    checks' noise, whole-class forgetting, and that every check a run's validation can judge was judged."""
+    m = report["metrics"]
+    rd = pipeline.load_run_data(run)
+    classes = forgotten_classes(run, rd)
+    facts = {
+        "forget_samples": len(rd.live(rd.split.forget)),
+        "test_samples": len(rd.split.test),
+        "forgotten_classes": None if classes is None else sorted(classes),
+    }
+    wrong = [f"{k} {m.get(k)!r} (the run has {v!r})" for k, v in facts.items() if m.get(k) != v]
+    must_judge = ["parity_top1", "max_logit_diff", "ta_drop"]
+    if run.exists("result", method=pipeline.REFERENCE):
+        must_judge += ["mia_gap_to_retrain"] + (["class_fa_gap_to_retrain"] if classes else [])
+    checks = report["checks"]
+    wrong += [f"check {n} skipped" for n in must_judge if n in checks and "skipped" in checks[n]]
+    if wrong:
+        raise BundleError(f"{report_path} does not describe this run: {'; '.join(wrong)}", validate)
+
+
 def fresh_validation(run_dir: Run | Path, profile: DeviceProfile) -> tuple[dict[str, Any], dict[str, str]]:
-    """The run's validation report, if it is for the current model, this device and this ledger, and passed;
-    with the ONNX model's metadata (honoured request ids, forget hash, ...)."""
+    """The run's validation report, if it is for the current model, this device and this ledger, and passed
+    by verdicts recomputed here (see the module docstring); with the ONNX model's metadata (honoured
+    request ids, forget hash, ...)."""
     run = pipeline.as_run(run_dir)
     run_dir = run.root
     model = run.path("int8_onnx")
@@ -115,21 +190,32 @@ def fresh_validation(run_dir: Run | Path, profile: DeviceProfile) -> tuple[dict[
         validated_sha, device, passed = report["model_sha256"], report["device"], report["passed"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise BundleError(f"{report_path} is unreadable or incomplete ({err.__class__.__name__})", validate) from err
+    if not isinstance(report.get("checks"), dict) or not isinstance(report.get("metrics"), dict):
+        raise BundleError(f"{report_path} has no checks or metrics", validate)
     actual = sha256_file(model)
     if validated_sha != actual:
         raise BundleError(f"{report_path} is stale: it validated model sha256 {validated_sha[:12]}..., "
                           f"{model.name} is now {actual[:12]}...", validate)
     if device != profile.name:
         raise BundleError(f"{report_path} validated the model for device {device!r}, not {profile.name!r}", validate)
+    if passed is not True:  # the record's own verdict: a failed model never ships, whatever else it says
+        failed = sorted(n for n, c in report["checks"].items() if not (isinstance(c, dict) and c.get("passed")))
+        raise BundleError(f"{report_path}: the model failed validation ({', '.join(failed) or 'see the report'})",
+                          "fix the model (unlearning settings or budgets) and validate again; failed models never ship")
+    check_fusion(model)  # a float op inside the int8 region: FusionError (exit 8), whatever the record says
     meta = {p.key: p.value for p in onnx.load(str(model), load_external_data=False).metadata_props}
     ledger_hash = ids_hash(run.forget_ids())
     if meta.get("forget_hash") != ledger_hash:
         raise BundleError(f"{model.name} does not honour the current forget ledger (new requests arrived after it "
                           "was made)", f"unlearn, export and validate again, then bundle: {validate}")
-    if passed is not True:
-        failed = sorted(name for name, c in report.get("checks", {}).items() if not c.get("passed"))
-        raise BundleError(f"{report_path}: the model failed validation ({', '.join(failed) or 'see the report'})",
-                          "fix the model (unlearning settings or budgets) and validate again; failed models never ship")
+    # and a passed flag is only believed when the recorded values give it again
+    budgets = _validated_budgets(report, report_path, validate)
+    _, problems = recheck(report, model, profile, budgets)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise BundleError(f"{report_path} does not agree with what it records: {'; '.join(problems[:3])}{more}",
+                          f"never edit a validation record; {validate}")
+    _check_run_facts(run, report, report_path, validate)
     probe = run.path("probe")
     if not probe.exists() or ("probe_sha256" in report and report["probe_sha256"] != sha256_file(probe)):
         raise BundleError(f"{probe} is missing or not the probe set the validation wrote", validate)
@@ -169,6 +255,8 @@ def build_bundle(
         "budgets": report["checks"],
         "validation_sha256": run.digest("validation"),
         "honoured_request_ids": json.loads(meta.get("honoured_request_ids", "[]")),
+        # one model, one body of evidence: the level of every request it honours (certificates cite the same)
+        "evidence_level": run_evidence_level(run, report),
         "forget_hash": meta.get("forget_hash"),
         "dataset": meta.get("dataset"),
         "signing_key": public_key_hex(key),
@@ -223,11 +311,19 @@ def describe_section(run: Run) -> dict[str, Any]:
             errors.append(f"{path}: {err.message}")
             continue
         bundles.append({"path": str(path), **{k: m.get(k) for k in ("model_version", "parent_version", "device",
-                                                                      "created")},
+                                                                      "created", "evidence_level")},
                         "honoured_requests": len(m.get("honoured_request_ids", []))})
     out["bundles"] = bundles
     certs = sorted(run.path("certificates").glob("*.json"))
-    out["certificates"] = {"issued": len(certs), "files": [c.name for c in certs[-5:]]}
+    by_level: dict[str, int] = {}
+    for path in certs:
+        try:
+            level = json.loads(path.read_text(encoding="utf-8")).get("evidence", {}).get("level", "unrecorded")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+            errors.append(f"{path} is unreadable ({err.__class__.__name__})")
+            continue
+        by_level[str(level)] = by_level.get(str(level), 0) + 1
+    out["certificates"] = {"issued": len(certs), "by_level": by_level, "files": [c.name for c in certs[-5:]]}
     purge, purge_error = run.read_json("purge")
     if purge:
         out["purged_samples"] = purge.get("purged", 0)

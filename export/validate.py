@@ -5,10 +5,20 @@ MIA-efficacy, a loss-threshold attack (AUC, TPR at 1% FPR, bootstrap interval), 
 memory of the on-board runtime with the device profile's threads, and file size. The unlearned QAT
 copy is measured too, to show whether quantizing it moved forgetting. Results go to
 ``validation.json`` and ``validation.md`` (with plots); the caller exits non-zero if a check fails.
+
+When the forget set is whole classes, the model is judged on what should survive: ``ta_drop`` is the
+test accuracy lost on the retained classes only (``TA_retained`` against ``TA_before_retained``; a
+forgotten class's test accuracy is meant to fall), and the forgotten classes' FA is compared with the
+retrained reference's (``class_fa_gap_to_retrain``).
+
+The record holds everything a verdict is computed from (values, limits, the budgets table, the sample
+counts that set a statistical check's noise), so ``recheck`` can recompute every verdict from it: a
+bundle trusts no ``passed`` flag it did not compute.
 """
 
 from __future__ import annotations
 
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +50,7 @@ from edge_qmul.metrics import (
 from edge_qmul.run import Run, ids_hash, sha256_file
 
 PROBE_SIZE = 64
+DEFAULT_SOURCE = "default budgets"  # Budgets.source of the shipped defaults (export/budgets.py)
 # Quantization "moved forgetting" when FA or the attack AUC shifts by more than this between the QAT
 # copy (what was unlearned) and the int8 model (what ships).
 FA_SHIFT, AUC_SHIFT = 1.0, 0.02
@@ -107,22 +118,36 @@ def validate(
     qat: Any = None,
     retrain_mia: float | None = None,
     probe_path: Path | None = None,
+    forgotten_classes: set[int] | None = None,
+    retrain_fa: float | None = None,
 ) -> Report:
     """Check an int8 ONNX model in onnxruntime against ``budgets`` on the forget / retain / test ``sets``.
 
     Optional references make more checks possible: ``int8`` (the torch int8 model the ONNX was exported from:
     parity), ``before`` (the deployed model before unlearning: TA drop), ``qat`` (the unlearned QAT copy: did
-    quantization move forgetting), ``retrain_mia`` (MIA-efficacy of a retrained model). A check whose value
-    cannot be computed is reported as skipped. Latency and peak memory come from the on-board runtime in a
-    fresh process on a probe set (written to ``probe_path``, or a temporary file).
+    quantization move forgetting), ``retrain_mia`` / ``retrain_fa`` (MIA-efficacy / forget accuracy of a
+    retrained model). ``forgotten_classes``: the forget set is every training sample of these classes, so
+    ``ta_drop`` counts only the test samples of the other classes and the forgotten classes' FA is compared
+    with ``retrain_fa``. A check whose value cannot be computed is reported as skipped. Latency and peak
+    memory come from the on-board runtime in a fresh process on a probe set (written to ``probe_path``, or a
+    temporary file).
     """
-    report, _ = _validate(Path(onnx_path), sets, profile, budgets, int8, before, qat, retrain_mia, probe_path)
+    report, _ = _validate(Path(onnx_path), sets, profile, budgets, int8, before, qat,
+                          _Reference(retrain_mia, retrain_fa), probe_path, forgotten_classes)
     return report
+
+
+@dataclass(frozen=True)
+class _Reference:
+    """What the retrained reference scored on the same sets (None: the run has no retrain)."""
+
+    mia: float | None = None
+    fa: float | None = None
 
 
 def _validate(
     model_path: Path, sets: EvalSets, profile: DeviceProfile, budgets: Budgets, int8: Any, before: Any, qat: Any,
-    retrain_mia: float | None, probe_path: Path | None,
+    reference: _Reference, probe_path: Path | None, forgotten_classes: set[int] | None,
 ) -> tuple[Report, _Logits]:
     require_file(model_path, "export the model first (`edge-qmul export`, or eq.export_onnx)")
     c, h, w = (int(d) for d in sets.test_x.shape[1:])
@@ -139,6 +164,9 @@ def _validate(
             qat.eval()
             qat_f, qat_t = logits_of(qat, sets.forget_x), logits_of(qat, sets.test_x)
     core = evaluate_logits(f, r, t, sets)
+    classes = sorted(int(c) for c in forgotten_classes) if forgotten_classes else None
+    # the test samples of the classes that should survive a class request
+    kept = ~torch.isin(sets.test_y, torch.tensor(classes)) if classes else None
     attack = loss_attack(per_sample_loss(f, sets.forget_y), per_sample_loss(t, sets.test_y))
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -162,11 +190,16 @@ def _validate(
         "int8_kernels": sum(n for op, n in kernels.items() if op in INT8_KERNELS),
         "TA_before": None if before_t is None else accuracy(before_t, sets.test_y),
         "FA_before": None if before_f is None else accuracy(before_f, sets.forget_y),
-        "MIA_retrain": retrain_mia,
+        "MIA_retrain": reference.mia,
+        "FA_retrain": reference.fa,
+        "forgotten_classes": classes,
+        "TA_retained": None if kept is None or not bool(kept.any()) else accuracy(t[kept], sets.test_y[kept]),
+        "TA_before_retained": None if kept is None or before_t is None or not bool(kept.any())
+        else accuracy(before_t[kept], sets.test_y[kept]),
+        "forget_samples": len(sets.forget_y),  # the sample counts that set the statistical checks' noise
+        "test_samples": len(sets.test_y),
     }
-    metrics["ta_drop"] = None if before_t is None else metrics["TA_before"] - core["TA"]
-    metrics["fa_minus_ta"] = core["FA"] - core["TA"]
-    metrics["mia_gap_to_retrain"] = None if retrain_mia is None else abs(core["MIA"] - retrain_mia)
+    metrics.update(derived_metrics(metrics))
     if qat_f is not None and qat_t is not None:
         qat_attack = loss_attack(per_sample_loss(qat_f, sets.forget_y), per_sample_loss(qat_t, sets.test_y),
                                  bootstrap=0)
@@ -178,7 +211,7 @@ def _validate(
             "loss_auc": auc_shift,
             "moved_forgetting": abs(fa_shift) > FA_SHIFT or abs(auc_shift) > AUC_SHIFT,
         }
-    checks = _judge(metrics, sets, profile, budgets)
+    checks = _judge(metrics, profile, budgets)
     passed = all(c["passed"] for c in checks.values())
     record = {
         "toolkit_version": __version__,
@@ -188,6 +221,9 @@ def _validate(
         "device": profile.name,
         "threads": profile.threads,
         "budgets": budgets.source,
+        # the budgets file and its full merged table: a bundle reloads the file and refuses if a limit changed
+        "budgets_file": budgets_file(budgets),
+        "budgets_limits": dict(budgets.limits),
         "confidence": budgets.confidence,
         "passed": passed,
         "inconclusive": [n for n, c in checks.items() if "inconclusive" in c],
@@ -199,10 +235,33 @@ def _validate(
 
 
 _SKIPPED = {"mia_gap_to_retrain": "no retrained reference", "parity_top1": "no torch int8 model to compare with",
-            "max_logit_diff": "no torch int8 model to compare with", "ta_drop": "no model from before unlearning"}
+            "max_logit_diff": "no torch int8 model to compare with", "ta_drop": "no model from before unlearning",
+            "class_fa_gap_to_retrain": "no retrained reference"}
 
 
-def _judge(metrics: dict[str, Any], sets: EvalSets, profile: DeviceProfile, budgets: Budgets) -> dict[str, Any]:
+def derived_metrics(m: dict[str, Any]) -> dict[str, float | None]:
+    """The checks' values computed from the measured metrics (validation writes them; ``recheck`` recomputes
+    them from the record). A class request's ``ta_drop`` counts the retained classes only."""
+    by_class = bool(m.get("forgotten_classes"))
+    ta_before, ta = (m["TA_before_retained"], m["TA_retained"]) if by_class else (m["TA_before"], m["TA"])
+    return {
+        "ta_drop": None if ta_before is None or ta is None else ta_before - ta,
+        "fa_minus_ta": m["FA"] - m["TA"],
+        "mia_gap_to_retrain": None if m["MIA_retrain"] is None else abs(m["MIA"] - m["MIA_retrain"]),
+        "class_fa_gap_to_retrain": None if not by_class or m.get("FA_retrain") is None
+        else abs(m["FA"] - m["FA_retrain"]),
+    }
+
+
+def _skip_reason(name: str, metrics: dict[str, Any]) -> str:
+    if name == "class_fa_gap_to_retrain" and not metrics.get("forgotten_classes"):
+        return "the forget set is not whole classes"
+    return _SKIPPED.get(name, "not measured")
+
+
+def _judge(metrics: dict[str, Any], profile: DeviceProfile, budgets: Budgets) -> dict[str, Any]:
+    """Every budgeted check's verdict from the metrics (and, for the statistical checks, the sample counts
+    ``forget_samples`` / ``test_samples`` recorded with them)."""
     profile_limits = {"latency_ms_p95": profile.latency_budget_ms, "peak_memory_mb": profile.memory_budget_mb}
     checks: dict[str, dict[str, Any]] = {}
     for name, check in CHECKS.items():
@@ -210,13 +269,12 @@ def _judge(metrics: dict[str, Any], sets: EvalSets, profile: DeviceProfile, budg
             continue
         value, limit = metrics[name], budgets.limit(name, profile_limits)
         if value is None:
-            why = _SKIPPED.get(name, "not measured")
-            checks[name] = {"value": None, "limit": limit, "passed": True, "skipped": why}
+            checks[name] = {"value": None, "limit": limit, "passed": True, "skipped": _skip_reason(name, metrics)}
             continue
         ok = value >= limit if check.direction == "min" else value <= limit
         checks[name] = {"value": float(value), "limit": limit, "passed": bool(ok)}
         if check.statistical:
-            n_f, n_t = len(sets.forget_y), len(sets.test_y)
+            n_f, n_t = int(metrics["forget_samples"]), int(metrics["test_samples"])
             if name == "fa_minus_ta":
                 power = fa_minus_ta_power(n_f, n_t, metrics["TA"] / 100.0, limit=limit, confidence=budgets.confidence)
             else:
@@ -225,6 +283,78 @@ def _judge(metrics: dict[str, Any], sets: EvalSets, profile: DeviceProfile, budg
             if "inconclusive" in power:
                 checks[name]["passed"] = True  # its verdict would be noise at this size: reported, not blocking
     return checks
+
+
+def budgets_file(budgets: Budgets) -> str | None:
+    """The absolute path of the budgets file that overrode the defaults (None: the shipped defaults)."""
+    return None if budgets.source == DEFAULT_SOURCE else str(Path(budgets.source).resolve())
+
+
+def recheck(record: dict[str, Any], model_path: Path, profile: DeviceProfile, budgets: Budgets
+            ) -> tuple[dict[str, Any], list[str]]:
+    """Recompute every verdict of a validation record from its recorded values with ``budgets`` and
+    ``profile``; returns the recomputed checks and what disagrees with the record (empty: it is consistent).
+
+    What is recomputed: each check's value from the recorded metrics (derived ones such as ``ta_drop`` from
+    their parts), its limit from ``budgets`` (whose table must equal the recorded one), its verdict from the
+    check's direction, a statistical check's noise and inconclusive verdict from the recorded sample counts,
+    the overall verdict, and the model's file size. What cannot be: the measured metrics themselves (FA, TA,
+    latency, ...), which only a new validation measures again."""
+    problems: list[str] = []
+    m, checks = record.get("metrics"), record.get("checks")
+    if not isinstance(m, dict) or not isinstance(checks, dict):
+        return {}, ["it has no metrics or checks"]
+    if record.get("budgets_limits") != dict(budgets.limits) or record.get("confidence") != budgets.confidence:
+        recorded = record.get("budgets_limits")
+        if not isinstance(recorded, dict):
+            return {}, ["it records no budgets table (validated by an older toolkit)"]
+        changed = sorted(k for k in set(recorded) | set(budgets.limits) if recorded.get(k) != budgets.limits.get(k))
+        changed_text = ", ".join(f"{k} {recorded.get(k, 'absent')} -> {budgets.limits.get(k, 'absent')}"
+                                 for k in changed)
+        if record.get("confidence") != budgets.confidence:
+            changed_text += f"{', ' if changed_text else ''}confidence {record.get('confidence')} -> "
+            changed_text += f"{budgets.confidence}"
+        return {}, [f"the budgets changed since validation ({changed_text})"]
+    try:
+        derived = derived_metrics(m)
+        for name, value in derived.items():
+            if not _same(m.get(name), value):
+                problems.append(f"metric {name} is {m.get(name)!r} but its parts give {value!r}")
+        expected = _judge({**m, **derived}, profile, budgets)
+    except (KeyError, TypeError, ValueError) as err:
+        return {}, [f"its metrics are incomplete or not numbers ({err.__class__.__name__}: {err})"]
+    size = model_path.stat().st_size
+    if m.get("size_bytes") != size:
+        problems.append(f"it measured a {m.get('size_bytes')}-byte model, {model_path.name} has {size} bytes")
+    for name in sorted(set(checks) - set(expected)):
+        problems.append(f"check {name} is not in the budgets")
+    for name, want in expected.items():
+        got = checks.get(name)
+        if not isinstance(got, dict):
+            problems.append(f"check {name} is missing")
+            continue
+        for field in ("value", "limit", "noise"):
+            if not _same(got.get(field), want.get(field)):
+                problems.append(f"check {name} records {field} {got.get(field)!r}, recomputed {want.get(field)!r}")
+        if got.get("passed") is not want["passed"]:
+            problems.append(f"check {name} records passed={got.get('passed')!r}, its value and limit give "
+                            f"{want['passed']}")
+        if ("inconclusive" in got) != ("inconclusive" in want) or ("skipped" in got) != ("skipped" in want):
+            state = "inconclusive" if "inconclusive" in got else "skipped" if "skipped" in got else "judged"
+            problems.append(f"check {name} is recorded as {state} but is not")
+    overall = all(c["passed"] for c in expected.values())
+    if record.get("passed") is not overall:
+        problems.append(f"it records passed={record.get('passed')!r}, its checks give {overall}")
+    return expected, problems
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, with float rounding allowed (a JSON round trip is exact; arithmetic order may not be)."""
+    if a is None or b is None:
+        return a is b
+    if isinstance(a, bool) or isinstance(b, bool) or not isinstance(a, int | float) or not isinstance(b, int | float):
+        return bool(a == b)
+    return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
 
 
 def validate_run(
@@ -243,7 +373,8 @@ def validate_run(
     sets = rd.eval_sets()
     result = pipeline.load_result_full(run, method, q, rd.split.forget)
     report, lg = _validate(model_path, sets, profile, budgets, result.int8, q.int8, result.qat(q),
-                           _retrain_mia(run, q, rd.split.forget, sets), run.path("probe"))
+                           _retrain_reference(run, q, rd.split.forget, sets), run.path("probe"),
+                           forgotten_classes(run, rd))
     record = {**report.record, "forget_hash": ids_hash(rd.split.forget), "method": method}
     plots = _plots(run, lg, sets, report.metrics, q.model_cfg.num_classes)
     write_json(run.path("validation"), record)
@@ -310,13 +441,33 @@ def _smallest_conclusive_n(conclusive: Any, ceiling: int = 10_000_000) -> int | 
     return hi
 
 
-def _retrain_mia(run: Run, q: pipeline.Quantized, forget_ids: list[int], sets: EvalSets) -> float | None:
-    if not run.exists("result", method=pipeline.REFERENCE):
+def forgotten_classes(run: Run, rd: pipeline.RunData) -> set[int] | None:
+    """The classes a run forgets whole (None: the forget set is not whole classes).
+
+    The ledger's requests of kind "class" must cover every forgotten sample, and each of their classes must
+    be forgotten whole: every training sample of it is in the forget set (a federated device's class request
+    covers only its own share of a class, which the model should still know)."""
+    forget = set(rd.split.forget)
+    if not forget or not run.exists("ledger"):
         return None
+    with run.ledger() as ledger:
+        requests = [r for r in ledger.requests() if r.kind == "class"]
+    classes = {c for r in requests if isinstance(c := r.spec.get("class"), int)}
+    if not classes or not forget <= {i for r in requests for i in r.sample_ids}:
+        return None
+    labels = rd.source.train.labels
+    whole = all(i in forget for i in rd.split.train if int(labels[i]) in classes)
+    return classes if whole else None
+
+
+def _retrain_reference(run: Run, q: pipeline.Quantized, forget_ids: list[int], sets: EvalSets) -> _Reference:
+    if not run.exists("result", method=pipeline.REFERENCE):
+        return _Reference()
     ref = pipeline.load_result_full(run, pipeline.REFERENCE, q, forget_ids)
     with torch.no_grad():
         f, r, t = (logits_of(ref.int8, x) for x in (sets.forget_x, sets.retain_x, sets.test_x))
-    return evaluate_logits(f, r, t, sets)["MIA"]
+    scores = evaluate_logits(f, r, t, sets)
+    return _Reference(scores["MIA"], scores["FA"])
 
 
 def _write_probe(path: Path, pixels: torch.Tensor, logits: torch.Tensor) -> None:
@@ -432,6 +583,8 @@ def _markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
         "|---|---|---|---|",
         f"| FA | {m['FA']:.2f} | {m['FA_before']:.2f} | {m['qat']['FA']:.2f} |",
         f"| TA | {m['TA']:.2f} | {m['TA_before']:.2f} | |",
+        *([f"| TA, retained classes | {m['TA_retained']:.2f} | {m['TA_before_retained']:.2f} | |"]
+          if m.get("TA_retained") is not None and m.get("TA_before_retained") is not None else []),
         f"| RA | {m['RA']:.2f} | | |",
         f"| MIA-efficacy | {m['MIA']:.2f} | | |",
         f"| loss-attack AUC | {m['loss_auc']:.3f} [{m['loss_auc_interval'][0]:.3f}, {m['loss_auc_interval'][1]:.3f}]"

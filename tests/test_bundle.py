@@ -248,3 +248,116 @@ def test_bundle_refuses_missing_stale_failed_or_foreign_validation(validated: Pa
     code = main(["bundle", "--run", str(validated), "--device", "x86-server", "--key", str(tmp_path / "nokey.pem")])
     assert code == 10 and "signing key" in capsys.readouterr().err
     assert not (run / "bundles").exists()  # nothing half-written
+
+
+def snapshot(run: Path) -> dict[str, str]:
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run.rglob("*"))
+            if p.is_file()}
+
+
+def edit_record(run: Path, change: object) -> None:
+    path = run / "validation.json"
+    record = json.loads(path.read_text())
+    change(record)  # type: ignore[operator]
+    path.write_text(json.dumps(record))
+
+
+@pytest.fixture(scope="module")
+def failed(validated: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the validated run whose validation failed honestly (max_logit_diff over a tight budget)."""
+    tmp = tmp_path_factory.mktemp("failed")
+    run = copy_run(validated, tmp)
+    shutil.rmtree(run / "bundles", ignore_errors=True)
+    (tmp / "tight.toml").write_text(LOOSE + "max_logit_diff = 0.001\n")
+    assert main(["validate", "--run", str(run), "--device", "x86-server", "--budgets", str(tmp / "tight.toml")]) == 9
+    return run
+
+
+def _flip_passed(r: dict) -> None:  # type: ignore[type-arg]
+    r["passed"] = True
+    r["checks"]["max_logit_diff"]["passed"] = True
+
+
+def _edit_value(r: dict) -> None:  # type: ignore[type-arg]
+    _flip_passed(r)
+    r["checks"]["max_logit_diff"]["value"] = 0.0001
+
+
+@pytest.mark.parametrize(
+    ("tamper", "code", "message"),
+    [
+        ("flipped-passed", 10, "check max_logit_diff records passed=True, its value and limit give False"),
+        ("edited-check-value", 10, "check max_logit_diff records value 0.0001, recomputed"),
+        ("edited-derived-metric", 10, "metric fa_minus_ta is -50.0 but its parts give"),
+        ("made-inconclusive", 10, "check loss_auc is recorded as inconclusive but is not"),
+        ("fp32-copied-over", 10, "validation.json is stale"),
+        ("fp32-and-its-hash", 8, "the optimised graph has no int8 kernels"),
+        ("skipped-reference", 10, "check mia_gap_to_retrain skipped"),
+    ],
+)
+def test_bundle_recomputes_every_verdict_and_refuses_an_edited_record(
+    validated: Path, failed: Path, keys: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], tamper: str,
+    code: int, message: str,
+) -> None:
+    """A bundle trusts no flag it did not compute: each tampering is refused and nothing is written."""
+    run = copy_run(failed if tamper in ("flipped-passed", "edited-check-value") else validated, tmp_path)
+    shutil.rmtree(run / "bundles", ignore_errors=True)
+    if tamper == "flipped-passed":
+        edit_record(run, _flip_passed)
+    elif tamper == "edited-check-value":
+        edit_record(run, _edit_value)
+    elif tamper == "edited-derived-metric":  # edited where the check reads it, consistently
+        edit_record(run, lambda r: (r["metrics"].update(fa_minus_ta=-50.0), r["checks"]["fa_minus_ta"].update(
+            value=-50.0)))
+    elif tamper == "made-inconclusive":
+        edit_record(run, lambda r: r["checks"]["loss_auc"].update(inconclusive="too few samples"))
+    elif tamper == "skipped-reference":  # the run has a retrain: its gap check cannot have been skipped
+        edit_record(run, lambda r: (r["metrics"].update(MIA_retrain=None, mia_gap_to_retrain=None),
+                                    r["checks"].update(mia_gap_to_retrain={"value": None, "limit": 100.0,
+                                                                           "passed": True,
+                                                                           "skipped": "no retrained reference"})))
+    else:
+        shutil.copy(run / "model.fp32.onnx", run / "model.int8.onnx")
+        if tamper == "fp32-and-its-hash":
+            size = (run / "model.int8.onnx").stat().st_size
+            sha = hashlib.sha256((run / "model.int8.onnx").read_bytes()).hexdigest()
+            edit_record(run, lambda r: (r.update(model_sha256=sha), r["metrics"].update(size_bytes=size),
+                                        r["checks"]["size_bytes"].update(value=float(size))))
+    before = snapshot(run)
+    out = tmp_path / "out.tar"
+    assert main(["bundle", "--run", str(run), "--device", "x86-server", "--key", str(keys / "signing_key.pem"),
+                 "--out", str(out)]) == code
+    err = capsys.readouterr().err
+    assert message in err and "fix:" in err
+    assert snapshot(run) == before and not out.exists() and not (run / "bundles").exists()
+
+
+def test_bundle_refuses_when_the_budgets_file_changed_after_validation(
+    validated: Path, keys: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = copy_run(validated, tmp_path)
+    shutil.rmtree(run / "bundles", ignore_errors=True)
+    budgets = tmp_path / "mine.toml"
+    budgets.write_text(LOOSE)
+    assert main(["validate", "--run", str(run), "--device", "x86-server", "--budgets", str(budgets)]) == 0
+    record = json.loads((run / "validation.json").read_text())
+    assert record["budgets_file"] == str(budgets.resolve()) and record["budgets_limits"]["loss_auc"] == 1.0
+    key = str(keys / "signing_key.pem")
+
+    def bundle_exit() -> tuple[int, str]:
+        code = main(["bundle", "--run", str(run), "--device", "x86-server", "--key", key, "--out",
+                     str(tmp_path / "b.tar")])
+        return code, capsys.readouterr().err
+
+    before = snapshot(run)
+    budgets.write_text(LOOSE.replace("loss_auc = 1", "loss_auc = 0.55"))  # a limit edited after validation
+    code, err = bundle_exit()
+    assert code == 10 and "the budgets changed since validation (loss_auc 1.0 -> 0.55)" in err
+    budgets.unlink()
+    code, err = bundle_exit()
+    assert code == 10 and "cannot be loaded again" in err and str(budgets) in err
+    assert snapshot(run) == before and not (tmp_path / "b.tar").exists()
+    budgets.write_text(LOOSE + "# a comment changes nothing the verdicts read\n")
+    code, err = bundle_exit()
+    assert code == 0, err
+    assert read_manifest(tmp_path / "b.tar")["evidence_level"] == "approximate-verified"
