@@ -40,11 +40,12 @@ def render(status: dict[str, Any]) -> str:
         lines.append(f"error: {error}")
     for b in status.get("bundles", []):
         lines.append(f"bundle {b['model_version']} for {b['device']} (parent {b['parent_version'] or '-'}), "
-                     f"honours {b['honoured_requests']} request(s)")
+                     f"honours {b['honoured_requests']} request(s), evidence {b.get('evidence_level') or '-'}")
     for r in status.get("rollouts", []):
         lines.append(f"rollout {r['rollout_id']}: {r['model_version']} {r['status']}, waves {r['waves_passed']}, "
                      f"devices {r['devices']}")
     c = status.get("certificates", {"issued": 0})
-    lines.append(f"certificates: {c['issued']} issued" + (f"; {status['purged_samples']} raw samples purged"
-                                                          if "purged_samples" in status else ""))
+    levels = ", ".join(f"{level} {n}" for level, n in sorted(c.get("by_level", {}).items()))
+    lines.append(f"certificates: {c['issued']} issued" + (f" ({levels})" if levels else "")
+                 + (f"; {status['purged_samples']} raw samples purged" if "purged_samples" in status else ""))
     return "\n".join(lines)

@@ -158,11 +158,15 @@ def _check_run_facts(run: Run, report: dict[str, Any], report_path: Path, valida
     rd = pipeline.load_run_data(run)
     classes = forgotten_classes(run, rd)
     facts = {
-        "forget_samples": len(rd.live(rd.split.forget)),
         "test_samples": len(rd.split.test),
         "forgotten_classes": None if classes is None else sorted(classes),
     }
     wrong = [f"{k} {m.get(k)!r} (the run has {v!r})" for k, v in facts.items() if m.get(k) != v]
+    # the forget samples it measured: those not purged then (a purge after certification removes some since)
+    live, every = len(rd.live(rd.split.forget)), len(rd.split.forget)
+    n_forget = m.get("forget_samples")
+    if not isinstance(n_forget, int) or not live <= n_forget <= every:
+        wrong.append(f"forget_samples {n_forget!r} (the run has {live} unpurged of {every})")
     must_judge = ["parity_top1", "max_logit_diff", "ta_drop"]
     if run.exists("result", method=pipeline.REFERENCE):
         must_judge += ["mia_gap_to_retrain"] + (["class_fa_gap_to_retrain"] if classes else [])

@@ -126,3 +126,82 @@ def test_certify_is_idempotent_and_refuses_without_a_validation(
     (run / "validation.json").unlink()
     assert main(["certify", "--run", str(run), "--key", str(keys / "signing_key.pem")]) == 10
     assert "certificates cite a validated model" in capsys.readouterr().err
+
+
+def snapshot(run: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run.rglob("*"))
+            if p.is_file()}
+
+
+def prepared(demo_run: Path, tmp_path: Path, budgets: str, *unlearn: str, method: str = "qmul") -> tuple[Path, str]:
+    """A copy of the demo run, optionally unlearned again, exported and validated (passing) with ``budgets``;
+    with a fresh signing key."""
+    run = copy_run(demo_run, tmp_path)
+    (tmp_path / "budgets.toml").write_text(budgets)
+    assert main(["keygen", "--out", str(tmp_path / "keys")]) == 0
+    if unlearn:
+        assert main(["unlearn", "--run", str(run), "--method", method, "--quiet", *unlearn]) == 0
+    assert main(["export", "--run", str(run), "--method", method]) == 0
+    assert main(["validate", "--run", str(run), "--device", "x86-server", "--budgets",
+                 str(tmp_path / "budgets.toml"), "--method", method]) == 0
+    return run, str(tmp_path / "keys" / "signing_key.pem")
+
+
+def test_certificates_and_status_carry_the_evidence_level(certified: tuple[Path, Path, dict[int, bytes]],
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    run, _, _ = certified
+    (cert_path,) = (run / "certificates").glob("*.json")
+    evidence = json.loads(cert_path.read_text())["evidence"]
+    # qmul, both forget-set checks conclusive and passing under the budgets it was validated with
+    assert evidence["level"] == "approximate-verified" and evidence["accepted_inconclusive"] is False
+    assert set(evidence["forget_set_checks"]) == {"fa_minus_ta", "loss_auc"}
+    assert all("inconclusive" not in c and c["passed"] for c in evidence["forget_set_checks"].values())
+    assert evidence["budgets_limits"]["loss_auc"] == 1.0
+    assert main(["status", "--run", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["certificates"]["by_level"] == {"approximate-verified": 1}
+    assert main(["status", "--run", str(run)]) == 0
+    assert "certificates: 1 issued (approximate-verified 1)" in capsys.readouterr().out
+
+
+def test_a_retrained_model_is_certified_as_exact(demo_run: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    run, key = prepared(demo_run, tmp_path, LOOSE + "ta_drop = 100\n", method="retrain")
+    assert main(["certify", "--run", str(run), "--key", key, "--no-purge"]) == 0
+    assert "(exact)" in capsys.readouterr().out
+    (cert_path,) = (run / "certificates").glob("*.json")
+    assert json.loads(cert_path.read_text())["evidence"]["level"] == "exact"
+
+
+def test_certify_refuses_a_model_that_never_changed(demo_run: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`unlearn --method finetune --epochs 0` passes validation, but its weights are the deployed model's."""
+    run, key = prepared(demo_run, tmp_path, LOOSE + "ta_drop = 100\n", "--epochs", "0", method="finetune")
+    before = snapshot(run)
+    assert main(["certify", "--run", str(run), "--key", key, "--accept-inconclusive"]) == 10
+    err = capsys.readouterr().err
+    assert "the finetune result's QAT copy" in err and "nothing was unlearned" in err and "fix:" in err
+    assert snapshot(run) == before and not (run / "certificates").exists()
+
+
+def test_certify_refuses_inconclusive_evidence_unless_accepted(demo_run: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    # loss_auc at 0.55 with 99.9% confidence: a 126-sample request cannot tell (noise ~0.09 > margin 0.05)
+    run, key = prepared(demo_run, tmp_path, LOOSE.replace("loss_auc = 1", "loss_auc = 0.55") + "confidence = 0.999\n")
+    assert "inconclusive" in json.loads((run / "validation.json").read_text())["checks"]["loss_auc"]
+    before = snapshot(run)
+    assert main(["certify", "--run", str(run), "--key", key]) == 10
+    err = capsys.readouterr().err
+    assert "is inconclusive: loss_auc: with 126 forget samples" in err and "--accept-inconclusive" in err
+    assert snapshot(run) == before and not (run / "certificates").exists()
+    with Ledger(run / "ledger.sqlite") as ledger:
+        assert all(r.honoured_by is None for r in ledger.requests())  # nothing marked either
+    assert main(["certify", "--run", str(run), "--key", key, "--accept-inconclusive", "--no-purge"]) == 0
+    assert "(approximate-inconclusive)" in capsys.readouterr().out
+    (cert_path,) = (run / "certificates").glob("*.json")
+    cert = json.loads(cert_path.read_text())
+    assert cert["evidence"]["level"] == "approximate-inconclusive" and cert["evidence"]["accepted_inconclusive"]
+    assert verify_certificate(cert, runtime.load_public_key(tmp_path / "keys" / "public_key.hex"))
+    assert main(["status", "--run", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["certificates"]["by_level"] == {"approximate-inconclusive": 1}
