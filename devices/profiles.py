@@ -12,6 +12,7 @@ This module needs only the standard library and :mod:`edge_qmul.errors` (no torc
 from __future__ import annotations
 
 import difflib
+import re
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from importlib import resources
@@ -31,6 +32,18 @@ ISA_FEATURES: dict[str, frozenset[str]] = {
     ),
 }
 """ISA feature names a profile may list, per architecture (a typo or an x86 flag on ARM is an error)."""
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+"""A profile name becomes part of file names (``bundles/VERSION-NAME.tar``): no separators, no dot-dot."""
+
+RANGES: dict[str, tuple[float, float]] = {
+    "cores": (0, 4096),
+    "ram_mb": (0, 16 * 2**20),  # 16 TiB
+    "latency_budget_ms": (0, 3_600_000),  # an hour for one batch-1 inference
+    "memory_budget_mb": (0, 16 * 2**20),
+}
+"""Numeric fields: (exclusive lower, inclusive upper bound); every value must also be finite. ``threads``
+lies in 1..cores and ``memory_budget_mb`` at most ``ram_mb``."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,14 @@ class DeviceProfile:
         where = f"profile {self.name!r}"
         if not self.name.strip():
             raise ConfigError("device profile has an empty name", 'set name = "<board>", e.g. the file name')
+        if not NAME_RE.match(self.name):
+            raise ConfigError(f"{where}: the name must be 1-64 characters of [A-Za-z0-9._-], starting alphanumeric",
+                              'set name = "<board>", e.g. the file name without .toml')
+        for key, (low, high) in RANGES.items():
+            value = getattr(self, key)
+            if not low < value <= high:  # false for nan and inf too: the bounds are finite
+                raise ConfigError(f"{where}: {key} = {value!r} must be a finite number > {low:g} and <= {high:g}",
+                                  f"set the board's {key}")
         if self.arch not in ARCHES:
             raise ConfigError(f"{where}: unknown arch {self.arch!r}", f"use one of: {', '.join(ARCHES)}")
         expected_engine = ARCHES[self.arch]
@@ -64,8 +85,6 @@ class DeviceProfile:
                 f"{where}: quant_engine = {self.quant_engine!r} does not match arch = {self.arch!r}",
                 f'set quant_engine = "{expected_engine}" (aarch64 needs qnnpack, x86_64 needs x86)',
             )
-        if self.cores < 1:
-            raise ConfigError(f"{where}: cores = {self.cores} must be >= 1", "set the number of CPU cores")
         if not 1 <= self.threads <= self.cores:
             raise ConfigError(
                 f"{where}: threads = {self.threads} must be between 1 and cores = {self.cores}",
@@ -84,11 +103,6 @@ class DeviceProfile:
                 f"{where}: providers {list(self.providers)} lack CPUExecutionProvider",
                 'add "CPUExecutionProvider": the on-board check runs the int8 model on the CPU',
             )
-        if self.ram_mb <= 0:
-            raise ConfigError(f"{where}: ram_mb = {self.ram_mb} must be > 0", "set the board's RAM in MiB")
-        for key in ("latency_budget_ms", "memory_budget_mb"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"{where}: {key} = {getattr(self, key)} must be > 0", f"set a positive {key}")
         if self.memory_budget_mb > self.ram_mb:
             raise ConfigError(
                 f"{where}: memory_budget_mb = {self.memory_budget_mb} exceeds ram_mb = {self.ram_mb}",
@@ -125,15 +139,21 @@ def _check_type(key: str, value: Any, where: str) -> Any:
     if ftype == "tuple[str, ...]":
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return tuple(value)
-        raise ConfigError(f"{where}: {key} = {value!r} should be a list of strings", f'write {key} = ["...", ...]')
+        raise ConfigError(f"{where}: {key} = {value!r:.60} should be a list of strings",
+                          f'write {key} = ["...", ...]')
     ok = {
         "str": isinstance(value, str),
         "int": isinstance(value, int) and not isinstance(value, bool),
         "float": isinstance(value, int | float) and not isinstance(value, bool),
     }[ftype]
     if not ok:
-        raise ConfigError(f"{where}: {key} = {value!r} should be of type {ftype}", f"write {key} as a {ftype}")
-    return float(value) if ftype == "float" else value
+        raise ConfigError(f"{where}: {key} = {value!r:.60} should be of type {ftype}", f"write {key} as a {ftype}")
+    if ftype != "float":
+        return value
+    try:
+        return float(value)
+    except OverflowError as err:  # an integer beyond any float
+        raise ConfigError(f"{where}: {key} = {value!r:.60} is too large", f"write {key} as a {ftype}") from err
 
 
 def profile_from_dict(values: dict[str, Any], where: str = "<dict>") -> DeviceProfile:
@@ -181,7 +201,7 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
                 f"device profile file not found: {path}",
                 f"check the path, or use a shipped profile name: {', '.join(list_profiles())}",
             ) from err
-        except (OSError, UnicodeDecodeError) as err:
+        except (OSError, ValueError) as err:  # ValueError: not UTF-8, or a NUL in the path
             raise ConfigError(f"cannot read device profile {path}: {err}", "check the file") from err
     else:
         entry = _shipped_dir() / f"{text}.toml"
@@ -196,4 +216,10 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
         values = tomllib.loads(raw)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"device profile {where} is not valid TOML: {err}", "fix the syntax") from err
+    except RecursionError as err:  # tomllib recurses once per level of nesting
+        raise ConfigError(f"device profile {where} nests arrays or tables too deeply to read",
+                          "write flat key = value lines") from err
+    except ValueError as err:  # an integer of more digits than Python converts
+        raise ConfigError(f"device profile {where} holds a number too long to read",
+                          "write ordinary numbers") from err
     return profile_from_dict(values, where)

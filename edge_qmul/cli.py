@@ -59,12 +59,17 @@ def _float_in(low: float, high: float, *, low_open: bool = False, high_open: boo
     return parse
 
 
+# Numeric flags, checked as they are parsed (a usage error, exit 2, that states the range); a flag that builds a
+# config is checked there again, as the same key from a TOML file is.
 COUNT = _int_in(1, MAX_COUNT)
-MAX_REFERENCES = 256  # audit: reference models, each trained from scratch
-MAX_CLIENTS = 100_000  # rollout: fleet size
-MAX_TIMEOUT = 7 * 24 * 3600.0  # rollout: seconds to wait, a week
+CLASS = _int_in(0, MAX_COUNT)
 SEED = _int_in(0, MAX_SEED)  # as DataConfig / TrainConfig seeds: torch takes a signed 64-bit seed
+IMAGE_SIZE = _int_in(*IMAGE_SIZE_RANGE)  # as DataConfig.image_size
+FRACTION = _float_in(0.0, 1.0, low_open=True, high_open=True)  # as data.select_forget: something must remain
+REFERENCES = _int_in(2, 256)  # audit: reference models on complementary halves, each trained from scratch
 SHARE = _float_in(0.0, 1.0, low_open=True)  # (0, 1]: pass rates, AUC limits (as FederatedConfig)
+CLIENTS = _int_in(1, 100_000)  # rollout: fleet size
+TIMEOUT = _float_in(0.0, 7 * 24 * 3600.0, low_open=True)  # rollout: seconds to wait, up to a week
 
 
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
@@ -73,7 +78,7 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
                    "imagefolder (class sub-folders of PNG/JPEG), npz (x_train, y_train, x_test, y_test)")
     g.add_argument("--data-root", dest="root", help="dataset directory or .npz file (fashion-mnist defaults to the "
                    "Debian package)")
-    g.add_argument("--image-size", type=_int_in(*IMAGE_SIZE_RANGE), help="imagefolder: resize every image to N x N (default: keep)")
+    g.add_argument("--image-size", type=IMAGE_SIZE, help="imagefolder: resize every image to N x N (default: keep)")
     g.add_argument("--color", choices=["auto", "grayscale", "rgb"], help="imagefolder: channels (default auto)")
     g.add_argument("--seed", type=SEED, help="seed for the split, training and forget selection (default 0)")
 
@@ -121,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_flags(p)
     _add_train_flags(p)
     _add_quant_flags(p)
-    p.add_argument("--forget-fraction", type=_float_in(0.0, 1.0, low_open=True, high_open=True), default=0.1, help="fraction of training samples to forget")
+    p.add_argument("--forget-fraction", type=FRACTION, default=0.1, help="fraction of training samples to forget")
     p.add_argument("--methods", help="comma-separated methods (default: retrain,qmul,finetune,random_label,"
                    "grad_ascent,famr)")
 
@@ -146,9 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     sel = p.add_mutually_exclusive_group(required=True)
     sel.add_argument("--ids", type=_ids, help="training-sample ids, e.g. 3,17,42")
     sel.add_argument("--hashes", type=Path, help="a file of content ids (sha256 of each sample's bytes), one per line")
-    sel.add_argument("--class", dest="klass", type=_int_in(0, MAX_COUNT), help="forget every training sample of this class")
+    sel.add_argument("--class", dest="klass", type=CLASS, help="forget every training sample of this class")
     sel.add_argument("--count", type=COUNT, help="forget this many random training samples")
-    sel.add_argument("--fraction", type=float, help="forget this fraction of the training samples")
+    sel.add_argument("--fraction", type=FRACTION, help="forget this fraction of the training samples")
     p.add_argument("--request-id", help="request id (default: derived from the selection; re-filing is a no-op)")
     p.add_argument("--seed", type=SEED, default=0, help="seed for --count / --fraction")
 
@@ -180,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="unlearning result the ONNX came from (default: from its metadata)")
 
     p = cmd("audit", "reference-model membership audit (LiRA-style, offline) of the original and unlearned models")
-    p.add_argument("--references", type=_int_in(2, MAX_REFERENCES), default=4, help="reference models trained on random halves (default 4)")
+    p.add_argument("--references", type=REFERENCES, default=4,
+                   help="reference models trained on random halves (default 4)")
     p.add_argument("--methods", help="unlearning results to audit (default: all in the run)")
     p.add_argument("--max-test", type=COUNT, default=2000, help="test samples used as non-members (default 2000)")
 
@@ -209,8 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--waves", default="5,25,100", help="cumulative percentages of the fleet (default 5,25,100)")
     p.add_argument("--pass-rate", type=SHARE, default=1.0, help="share of a wave that must pass (default 1.0)")
     p.add_argument("--max-forget-auc", type=SHARE, default=0.75, help="on-board forget check limit (default 0.75)")
-    p.add_argument("--num-clients", type=_int_in(1, MAX_CLIENTS), default=3, help="fleet size (default 3)")
-    p.add_argument("--timeout", type=_float_in(0.0, MAX_TIMEOUT, low_open=True), default=1800.0, help="seconds to wait for the rollout (default 1800)")
+    p.add_argument("--num-clients", type=CLIENTS, default=3, help="fleet size (default 3)")
+    p.add_argument("--timeout", type=TIMEOUT, default=1800.0, help="seconds to wait for the rollout (default 1800)")
     p.add_argument("--flwr", default="flwr", help="the Flower CLI executable (default: flwr on PATH)")
 
     p = cmd("status", "the run's ledger, models, bundles, rollouts and certificates at a glance")

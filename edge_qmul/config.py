@@ -490,8 +490,17 @@ def load_toml(path: str | Path | None) -> dict[str, dict[str, Any]]:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as err:
         raise ConfigError(f"config file not found: {path}", "check the --config path") from err
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path} ({err.__class__.__name__})",
+                          "pass a TOML file to --config") from err
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"config file {path} is not valid TOML: {err}", "fix the syntax") from err
+    except RecursionError as err:  # tomllib recurses once per level of nesting
+        raise ConfigError(f"config file {path} nests arrays or tables too deeply to read",
+                          "write flat key = value lines under [data] [train] [quant] [unlearn]") from err
+    except ValueError as err:  # an integer of more digits than Python converts
+        raise ConfigError(f"config file {path} holds a number too long to read",
+                          "write options as ordinary numbers") from err
     out: dict[str, dict[str, Any]] = {}
     for section, table in raw.items():
         if section not in SECTIONS or not isinstance(table, dict):

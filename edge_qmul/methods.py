@@ -295,6 +295,14 @@ def unlearn(ctx: UnlearnContext, cfg: MethodConfig) -> UnlearnResult:
     """Run the method of ``type(cfg)`` on ``ctx`` (the QAT copy in ``ctx.qat`` is changed in place)."""
     if len(ctx.forget_x) == 0:
         raise UnlearningError("the forget set is empty", "file a request first: `edge-qmul forget --run DIR ...`")
+    # Labels, not pixels: a head-only method on cached features gets empty placeholder pixels for the retain set.
+    if len(ctx.retain_y) == 0:
+        raise UnlearningError(
+            f"{cfg.name}: the retain set is empty (the forget set covers all {len(ctx.forget_y)} training samples), "
+            "so no model can be trained or kept useful",
+            "nothing is left to learn from: requests must leave at least one training sample (start a new run "
+            "on the data that remains)",
+        )
     return get_method(cfg).run(ctx)
 
 

@@ -14,6 +14,7 @@ its verdict would be noise. ``confidence = 0.5`` judges every size.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -27,27 +28,42 @@ class Check:
     name: str
     direction: str  # "min": value must be >= limit; "max": value must be <= limit
     description: str
+    valid: tuple[float, float]  # the measured value's range (inclusive; inf: unbounded): a limit must be finite in it
     statistical: bool = False  # estimated from the forget set: inconclusive when the set is too small
+    profile: bool = False  # the limit may be "profile": the device profile's budget of the same name
 
+    def range_text(self) -> str:
+        low, high = self.valid
+        return f"[{low:g}, {high:g}{')' if high == math.inf else ']'}"
+
+
+PERCENT = (0.0, 100.0)  # a percentage, or a gap between two
+POINTS = (-100.0, 100.0)  # a difference of two percentages
+POSITIVE = (0.0, math.inf)  # a size, a duration, a distance
 
 CHECKS: dict[str, Check] = {
     c.name: c
     for c in (
         Check("parity_top1", "min",
-              "% top-1 agreement of onnxruntime with the torch int8 model (test set; a class tied for the top counts)"),
-        Check("max_logit_diff", "max", "largest |logit difference| onnxruntime vs torch int8 (test set)"),
+              "% top-1 agreement of onnxruntime with the torch int8 model (test set; a class tied for the top counts)",
+              valid=PERCENT),
+        Check("max_logit_diff", "max", "largest |logit difference| onnxruntime vs torch int8 (test set)",
+              valid=POSITIVE),
         Check("ta_drop", "max", "test-accuracy points lost against the deployed model before unlearning "
-              "(class requests: on the retained classes' test samples)"),
+              "(class requests: on the retained classes' test samples)", valid=POINTS),
         Check("fa_minus_ta", "max", "forget accuracy minus test accuracy: a forgotten set should look unseen",
-              statistical=True),
+              valid=POINTS, statistical=True),
         Check("loss_auc", "max", "ROC AUC of a loss-threshold attack, forget vs test (0.5 = indistinguishable)",
-              statistical=True),
-        Check("mia_gap_to_retrain", "max", "|MIA-efficacy - retrained model's| (only when a retrain exists)"),
+              valid=(0.0, 1.0), statistical=True),
+        Check("mia_gap_to_retrain", "max", "|MIA-efficacy - retrained model's| (only when a retrain exists)",
+              valid=PERCENT),
         Check("class_fa_gap_to_retrain", "max",
-              "class requests: |FA of the forgotten classes - retrained model's| (only when a retrain exists)"),
-        Check("latency_ms_p95", "max", "batch-1 p95 latency with the profile's threads"),
-        Check("peak_memory_mb", "max", "peak RSS of the on-board runtime process"),
-        Check("size_bytes", "max", "model file size"),
+              "class requests: |FA of the forgotten classes - retrained model's| (only when a retrain exists)",
+              valid=PERCENT),
+        Check("latency_ms_p95", "max", "batch-1 p95 latency with the profile's threads", valid=POSITIVE,
+              profile=True),
+        Check("peak_memory_mb", "max", "peak RSS of the on-board runtime process", valid=POSITIVE, profile=True),
+        Check("size_bytes", "max", "model file size", valid=POSITIVE),
     )
 }
 
@@ -82,6 +98,9 @@ def load_budgets(path: str | Path | None = None) -> Budgets:
             override = path.read_text(encoding="utf-8")
         except FileNotFoundError as err:
             raise ConfigError(f"budgets file not found: {path}", "check the --budgets path") from err
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"cannot read budgets file {path} ({err.__class__.__name__})",
+                              "pass a UTF-8 TOML file of check = limit lines") from err
         more, own_confidence = _parse(override, str(path))
         limits = {**limits, **more}
         confidence = own_confidence if own_confidence is not None else confidence
@@ -94,12 +113,21 @@ def _parse(text: str, source: str) -> tuple[dict[str, float | str], float | None
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{source} is not valid TOML: {err}", "fix the syntax") from err
-    table = dict(raw.get("budgets", raw))
+    except RecursionError as err:  # tomllib recurses once per level of nesting
+        raise ConfigError(f"{source} nests arrays or tables too deeply to read",
+                          "write flat check = limit lines under [budgets]") from err
+    except ValueError as err:  # an integer of more digits than Python converts
+        raise ConfigError(f"{source} holds a number too long to read", "write limits as ordinary numbers") from err
+    table = raw.get("budgets", raw)
+    if not isinstance(table, dict) or ("budgets" in raw and len(raw) > 1):
+        raise ConfigError(f"{source}: the checks must form one [budgets] table (or be top-level keys)",
+                          "write [budgets] followed by check = limit lines, and nothing outside it")
+    table = dict(table)
     confidence = table.pop(CONFIDENCE, None)
     if confidence is not None and (
         isinstance(confidence, bool) or not isinstance(confidence, int | float) or not 0.5 <= confidence < 1.0
     ):
-        raise ConfigError(f"{source}: confidence = {confidence!r} is not a probability in [0.5, 1)",
+        raise ConfigError(f"{source}: confidence = {confidence!r:.60} is not a probability in [0.5, 1)",
                           "give e.g. confidence = 0.95 (0.5 judges the point estimates)")
     unknown = sorted(set(table) - set(CHECKS))
     if unknown:
@@ -107,10 +135,27 @@ def _parse(text: str, source: str) -> tuple[dict[str, float | str], float | None
             f"{source}: unknown check(s) {', '.join(unknown)}",
             f"known checks are: {', '.join(CHECKS)} (and the option {CONFIDENCE})",
         )
-    out: dict[str, float | str] = {}
-    for name, value in table.items():
-        if value == "profile" or (isinstance(value, int | float) and not isinstance(value, bool)):
-            out[name] = value if value == "profile" else float(value)
-        else:
-            raise ConfigError(f"{source}: {name} = {value!r} is not a number", 'give a number or "profile"')
-    return out, None if confidence is None else float(confidence)
+    return {name: _limit(CHECKS[name], value, source) for name, value in table.items()}, (
+        None if confidence is None else float(confidence))
+
+
+def _limit(check: Check, value: object, source: str) -> float | str:
+    """A check's limit from a file: "profile" where the device profile has that budget, else a finite number
+    inside the range of the value it limits (a limit outside it would pass or fail everything silently)."""
+    allowed = f'a number in {check.range_text()}' + (' or "profile"' if check.profile else "")
+    if value == "profile":
+        if check.profile:
+            return "profile"
+        raise ConfigError(f'{source}: {check.name} = "profile", but device profiles have no {check.name} budget',
+                          f"give {allowed}")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{source}: {check.name} = {value!r:.60} is not a number", f"give {allowed}")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        number = math.inf
+    low, high = check.valid
+    if not (math.isfinite(number) and low <= number <= high):
+        raise ConfigError(f"{source}: {check.name} = {value!r:.60} is outside its range: a finite number in "
+                          f"{check.range_text()}", f"give {allowed}")
+    return number

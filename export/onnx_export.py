@@ -184,8 +184,19 @@ def check_fusion(path: Path) -> Counter[str]:
     return counts
 
 
-def check_contract(path: Path, input_shape: tuple[int, int, int] | None = None) -> onnx.ModelProto:
-    """Load an ONNX file and check the I/O contract; errors name the file and the fix."""
+def _static_dims(value: onnx.ValueInfoProto) -> list[int | None]:
+    """A tensor's dims as written in the file: a number, or None for a named (dynamic) or missing one."""
+    return [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+
+
+def check_contract(
+    path: Path, input_shape: tuple[int, int, int] | None = None, num_classes: int | None = None
+) -> onnx.ModelProto:
+    """Load an ONNX file and check the I/O contract; errors name the file and the fix.
+
+    ``input_shape`` (C, H, W) and ``num_classes``, when known, pin the input's and the output's static dims:
+    ``logits`` must be [batch, num_classes], with the class dimension written in the file (as export does).
+    """
     try:
         proto = onnx.load(str(path))
         onnx.checker.check_model(proto)
@@ -201,11 +212,18 @@ def check_contract(path: Path, input_shape: tuple[int, int, int] | None = None) 
             f"the contract is one input {INPUT!r} and one output {OUTPUT!r}; export with `edge-qmul export`",
         )
     if input_shape is not None:
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+        dims = _static_dims(inputs[0])
         if len(dims) != 4 or tuple(dims[1:]) != tuple(input_shape):
             raise OnnxModelError(
                 f"{path} takes input shape {dims}, expected [batch, {', '.join(map(str, input_shape))}]",
                 "export the model trained on this dataset",
+            )
+    if num_classes is not None:
+        out = _static_dims(proto.graph.output[0])
+        if len(out) != 2 or out[1] != num_classes:
+            raise OnnxModelError(
+                f"{path} outputs {OUTPUT!r} of shape {out}, expected [batch, {num_classes}] for {num_classes} classes",
+                "export the model trained on this run's classes (`edge-qmul export --run DIR`)",
             )
     return proto
 

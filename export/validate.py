@@ -366,7 +366,7 @@ def validate_run(
     model_path = require_file(run.path("int8_onnx"), run.fix("int8_onnx"))
     q = pipeline.load_quantized(run)
     c, h, w = q.model_cfg.in_channels, q.model_cfg.image_size, q.model_cfg.image_size
-    proto = check_contract(model_path, (c, h, w))
+    proto = check_contract(model_path, (c, h, w), q.model_cfg.num_classes)
     meta = {p.key: p.value for p in proto.metadata_props}
     method = method or meta.get("method") or pipeline.latest_method(run)
     rd = pipeline.load_run_data(run)

@@ -133,6 +133,9 @@ class ForgetRequest:
             obj = json.loads(payload.decode("ascii"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ProtocolError("malformed", "forget request is not ASCII JSON", "send canonical JSON") from err
+        except (RecursionError, ValueError) as err:  # nested too deeply, or an integer of too many digits
+            raise ProtocolError("malformed", "forget request nests too deeply or holds a number too long to read",
+                                "send canonical JSON of the request's fields") from err
         if not isinstance(obj, dict) or sorted(obj) != list(_FIELDS):
             raise ProtocolError("malformed", f"forget request must have exactly the keys {_FIELDS}")
         if obj["protocol"] != PROTOCOL:
