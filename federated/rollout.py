@@ -10,7 +10,10 @@ Server (``run_rollout``, the ServerApp in ``mode="rollout"``):
    checks the profile's latency / memory budget, and — if it filed deletion requests — checks that its
    own forgotten samples now score like its unseen samples (loss-attack AUC, forget versus local
    held-out data, at most ``max-forget-auc``). Only then does it switch to the new model, keeping the
-   parent for rollback;
+   parent for rollback. The forget check's result carries a level named like a certificate's:
+   ``approximate-verified`` when it is conclusive at the device's sample counts and passed,
+   ``approximate-inconclusive`` when the sampling noise of so few samples exceeds the limit's margin over
+   0.5 (reported; the limit still applies), ``failed`` when it is conclusive and over the limit;
 3. a wave passes when its pass rate (passed / wave devices; silence is a failure) is at least
    ``wave-pass-rate``; then the next wave starts. Otherwise that wave's devices roll back to the parent
    (phase ``rollback``) and the rollout stops as ``rolled-back``.
@@ -168,6 +171,7 @@ class RolloutSummary:
     model_version: str
     status: str
     waves: list[dict[str, Any]] = field(default_factory=list)
+    evidence_level: str | None = None  # the bundle's: the level of the requests the model honours
 
 
 def _request(phase: str, **fields: Any) -> RecordDict:
@@ -192,7 +196,8 @@ def run_rollout(grid: Any, cfg: FederatedConfig, exchange: Any, wait_for_nodes: 
         state = store.get(rollout_id)
         assert state is not None
         done = store.devices(rollout_id)
-    summary = RolloutSummary(rollout_id, manifest["model_version"], state.status)
+    summary = RolloutSummary(rollout_id, manifest["model_version"], state.status,
+                             evidence_level=manifest.get("evidence_level"))
     if state.status != "running":
         log.info("rollout %s of %s is already %s", rollout_id, state.model_version, state.status)
         return summary
@@ -215,6 +220,7 @@ def run_rollout(grid: Any, cfg: FederatedConfig, exchange: Any, wait_for_nodes: 
                            cfg.reply_timeout)
         by_node = {n: _result(r.content) for n, r in answers.items()}
         passed: list[int] = []
+        forget_checks: dict[int, dict[str, Any]] = {}
         with RolloutStore(Run(cfg.run_path).path("rollout_db")) as store:
             for p in targets:
                 res = by_node.get(where.get(p, -1))
@@ -228,13 +234,17 @@ def run_rollout(grid: Any, cfg: FederatedConfig, exchange: Any, wait_for_nodes: 
                 store.record(rollout_id, p, k, "installed" if ok else "failed", reasons,
                              {key: v for key, v in res.items() if key not in ("reasons", "passed")})
                 done[p] = {"status": "installed" if ok else "failed", "reasons": reasons}
+                if "forget-level" in res:
+                    forget_checks[p] = {"auc": res["forget-auc"], "samples": res["forget-samples"],
+                                        "held_out": res["forget-held-out"], "level": res["forget-level"]}
                 if ok:
                     passed.append(p)
                 else:
                     log.warning("rollout %s wave %d: device %d refused or failed: %s", rollout_id, k + 1, p,
                                 "; ".join(reasons))
         rate = len(passed) / len(targets) if targets else 1.0
-        wave = {"wave": k + 1, "percent": state.waves[k], "devices": targets, "passed": passed, "pass_rate": rate}
+        wave = {"wave": k + 1, "percent": state.waves[k], "devices": targets, "passed": passed, "pass_rate": rate,
+                "forget_checks": forget_checks}
         summary.waves.append(wave)
         if rate >= cfg.wave_pass_rate:
             with RolloutStore(Run(cfg.run_path).path("rollout_db")) as store:
@@ -332,9 +342,11 @@ def _install(device: Device, rollout_id: str, blob: bytes, max_auc: float) -> di
             reasons.append(f"peak memory {rss} MB over the budget {profile['memory_budget_mb']} MB")
         forget = forget_check(device, base / "files" / runtime.MODEL_FILE)
         if forget is not None:
-            out["forget-auc"], out["forget-samples"] = forget
-            if forget[0] > max_auc:
-                reasons.append(f"own forgotten samples still look like members: loss-attack AUC {forget[0]:.3f} "
+            auc, n_forgotten, n_held = forget
+            out["forget-auc"], out["forget-samples"], out["forget-held-out"] = auc, n_forgotten, n_held
+            out["forget-level"] = forget_check_level(auc, n_forgotten, n_held, max_auc)
+            if auc > max_auc:
+                reasons.append(f"own forgotten samples still look like members: loss-attack AUC {auc:.3f} "
                                f"> {max_auc}")
     except runtime.BadInputError as err:  # refused bundle (BundleRefused) or a broken board
         reasons.append(err.message)
@@ -365,8 +377,24 @@ def filed_samples(device: Device) -> list[int]:
     return sorted(ids)
 
 
-def forget_check(device: Device, model: Path) -> tuple[float, int] | None:
-    """Loss-attack AUC of the device's forgotten samples against its held-out samples (None: nothing filed).
+def forget_check_level(auc: float, n_forgotten: int, n_held: int, max_auc: float, confidence: float = 0.95) -> str:
+    """The on-board forget check's level, by the rule validation applies to ``loss_auc``
+    (``edge_qmul.export.validate.forget_set_power``): inconclusive when a perfectly forgotten set of this
+    size would exceed ``max_auc`` more than 1 - ``confidence`` of the time."""
+    from statistics import NormalDist
+
+    from edge_qmul.metrics import auc_null_se
+
+    noise = NormalDist().inv_cdf(confidence) * auc_null_se(n_forgotten, n_held)
+    margin = max_auc - 0.5
+    if margin > 0 and noise > margin:
+        return "approximate-inconclusive"
+    return "approximate-verified" if auc <= max_auc else "failed"
+
+
+def forget_check(device: Device, model: Path) -> tuple[float, int, int] | None:
+    """Loss-attack AUC of the device's forgotten samples against its held-out samples, with both sample
+    counts (None: nothing filed).
 
     AUC = P(loss of a forgotten sample < loss of a held-out sample): 0.5 when the model treats them alike,
     towards 1 when it still fits the forgotten ones as it fits training data. Held-out samples are the
@@ -398,7 +426,7 @@ def forget_check(device: Device, model: Path) -> tuple[float, int] | None:
     ranks = np.empty(len(order), dtype=np.float64)
     ranks[order] = np.arange(1, len(order) + 1)
     auc_high = (ranks[: len(lf)].sum() - len(lf) * (len(lf) + 1) / 2) / (len(lf) * len(lh))
-    return float(1.0 - auc_high), len(lf)
+    return float(1.0 - auc_high), len(lf), len(lh)
 
 
 def current_fleet_version(run_dir: Path, device: str) -> str | None:

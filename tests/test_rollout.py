@@ -16,7 +16,7 @@ from edge_qmul.export.bundle import read_manifest
 from edge_qmul.federated.config import FederatedConfig
 from edge_qmul.federated.coordinator import run_rollout_round, run_round
 from edge_qmul.federated.inprocess import NODE, LocalGrid, local_grid
-from edge_qmul.federated.rollout import RolloutStore, parse_waves, wave_partitions
+from edge_qmul.federated.rollout import RolloutStore, forget_check_level, parse_waves, wave_partitions
 from flwr.app import Message
 
 from edge_qmul.cli import main
@@ -163,6 +163,15 @@ def test_devices_that_filed_requests_check_their_forgotten_samples(shipped: tupl
     for pid in range(3):
         assert results[pid]["result"]["forget-samples"] == 20
         assert 0.0 <= results[pid]["result"]["forget-auc"] <= 0.75
+    # the summary names the bundle's evidence level and each device's forget check with the same level names
+    assert summary.evidence_level == read_manifest(bundle)["evidence_level"] == "approximate-verified"  # type: ignore[attr-defined]
+    checks = summary.waves[0]["forget_checks"]  # type: ignore[attr-defined]
+    assert sorted(checks) == [0, 1, 2]
+    for c in checks.values():
+        assert c["samples"] == 20 and c["level"] == forget_check_level(c["auc"], 20, c["held_out"], 0.75)
+        assert c["level"] in ("approximate-verified", "approximate-inconclusive")
+    written = json.loads(next((run / "rollouts").glob(f"{summary.rollout_id}-*.json")).read_text())  # type: ignore[attr-defined]
+    assert written["evidence_level"] == "approximate-verified" and written["waves"][0]["forget_checks"]["0"]["level"]
 
     # The same devices and bundle with an impossible AUC limit: every device fails its forget check.
     strict_run = copy_run(shipped[0], tmp_path / "strict")
@@ -176,6 +185,13 @@ def test_devices_that_filed_requests_check_their_forgotten_samples(shipped: tupl
     with RolloutStore(strict_run / "rollout.sqlite") as store:
         reasons = store.devices(failed.rollout_id)[0]["reasons"]  # type: ignore[attr-defined]
     assert "own forgotten samples still look like members: loss-attack AUC" in reasons[0]
+
+
+def test_on_board_forget_check_levels_follow_the_validation_rule() -> None:
+    assert forget_check_level(0.55, 500, 500, 0.75) == "approximate-verified"  # noise ~0.03 < margin 0.25
+    assert forget_check_level(0.9, 500, 500, 0.75) == "failed"
+    assert forget_check_level(0.55, 3, 4, 0.75) == "approximate-inconclusive"  # noise ~0.37 > margin 0.25
+    assert forget_check_level(0.55, 3, 4, 0.5) == "failed"  # a limit at the ideal is always judged
 
 
 def test_rollout_cli_checks_its_inputs_before_starting_anything(shipped: tuple[Path, Path, Path, Path],
