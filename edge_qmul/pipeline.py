@@ -543,6 +543,12 @@ def forget(
         else ("fraction", {"fraction": fraction, "seed": seed})
     )
     rid = request_id or f"req-{kind}-{ids_hash(chosen)}"
+    remaining = set(rd.live(rd.split.train)) - set(rd.split.forget) - set(chosen)
+    if not remaining:  # nothing could be trained or kept useful: refused before the ledger records it
+        raise ForgetRequestError(
+            f"request {rid} would forget every remaining training sample of {run.root}",
+            "a model needs at least one training sample: start a new run on the data that remains",
+        )
     with run.ledger() as ledger:
         added = ledger.add(rid, kind, spec, chosen, source=source)
         total = len(ledger.forget_ids())

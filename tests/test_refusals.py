@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edge_qmul.cli import main
 from edge_qmul.errors import EXIT_CODES
+from edge_qmul.ledger import Ledger
 
 DEEP = 50_000  # levels of nesting: past Python's recursion limit in tomllib
 
@@ -75,11 +76,18 @@ def test_validate_refuses_an_onnx_without_the_runs_classes(run: Path, capsys: py
 # --- 2. an empty retain set (retrain: ZeroDivisionError; qmul / finetune "succeeded") -----------------------------
 
 
+def test_forget_refuses_a_request_that_leaves_no_training_sample(run: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    train = json.loads((run / "split.json").read_text())["train"]
+    _refused(["forget", "--run", str(run), "--count", str(len(train))], run, 5, capsys,
+             "would forget every remaining training sample", "fix:")
+
+
 @pytest.mark.parametrize("method", ["retrain", "qmul", "finetune"])
 def test_unlearn_refuses_an_empty_retain_set(run: Path, capsys: pytest.CaptureFixture[str], method: str) -> None:
     train = json.loads((run / "split.json").read_text())["train"]
-    assert main(["forget", "--run", str(run), "--count", str(len(train))]) == 0
-    capsys.readouterr()
+    with Ledger(run / "ledger.sqlite") as ledger:  # e.g. device-filed requests that together cover everything
+        ledger.add("everything", "samples", {"ids": len(train)}, train, source="device:0")
     _refused(["unlearn", "--run", str(run), "--method", method, "--quiet"], run, 6, capsys,
              f"{method}: the retain set is empty", f"all {len(train)} training samples", "fix:")
 
