@@ -341,3 +341,60 @@ def test_a_hardswish_model_is_refused_at_export(tmp_path: Path) -> None:
     with pytest.raises(FusionError, match=r"(?s)/act/HardSwish.*hardswish has no int8 kernel") as err:
         check_fusion(path)
     assert "HardSwish" in str(err.value) or "HardSigmoid" in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def class_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A digits run that forgot class 3, with Q-MUL and the retrained reference, exported and validated."""
+    run = tmp_path_factory.mktemp("class") / "run"
+    for argv in (["train", "--epochs", "4"], ["quantize"], ["forget", "--class", "3"],
+                 ["unlearn", "--method", "retrain", "--quiet"], ["unlearn", "--method", "qmul", "--quiet"],
+                 ["export", "--method", "qmul"]):
+        assert main([argv[0], "--run", str(run), *argv[1:]]) == 0, argv
+    return run
+
+
+def test_a_class_request_is_judged_on_the_retained_classes(class_run: Path) -> None:
+    """Q-MUL matching retrain after `forget --class 3` passes ta_drop with the default budgets: the forgotten
+    class's test accuracy is meant to fall, so only the other classes count."""
+    assert main(["validate", "--run", str(class_run), "--device", "x86-server"]) == 0
+    record = json.loads((class_run / "validation.json").read_text())
+    m, checks = record["metrics"], record["checks"]
+    assert m["forgotten_classes"] == [3]
+    assert checks["ta_drop"]["passed"] and "skipped" not in checks["ta_drop"]
+    assert checks["ta_drop"]["value"] == pytest.approx(m["TA_before_retained"] - m["TA_retained"])
+    assert m["TA_before"] - m["TA"] > 2.0  # all-class TA drops by the forgotten class: the old rule failed it
+    gap = checks["class_fa_gap_to_retrain"]
+    assert gap["passed"] and gap["value"] == pytest.approx(abs(m["FA"] - m["FA_retrain"]))
+    assert "TA, retained classes" in (class_run / "validation.md").read_text()
+
+
+def test_a_class_request_that_broke_other_classes_fails_ta_drop(class_run: Path, tmp_path: Path) -> None:
+    """The same request, but a model that also never predicts class 5: ta_drop on the retained classes fails."""
+    import copy
+
+    import torch
+    from edge_qmul.devices.profiles import load_profile
+    from edge_qmul.export.stage import export_onnx
+    from edge_qmul.export.validate import validate
+
+    from edge_qmul import pipeline, quant
+
+    q = pipeline.load_quantized(class_run)
+    rd = pipeline.load_run_data(class_run)
+    sets = rd.eval_sets()
+    broken = copy.deepcopy(q.float_model)
+    last = [m for m in broken.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.bias[5] = -1000.0  # class 5 is never predicted
+    int8 = quant.quantize_ptq(broken, list(sets.retain_x[:512].split(256)), q.backend)
+    path = export_onnx(int8, tmp_path / "broken.onnx", tuple(sets.test_x.shape[1:]))  # type: ignore[arg-type]
+    report = validate(path, sets, profile=load_profile("x86-server"), budgets=load_budgets(), int8=int8,
+                      before=q.int8, forgotten_classes={3})
+    ta_drop = report.checks["ta_drop"]
+    assert not ta_drop["passed"] and ta_drop["value"] > 5.0 and not report.passed
+    assert report.metrics["forgotten_classes"] == [3]
+    assert report.checks["class_fa_gap_to_retrain"]["skipped"] == "no retrained reference"
+    plain = validate(path, sets, profile=load_profile("x86-server"), budgets=load_budgets(), int8=int8,
+                     before=q.int8)  # not told it is a class request: the class gap check does not apply
+    assert plain.checks["class_fa_gap_to_retrain"]["skipped"] == "the forget set is not whole classes"
