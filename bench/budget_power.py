@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 from edge_qmul.export.budgets import load_budgets
-from edge_qmul.export.validate import fa_minus_ta_power, loss_auc_power
 
 from edge_qmul import pipeline
+from edge_qmul.evidence import fa_minus_ta_power, loss_auc_power
 from edge_qmul.metrics import logits_of, loss_attack, per_sample_loss
 
 SIZES = (20, 50, 200, 1000, 5400)

@@ -1,1 +1,1 @@
-"""edge_qmul.devices: device profiles and the on-board runtime (onnxruntime + numpy only, DESIGN §7)."""
+"""edge_qmul.devices: device profiles and the on-board runtime (onnxruntime + numpy only, ARCHITECTURE.md §7)."""

@@ -1,4 +1,4 @@
-"""Device profiles: one flat TOML file per board (DESIGN §7).
+"""Device profiles: one flat TOML file per board (ARCHITECTURE.md §7).
 
 A profile says what a board is (architecture, CPU, cores, ISA features, RAM), how the runtime should
 run on it (onnxruntime providers, threads), which quantization engine the int8 model must be built

@@ -1,4 +1,4 @@
-"""On-board check of a shipped int8 ONNX model (DESIGN §7, §9).
+"""On-board check of a shipped int8 ONNX model (ARCHITECTURE.md §7, §9).
 
 Runs on the device with nothing but the Python standard library, numpy and onnxruntime installed (no
 torch, no onnx, no other edge_qmul module), so this file can also be copied into a bundle and run on
@@ -248,7 +248,7 @@ def _check_contract(session: ort.InferenceSession, model_path: Path, pixels: np.
     """
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name: o for o in session.get_outputs()}
-    fix = f"export the model with input_names=['{INPUT_NAME}'] and output_names=['{OUTPUT_NAME}'] (DESIGN §3)"
+    fix = f"export the model with input_names=['{INPUT_NAME}'] and output_names=['{OUTPUT_NAME}'] (ARCHITECTURE.md §3)"
     if INPUT_NAME not in inputs:
         raise BadInputError(
             f"model file {model_path} has input(s) {', '.join(inputs)}, not the required {INPUT_NAME!r}", fix

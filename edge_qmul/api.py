@@ -143,9 +143,10 @@ class Run(RunDirectory):
     def quantize(self, cfg: QuantConfig | None = None, *, quiet: bool = True) -> pipeline.QuantizeResult:
         return pipeline.quantize(self, cfg or QuantConfig(), quiet=quiet)
 
-    def forget(self, **selection: Any) -> pipeline.ForgetReceipt:
-        """One of ``ids=[...]``, ``hashes=[...]``, ``klass=K``, ``count=N``, ``fraction=F``; ``request_id``."""
-        return pipeline.forget(self, source="api", **selection)
+    def forget(self, *, source: str = "api", **selection: Any) -> pipeline.ForgetReceipt:
+        """One of ``ids=[...]``, ``hashes=[...]``, ``klass=K``, ``count=N``, ``fraction=F``; ``request_id``;
+        ``source`` says in the ledger who filed it."""
+        return pipeline.forget(self, source=source, **selection)
 
     def unlearn(self, method: MethodConfig | None = None, *, quiet: bool = True) -> pipeline.UnlearnRecord:
         return pipeline.run_unlearn(self, QMul() if method is None else method, quiet=quiet)

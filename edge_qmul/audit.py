@@ -1,4 +1,4 @@
-"""Reference-model membership audit (LiRA-style, offline), DESIGN §5 "stronger audit".
+"""Reference-model membership audit (LiRA-style, offline), ARCHITECTURE.md §5.
 
 k reference models are trained with the run's own recipe on random halves of the training pool, in
 complementary pairs, and quantized like the deployed model (int8 PTQ). Each training sample is thus

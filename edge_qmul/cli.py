@@ -335,7 +335,7 @@ def cmd_forget(c: Context) -> int:
         raise ConfigError("--seed needs a value", "pass --seed N")
     hashes = _read_hashes(args.hashes) if args.hashes is not None else None
     out = c.run().forget(ids=args.ids, hashes=hashes, klass=args.klass, count=args.count, fraction=args.fraction,
-                         request_id=args.request_id, seed=args.seed)
+                         request_id=args.request_id, seed=args.seed, source="cli")
     state = "recorded" if out.added else "already recorded (no change)"
     print(f"request {out.request_id}: {out.samples} samples {state}; {out.forget_total} to forget in all")
     return 0
@@ -490,6 +490,18 @@ def run_command(args: argparse.Namespace) -> int:
     return COMMANDS[args.command](Context(args))
 
 
+def _quiet_library_warnings() -> None:
+    """torch's own deprecation notices (TypedStorage, quantized tensor creation, the TorchScript ONNX
+    exporter) concern its internals, not the user's command: keep them off the terminal. Our own warnings
+    and every error still show."""
+    import warnings
+
+    for module in ("torch", "onnxscript", "onnx"):
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+        warnings.filterwarnings("ignore", category=UserWarning, module=module)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -501,6 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    _quiet_library_warnings()
     try:
         return run_command(args)
     except EdgeQmulError as err:

@@ -215,7 +215,7 @@ class QuantConfig(StageConfig):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Unlearning method configs (DESIGN §4). The loop fields' defaults are the Q-MUL paper code's; each
+# Unlearning method configs (ARCHITECTURE.md §4). The loop fields' defaults are the Q-MUL paper code's; each
 # method class overrides them with its recommended settings.
 # ---------------------------------------------------------------------------------------------------
 
@@ -264,7 +264,7 @@ class LoopConfig(MethodConfig):
         _int_in(self, "seed", 0, MAX_SEED, "use a non-negative seed")
 
 
-# The released code's Q-MUL settings (DESIGN §4.1): all layers, sequential passes, 10 epochs at lr 0.01,
+# The released code's Q-MUL settings (ARCHITECTURE.md §4.1): all layers, sequential passes, 10 epochs at lr 0.01,
 # batch 256, ḡ over every batch.
 QMUL_PAPER_CODE: dict[str, Any] = {
     "layers": "all", "update": "sequential", "lr": 0.01, "epochs": 10, "batch_size": 256, "norm_batches": 0,
@@ -273,7 +273,7 @@ QMUL_PAPER_CODE: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class QMul(LoopConfig):
-    """Q-MUL (DESIGN §4.1). Recommended settings: chosen by the smallest mean Avg Gap on two tuning forget
+    """Q-MUL (ARCHITECTURE.md §4.1). Recommended settings: chosen by the smallest mean Avg Gap on two tuning forget
     sets disjoint from the reported one (bench/qmul_vs_retrain.py, results in bench/results/)."""
 
     name: ClassVar[str] = "qmul"
@@ -311,7 +311,7 @@ class QMul(LoopConfig):
 
 @dataclass(frozen=True)
 class Auto(QMul):
-    """The hybrid planner (DESIGN §4.3): exact replay when cheaper, else Q-MUL with these fields."""
+    """The hybrid planner (ARCHITECTURE.md §4.3): exact replay when cheaper, else Q-MUL with these fields."""
 
     name: ClassVar[str] = "auto"
 

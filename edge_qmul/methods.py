@@ -5,7 +5,7 @@ model will have, and returns a re-converted int8 model plus a log. ``retrain`` i
 proves the rule: it trains a float model from scratch on the retain set with the original recipe and
 quantizes it exactly like the deployed model; it is the reference every gap is measured against.
 
-Q-MUL (DESIGN §4.1) = random-label unlearning with two changes, both computed at the start of each
+Q-MUL (ARCHITECTURE.md §4.1) = random-label unlearning with two changes, both computed at the start of each
 epoch in eval mode: *similar labels* (the wrong class closest in probability to the true one) and
 *adaptive gradient reweighting* (w_f = ḡ_r / (ḡ_f + ḡ_r), w_r = ḡ_f / (ḡ_f + ḡ_r), where ḡ is the mean
 over batches of the sum of per-tensor gradient L2 norms).
@@ -537,7 +537,7 @@ class RetrainMethod(Method):
 
 @register(Auto)
 class AutoMethod(Method):
-    """The hybrid planner (DESIGN §4.3): exact replay from a generation checkpoint when that is estimated
+    """The hybrid planner (ARCHITECTURE.md §4.3): exact replay from a generation checkpoint when that is estimated
     to be cheaper than Q-MUL, Q-MUL (with this config's fields) otherwise. See ``edge_qmul.planner``."""
 
     cfg: Auto

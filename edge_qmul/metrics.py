@@ -1,4 +1,4 @@
-"""Accuracy, membership-inference efficacy and Avg Gap (DESIGN §5).
+"""Accuracy, membership-inference efficacy and Avg Gap (ARCHITECTURE.md §5).
 
 Works on any callable that maps a batch of pixels to logits: a torch int8 model now, the onnxruntime
 session later, so the numbers are computed the same way for every runtime.
@@ -6,7 +6,6 @@ session later, so the numbers are computed the same way for every runtime.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -137,21 +136,6 @@ def loss_attack(
     ]
     lo, hi = np.percentile(aucs, [2.5, 97.5]) if aucs else (auc, auc)
     return {"auc": auc, "tpr_at_1fpr": tpr_at_1, "auc_low": float(lo), "auc_high": float(hi)}
-
-
-def accuracy_gap_null_se(p: float, n_forget: int, n_test: int) -> float:
-    """Standard error, in points, of FA − TA for a forget set the model treats exactly like unseen data.
-
-    Both accuracies are then binomial with the same p (the test accuracy, as a proportion); normal
-    approximation.
-    """
-    return 100.0 * math.sqrt(p * (1.0 - p) * (1.0 / n_forget + 1.0 / n_test))
-
-
-def auc_null_se(n_forget: int, n_test: int) -> float:
-    """Standard error of the loss-attack AUC when forget and test losses share one distribution
-    (Mann–Whitney, no ties): sqrt((n_f + n_t + 1) / (12 n_f n_t))."""
-    return math.sqrt((n_forget + n_test + 1) / (12.0 * n_forget * n_test))
 
 
 def roc_points(forget_loss: np.ndarray, test_loss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

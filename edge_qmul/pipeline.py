@@ -1,4 +1,4 @@
-"""The core stages over a run directory (DESIGN §3): train / import, quantize, forget, unlearn, evaluate.
+"""The core stages over a run directory (ARCHITECTURE.md §3): train / import, quantize, forget, unlearn, evaluate.
 
 Every file is named by ``edge_qmul.run.ARTIFACTS`` and reached through a ``Run``; ``eq.Run`` and the CLI
 are thin layers over these functions. Stages refuse stale inputs: the quantized model records the float

@@ -1,4 +1,4 @@
-"""Hybrid planner (DESIGN §4.3): exact unlearning by replay when it is cheap, Q-MUL otherwise.
+"""Hybrid planner (ARCHITECTURE.md §4.3): exact unlearning by replay when it is cheap, Q-MUL otherwise.
 
 **Generations.** With ``TrainConfig.generations = G > 1`` the training list is cut into G generations
 (contiguous chunks of split.json's ``train`` order, fixed at training time and recorded per sample in

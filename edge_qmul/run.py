@@ -1,4 +1,4 @@
-"""The run directory and its one owner (DESIGN §3).
+"""The run directory and its one owner (ARCHITECTURE.md §3).
 
 A run directory holds every artifact of one model's life: the split, the float checkpoint, the deployed
 int8 model with its QAT copy, the forget ledger, unlearning results, the exported ONNX, its validation,

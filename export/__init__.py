@@ -1,1 +1,1 @@
-"""edge_qmul.export: ONNX export of the int8 model and its onnxruntime validation (DESIGN §3, §5-§6)."""
+"""edge_qmul.export: ONNX export of the int8 model and its onnxruntime validation (ARCHITECTURE.md §3, §5-§6)."""

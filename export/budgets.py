@@ -1,4 +1,4 @@
-"""Validation budgets: what a model must meet before it may ship (DESIGN §6).
+"""Validation budgets: what a model must meet before it may ship (ARCHITECTURE.md §6).
 
 A budgets file is a TOML table of ``check = limit``. Each check has a fixed direction (a floor or a
 ceiling) and reads one measured value; a limit of ``"profile"`` takes the device profile's budget.

@@ -1,4 +1,4 @@
-"""Signed bundles: what ships to a board (DESIGN §9).
+"""Signed bundles: what ships to a board (ARCHITECTURE.md §9).
 
 A bundle is one uncompressed tar archive holding
 
@@ -55,7 +55,7 @@ MANIFEST_METRICS = ("FA", "RA", "TA", "MIA", "loss_auc", "tpr_at_1fpr", "parity_
                     "latency_ms_p50", "latency_ms_p95", "peak_memory_mb", "size_bytes", "MIA_retrain",
                     "TA_retained", "FA_retrain")
 
-# What a deletion is backed by (certificates, manifests, status; DESIGN §9):
+# What a deletion is backed by (certificates, manifests, status; ARCHITECTURE.md §9):
 #   exact                    the model was retrained without the data (``retrain``, or ``auto`` that replayed);
 #   approximate-verified     approximate unlearning whose every forget-set check was conclusive and passed;
 #   approximate-inconclusive approximate unlearning with a forget-set check that could not tell at this size

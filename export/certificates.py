@@ -1,4 +1,4 @@
-"""Deletion certificates and the purge that follows them (DESIGN §9).
+"""Deletion certificates and the purge that follows them (ARCHITECTURE.md §9).
 
 ``certify(run_dir, key)`` takes the run's validated int8 model (fresh, passed; the same checks as
 bundling, verdicts recomputed) and, for every request that model honours and that has no certificate yet:

@@ -1,6 +1,6 @@
 """ONNX export of a run's int8 model (what ships to a board) and of its float model (for comparison).
 
-Contract (DESIGN §3): input ``pixels`` float32 NCHW in [0, 1] with the normalisation inside the graph,
+Contract (ARCHITECTURE.md §3): input ``pixels`` float32 NCHW in [0, 1] with the normalisation inside the graph,
 output ``logits`` float32 [batch, classes], dynamic batch, opset 17, ``metadata_props`` describing
 where the model came from. After export, onnxruntime's optimised graph is inspected: any op that
 computes in float inside the int8 region (between the input's QuantizeLinear and the output's

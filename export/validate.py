@@ -1,4 +1,4 @@
-"""Validate the exported int8 model in onnxruntime, the runtime the boards use (DESIGN §5–§6).
+"""Validate the exported int8 model in onnxruntime, the runtime the boards use (ARCHITECTURE.md §5–§6).
 
 Every number comes from onnxruntime outputs: parity with the torch int8 model, FA / RA / TA,
 MIA-efficacy, a loss-threshold attack (AUC, TPR at 1% FPR, bootstrap interval), latency and peak
@@ -22,7 +22,6 @@ import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -35,11 +34,10 @@ from edge_qmul.export.onnx_export import INPUT, INT8_KERNELS, check_contract, ch
 from edge_qmul import __version__, pipeline
 from edge_qmul.atomic import write_bytes, write_json, write_text
 from edge_qmul.errors import ExportError
+from edge_qmul.evidence import fa_minus_ta_power, loss_auc_power
 from edge_qmul.metrics import (
     EvalSets,
     accuracy,
-    accuracy_gap_null_se,
-    auc_null_se,
     evaluate_logits,
     logits_of,
     loss_attack,
@@ -276,9 +274,10 @@ def _judge(metrics: dict[str, Any], profile: DeviceProfile, budgets: Budgets) ->
         if check.statistical:
             n_f, n_t = int(metrics["forget_samples"]), int(metrics["test_samples"])
             if name == "fa_minus_ta":
-                power = fa_minus_ta_power(n_f, n_t, metrics["TA"] / 100.0, limit=limit, confidence=budgets.confidence)
+                power = fa_minus_ta_power(n_f, n_t, metrics["TA"] / 100.0, limit=limit, confidence=budgets.confidence,
+                                          value=float(value))
             else:
-                power = loss_auc_power(n_f, n_t, limit=limit, confidence=budgets.confidence)
+                power = loss_auc_power(n_f, n_t, limit=limit, confidence=budgets.confidence, value=float(value))
             checks[name].update(power)
             if "inconclusive" in power:
                 checks[name]["passed"] = True  # its verdict would be noise at this size: reported, not blocking
@@ -380,65 +379,6 @@ def validate_run(
     write_json(run.path("validation"), record)
     write_text(run.path("validation_md"), _markdown(record, plots))
     return Report(report.checks, report.metrics, report.passed, record)
-
-
-def fa_minus_ta_power(
-    n_forget: int, n_test: int, test_accuracy: float, *, limit: float, confidence: float
-) -> dict[str, Any]:
-    """Can ``fa_minus_ta`` tell a forgotten set from a remembered one with ``n_forget`` samples?
-
-    See :func:`forget_set_power`; the ideal FA − TA is 0 points, its sampling error binomial at the
-    measured test accuracy.
-    """
-    return forget_set_power(
-        lambda n: accuracy_gap_null_se(test_accuracy, n, n_test), n_forget, ideal=0.0, limit=limit,
-        confidence=confidence, unit=" points",
-    )
-
-
-def loss_auc_power(n_forget: int, n_test: int, *, limit: float, confidence: float) -> dict[str, Any]:
-    """Can ``loss_auc`` tell a forgotten set from a remembered one with ``n_forget`` samples? (ideal 0.5)"""
-    return forget_set_power(lambda n: auc_null_se(n, n_test), n_forget, ideal=0.5, limit=limit,
-                            confidence=confidence, unit="")
-
-
-def forget_set_power(
-    null_se: Any, n_forget: int, *, ideal: float, limit: float, confidence: float, unit: str
-) -> dict[str, Any]:
-    """The sampling noise of a forget-set check, and whether its verdict means anything at this size.
-
-    ``noise`` is the one-sided ``confidence`` quantile of the estimate's sampling error for a perfectly
-    forgotten set (true value ``ideal``). If the limit is closer to the ideal than that, a perfectly
-    forgotten set would fail the check more than 1 − ``confidence`` of the time: the check is then
-    *inconclusive* (reported, not blocking), with the smallest forget set that makes it conclusive. A
-    limit at or below the ideal is always judged (more samples would not make it fairer).
-    """
-    z = NormalDist().inv_cdf(confidence)
-    noise = z * null_se(n_forget)
-    out: dict[str, Any] = {"noise": noise, "confidence": confidence}
-    margin = limit - ideal
-    if margin > 0 and noise > margin:
-        needed = _smallest_conclusive_n(lambda n: z * null_se(n) <= margin)
-        out["inconclusive"] = (
-            f"with {n_forget} forget samples a perfectly forgotten set would exceed {limit:g}{unit} more than "
-            f"{1 - confidence:.0%} of the time (sampling noise {noise:.3g}{unit}); "
-            + (f"{needed} or more samples make it conclusive" if needed else "no forget set can at this test-set size")
-        )
-    return out
-
-
-def _smallest_conclusive_n(conclusive: Any, ceiling: int = 10_000_000) -> int | None:
-    """The smallest n for which ``conclusive(n)`` holds (it is monotone in n), or None below ``ceiling``."""
-    hi = 1
-    while not conclusive(hi):
-        hi *= 2
-        if hi > ceiling:
-            return None
-    lo = hi // 2  # conclusive(lo) is false (or lo == 0)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if conclusive(mid) else (mid, hi)
-    return hi
 
 
 def forgotten_classes(run: Run, rd: pipeline.RunData) -> set[int] | None:

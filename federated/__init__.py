@@ -1,4 +1,4 @@
-"""edge_qmul.federated: the Flower app that collects forget requests from devices (DESIGN §8).
+"""edge_qmul.federated: the Flower app that collects forget requests from devices (ARCHITECTURE.md §8).
 
 Each SuperNode is a device. It holds one partition of the run's training data (``partition``), a queue of
 deletion requests and an Ed25519 key (``task``). In one round (``coordinator.run_round``) the ServerApp:

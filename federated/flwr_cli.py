@@ -1,6 +1,6 @@
 """Driving a Flower deployment through the `flwr` CLI: start the app, poll its status, read its log.
 
-``flwr run`` can exit 0 for a run that later fails (DESIGN §8), so ``wait`` polls ``flwr list`` until
+``flwr run`` can exit 0 for a run that later fails (ARCHITECTURE.md §8), so ``wait`` polls ``flwr list`` until
 the run reaches a ``finished:*`` status. Used by ``edge-qmul rollout`` and the loopback deployment.
 """
 

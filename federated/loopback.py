@@ -4,7 +4,7 @@ Used by the deployment tests (tests/test_federated_deploy.py) and the intake loa
 (bench/intake_load.py). Every process runs in its own session with its own FLWR_HOME under ``root``,
 listens on 127.0.0.1 only, and is stopped by its process-group id (helpers a process spawns, such as
 flwr-serverapp and flwr-clientapp, share its group). The app is started with `flwr run <repo> lb` and its
-status polled with `flwr list` (DESIGN §8: `flwr run` can exit 0 on a failed run).
+status polled with `flwr list` (ARCHITECTURE.md §8: `flwr run` can exit 0 on a failed run).
 """
 
 from __future__ import annotations

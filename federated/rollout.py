@@ -1,4 +1,4 @@
-"""Staged rollout of a signed bundle over the Flower network (DESIGN §9).
+"""Staged rollout of a signed bundle over the Flower network (ARCHITECTURE.md §9).
 
 Server (``run_rollout``, the ServerApp in ``mode="rollout"``):
 
@@ -379,15 +379,11 @@ def filed_samples(device: Device) -> list[int]:
 
 def forget_check_level(auc: float, n_forgotten: int, n_held: int, max_auc: float, confidence: float = 0.95) -> str:
     """The on-board forget check's level, by the rule validation applies to ``loss_auc``
-    (``edge_qmul.export.validate.forget_set_power``): inconclusive when a perfectly forgotten set of this
-    size would exceed ``max_auc`` more than 1 - ``confidence`` of the time."""
-    from statistics import NormalDist
+    (``edge_qmul.evidence.loss_auc_power``): inconclusive when its verdict would be noise at these sizes."""
+    from edge_qmul.evidence import loss_auc_power
 
-    from edge_qmul.metrics import auc_null_se
-
-    noise = NormalDist().inv_cdf(confidence) * auc_null_se(n_forgotten, n_held)
-    margin = max_auc - 0.5
-    if margin > 0 and noise > margin:
+    power = loss_auc_power(n_forgotten, n_held, limit=max_auc, confidence=confidence, value=auc)
+    if "inconclusive" in power:
         return "approximate-inconclusive"
     return "approximate-verified" if auc <= max_auc else "failed"
 

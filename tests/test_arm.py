@@ -1,6 +1,6 @@
 """The int8 model on an emulated ARM board: aarch64 onnxruntime under qemu-user vs x86 onnxruntime.
 
-DESIGN §7: the on-board runtime (devices/runtime.py) runs with the aarch64 python3.11, onnxruntime and
+ARCHITECTURE.md §7: the on-board runtime (devices/runtime.py) runs with the aarch64 python3.11, onnxruntime and
 numpy under ``qemu-aarch64-static -cpu cortex-a72`` (devices/arm/run_emulated.sh, cache built by
 devices/arm/build_sysroot.sh outside the repository). A small CNN trained on digits is quantized with
 PTQ for each backend (qnnpack: what ARM boards use; x86), exported to ONNX, and its logits from x86

@@ -106,7 +106,7 @@ def test_budgets_defaults_and_unknown_check(tmp_path: Path) -> None:
 
 
 def test_forget_set_checks_are_inconclusive_only_where_their_verdict_would_be_noise() -> None:
-    from edge_qmul.export.validate import fa_minus_ta_power, loss_auc_power
+    from edge_qmul.evidence import fa_minus_ta_power, loss_auc_power
 
     # one request of 20 samples, TA 91.67%: a perfectly forgotten set scatters by ~10 points of FA − TA,
     # so a 3-point limit cannot be judged; from ~235 samples on it can
@@ -118,6 +118,13 @@ def test_forget_set_checks_are_inconclusive_only_where_their_verdict_would_be_no
     assert "inconclusive" not in fa_minus_ta_power(20, 10_000, 0.9167, limit=3.0, confidence=0.5)
     assert "23 or more samples" in loss_auc_power(20, 10_000, limit=0.6, confidence=0.95)["inconclusive"]
     assert "inconclusive" not in loss_auc_power(20, 10_000, limit=0.0, confidence=0.95)
+    # a value that passes by more than its noise is a conclusive pass at any size (a forgotten class: FA
+    # 87 points under TA on 122 samples); a value within the noise, or failing, stays inconclusive
+    assert fa_minus_ta_power(122, 360, 0.9, limit=3.0, confidence=0.95)["noise"] > 3.0
+    assert "inconclusive" not in fa_minus_ta_power(122, 360, 0.9, limit=3.0, confidence=0.95, value=-87.0)
+    assert "inconclusive" in fa_minus_ta_power(20, 10_000, 0.9167, limit=3.0, confidence=0.95, value=-2.0)
+    assert "inconclusive" in fa_minus_ta_power(20, 10_000, 0.9167, limit=3.0, confidence=0.95, value=9.0)
+    assert "inconclusive" not in loss_auc_power(20, 10_000, limit=0.6, confidence=0.95, value=0.2)
 
 
 def test_validate_passes_writes_reports_and_fails_on_a_tight_budget(

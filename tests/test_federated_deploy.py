@@ -1,5 +1,5 @@
 """The real deployment: flower-superlink + three flower-supernode processes on loopback, the app started with
-`flwr run <repo> lb`, the run polled with `flwr list` (DESIGN §8: `flwr run` can exit 0 on a failed run).
+`flwr run <repo> lb`, the run polled with `flwr list` (ARCHITECTURE.md §8: `flwr run` can exit 0 on a failed run).
 
 Every process runs in its own session and is stopped by its process-group id in a finally block; each
 process has its own FLWR_HOME under the test's tmp dir. Run with `pytest -m federated`.

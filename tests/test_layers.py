@@ -1,4 +1,4 @@
-"""The layering contract (DESIGN §2), over the import graph of the source tree: every import counts, including
+"""The layering contract (ARCHITECTURE.md §2), over the import graph of the source tree: every import counts, including
 imports inside functions and ``TYPE_CHECKING`` blocks. ``make lint`` runs this file.
 
 Bottom to top: core (``edge_qmul`` minus cli / status); devices, then export (export may import devices,

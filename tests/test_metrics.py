@@ -89,7 +89,8 @@ def test_fast_auc_equals_sklearn_with_ties() -> None:
 def test_null_standard_errors_match_simulated_forgotten_sets(n_forget: int) -> None:
     """A forget set the model treats exactly like unseen data: FA − TA and the loss-attack AUC scatter
     around 0 and 0.5 with the standard errors the validation uses to decide whether a check is conclusive."""
-    from edge_qmul.metrics import accuracy_gap_null_se, auc_low_loss_is_member, auc_null_se
+    from edge_qmul.evidence import accuracy_gap_null_se, auc_null_se
+    from edge_qmul.metrics import auc_low_loss_is_member
 
     rng = np.random.default_rng(n_forget)
     p, n_test, draws = 0.92, 10_000, 2000

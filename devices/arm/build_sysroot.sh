@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build (idempotently) what the on-board runtime needs to run on an emulated aarch64 board (DESIGN §7):
+# Build (idempotently) what the on-board runtime needs to run on an emulated aarch64 board (ARCHITECTURE.md §7):
 #
 #   CACHE/sysroot/   an aarch64 Debian userland with python3.11, unpacked from Debian's arm64 packages
 #   CACHE/site/      the aarch64 onnxruntime + numpy wheels (same versions as .venv), unzipped: PYTHONPATH
@@ -24,7 +24,7 @@ CACHE="${1:-${EDGE_QMUL_ARM_CACHE:-$HOME/.cache/edge-qmul/arm64}}"
 # The venv whose onnxruntime / numpy versions the emulated board must match (x86 reference = same build).
 VENV_PY="${EDGE_QMUL_PYTHON:-$REPO/.venv/bin/python}"
 
-# Debian arm64 packages forming a minimal python3.11 userland (the DESIGN §7 list). They are unpacked,
+# Debian arm64 packages forming a minimal python3.11 userland (the ARCHITECTURE.md §7 list). They are unpacked,
 # never installed: no maintainer scripts run and the host's dpkg database does not learn about them.
 # Left out on purpose: libdb5.3 (only the dbm module) and libtirpc3's Kerberos libraries (only the nis
 # module); the runtime imports neither. Debian's python3.11 bundles libmpdec, so none is needed.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the on-board runtime (devices/runtime.py) on an emulated aarch64 board (DESIGN §7):
+# Run the on-board runtime (devices/runtime.py) on an emulated aarch64 board (ARCHITECTURE.md §7):
 # the sysroot's aarch64 python3.11 under qemu-aarch64-static -cpu cortex-a72, with the aarch64
 # onnxruntime / numpy wheels, seeing an ARM /proc/cpuinfo.
 #
