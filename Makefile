@@ -18,7 +18,7 @@ demo: install
 lint: install
 	$(BIN)/ruff check edge_qmul export federated devices tests bench
 	$(BIN)/mypy edge_qmul export devices federated
-	$(BIN)/pytest -q -p no:cacheprovider tests/test_layers.py   # the import contract (DESIGN §2)
+	$(BIN)/pytest -q -p no:cacheprovider tests/test_layers.py   # the import contract (ARCHITECTURE.md §2)
 
 test: lint
 	$(BIN)/pytest -q -m "not slow and not federated and not arm"
@@ -27,7 +27,7 @@ test: lint
 test-slow: install
 	$(BIN)/pytest -q -m slow
 
-# ARM emulation (qemu aarch64, DESIGN §7): builds a cached sysroot outside the repo; needs root once.
+# ARM emulation (qemu aarch64, ARCHITECTURE.md §7): builds a cached sysroot outside the repo; needs root once.
 test-arm: install
 	bash devices/arm/build_sysroot.sh
 	$(BIN)/pytest -q -m arm
