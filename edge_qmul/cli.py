@@ -504,7 +504,10 @@ def _quiet_library_warnings() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse: --help (0) or a usage error it has printed (2)
+        return exit_.code if isinstance(exit_.code, int) else 2
     if args.version:
         from edge_qmul import __version__
 

@@ -494,10 +494,12 @@ def _save(fig: Any, path: Path) -> None:
 def _markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
     m = report["metrics"]
     lines = [
-        f"# Validation: {report['model']} on {report['device']}",
+        f"# Validation: {report['model']} against the {report['device']} profile",
         "",
         f"- model sha256 `{report['model_sha256']}`, method `{report['method']}`, "
         f"{report['threads']} thread(s), budgets: {report['budgets']}",
+        f"- latency and peak memory measured on this host ({report['on_board'].get('machine', 'unknown')}), "
+        f"not on a {report['device']} board: judged against the {report['device']} profile's budgets",
         f"- result: **{'PASS' if report['passed'] else 'FAIL'}**",
         "",
         "| check | value | limit | |",

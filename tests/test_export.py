@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 from pathlib import Path
 
@@ -148,6 +149,7 @@ def test_validate_passes_writes_reports_and_fails_on_a_tight_budget(
     assert m["parity_top1"] >= 99.5
     assert "moved_forgetting" in m["quantization_shift"]
     md = (exported / "validation.md").read_text()
+    assert "against the x86-server profile" in md and f"measured on this host ({platform.machine()})" in md
     for png in ("validation_roc.png", "validation_per_class.png", "validation_conf.png"):
         assert png in md and (exported / png).stat().st_size > 1000
     probe = np.load(exported / "probe.npz", allow_pickle=False)

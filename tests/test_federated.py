@@ -595,7 +595,13 @@ def test_federated_round_unlearns_with_the_devices(trained_run: Path, tmp_path: 
     pipeline.run_unlearn(run_dir, method_config("qmul", {"epochs": 3}), quiet=True)
     central = json.loads((run_dir / "unlearn" / "qmul" / "log.json").read_text())["log"]["epochs"]
     assert len(forget_ids) > 400
-    assert log["rounds"][0]["forget_acc"] == pytest.approx(central[0]["forget_acc"], abs=1e-4)
+    # Equal up to one sample: the head's float GEMM over a device's 419-sample batch and over the server's
+    # 439-sample batch sums in different orders, and on an AVX2 machine one forget sample's fc1 output sits
+    # on a fake-quant rounding boundary (410 vs 409 correct on this machine; the previous CI machine, AVX-512
+    # VNNI, agreed exactly). A pooling
+    # bug moves it by far more (counting a 10-sample batch as 256 samples: tens of points).
+    one_sample = 100.0 / len(forget_ids)
+    assert abs(log["rounds"][0]["forget_acc"] - central[0]["forget_acc"]) <= one_sample + 1e-4
     assert abs(log["rounds"][0]["w_f"] - central[0]["w_f"]) < 0.05
     # The end models are not compared by Avg Gap here: on digits (359 test samples) the MIA term is noise
     # (central Q-MUL alone: 33.3 after 3 epochs, 12.5 after 5). The end-to-end comparison of both modes

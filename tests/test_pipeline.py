@@ -10,6 +10,8 @@ from conftest import copy_run
 
 from edge_qmul import data, pipeline, quant
 from edge_qmul.config import method_config
+from edge_qmul.errors import CheckpointError
+from edge_qmul.run import Run
 
 
 def test_feature_cache_equals_the_int8_features(demo_run: Path, tmp_path: Path) -> None:
@@ -22,7 +24,7 @@ def test_feature_cache_equals_the_int8_features(demo_run: Path, tmp_path: Path) 
     fx, _ = rd.tensors("forget")
     rx, _ = rd.tensors("retain")
     with torch.no_grad():
-        extractor = quant.int8_features(q.qat)
+        extractor = quant.int8_features(q.qat, head=q.model_cfg.head)  # the features the head reads
         assert torch.equal(cache.forget, extractor(fx))
         assert torch.equal(cache.retain, extractor(rx))
 
@@ -49,6 +51,7 @@ def test_feature_cache_leaves_purged_samples_out_and_refuses_a_cache_missing_one
     held = payload["indices"] != retain[3]
     payload["indices"], payload["values"] = payload["indices"][held], payload["values"][held]
     torch.save(payload, run / "features.pt")
+    Run(run).record("features")  # as a stage writing such a cache would
     assert pipeline.load_features(run, q, rd.split) is None  # a sample it does not hold: computed afresh
 
 
@@ -61,7 +64,11 @@ def test_stale_feature_cache_is_not_used(demo_run: Path, tmp_path: Path) -> None
     payload = torch.load(run / "features.pt", weights_only=True)
     payload["quantized_sha256"] = "0" * 64
     torch.save(payload, run / "features.pt")
+    Run(run).record("features")  # a cache made for another deployed model, by a stage: stale, not corrupt
     assert pipeline.load_features(run, q, rd.split) is None
+    (run / "features.pt").write_bytes((run / "features.pt").read_bytes()[:-1])  # corrupt: refused, not reused
+    with pytest.raises(CheckpointError, match="changed after it was written"):
+        pipeline.load_features(run, q, rd.split)
 
 
 def test_train_fraction_keeps_a_seeded_share_of_the_training_list(tmp_path: Path) -> None:

@@ -92,6 +92,11 @@ def test_unlearn_refuses_an_empty_retain_set(run: Path, capsys: pytest.CaptureFi
              f"{method}: the retain set is empty", f"all {len(train)} training samples", "fix:")
 
 
+def test_export_without_the_run_record_names_it(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (run / "run.json").unlink()  # was a FileNotFoundError traceback
+    _refused(["export", "--run", str(run)], run, 4, capsys, "run.json does not exist", "edge-qmul train")
+
+
 # --- 3. TOML nested 50,000 deep (was a RecursionError) ----------------------------------------------------------
 
 
