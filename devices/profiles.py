@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import difflib
 import re
-import tomllib
 from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
+from edge_qmul.config import parse_toml
 from edge_qmul.errors import ConfigError
 
 ARCHES: dict[str, str] = {"aarch64": "qnnpack", "x86_64": "x86"}
@@ -212,14 +212,4 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
                 f"use one of the shipped profiles: {', '.join(list_profiles())}, or a path to a .toml file",
             )
         raw = entry.read_text(encoding="utf-8")
-    try:
-        values = tomllib.loads(raw)
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"device profile {where} is not valid TOML: {err}", "fix the syntax") from err
-    except RecursionError as err:  # tomllib recurses once per level of nesting
-        raise ConfigError(f"device profile {where} nests arrays or tables too deeply to read",
-                          "write flat key = value lines") from err
-    except ValueError as err:  # an integer of more digits than Python converts
-        raise ConfigError(f"device profile {where} holds a number too long to read",
-                          "write ordinary numbers") from err
-    return profile_from_dict(values, where)
+    return profile_from_dict(parse_toml(raw, f"device profile {where}", "key = value lines"), where)

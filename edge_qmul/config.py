@@ -481,26 +481,32 @@ def _check_unlearn_table(table: Mapping[str, Any], where: str) -> None:
     raise errors[0]
 
 
+def parse_toml(text: str, what: str, layout: str) -> dict[str, Any]:
+    """TOML text as a dict; every way it can fail is one ConfigError naming ``what`` (the file) and the
+    ``layout`` it should have. The one TOML reader of config files, budgets and device profiles."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{what} is not valid TOML: {err}", f"fix the syntax ({layout})") from err
+    except RecursionError as err:  # tomllib recurses once per level of nesting
+        raise ConfigError(f"{what} nests arrays or tables too deeply to read", f"write flat {layout}") from err
+    except ValueError as err:  # an integer of more digits than Python converts
+        raise ConfigError(f"{what} holds a number too long to read", "write ordinary numbers") from err
+
+
 def load_toml(path: str | Path | None) -> dict[str, dict[str, Any]]:
     """Read a config file into {section: {key: value}}; validates section and key names and values."""
     if path is None:
         return {}
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError as err:
         raise ConfigError(f"config file not found: {path}", "check the --config path") from err
-    except OSError as err:
+    except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read config file {path} ({err.__class__.__name__})",
                           "pass a TOML file to --config") from err
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"config file {path} is not valid TOML: {err}", "fix the syntax") from err
-    except RecursionError as err:  # tomllib recurses once per level of nesting
-        raise ConfigError(f"config file {path} nests arrays or tables too deeply to read",
-                          "write flat key = value lines under [data] [train] [quant] [unlearn]") from err
-    except ValueError as err:  # an integer of more digits than Python converts
-        raise ConfigError(f"config file {path} holds a number too long to read",
-                          "write options as ordinary numbers") from err
+    raw = parse_toml(text, f"config file {path}", "key = value lines under [data] [train] [quant] [unlearn]")
     out: dict[str, dict[str, Any]] = {}
     for section, table in raw.items():
         if section not in SECTIONS or not isinstance(table, dict):

@@ -15,11 +15,11 @@ its verdict would be noise. ``confidence = 0.5`` judges every size.
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from edge_qmul.config import parse_toml
 from edge_qmul.errors import ConfigError
 
 
@@ -109,15 +109,7 @@ def load_budgets(path: str | Path | None = None) -> Budgets:
 
 
 def _parse(text: str, source: str) -> tuple[dict[str, float | str], float | None]:
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{source} is not valid TOML: {err}", "fix the syntax") from err
-    except RecursionError as err:  # tomllib recurses once per level of nesting
-        raise ConfigError(f"{source} nests arrays or tables too deeply to read",
-                          "write flat check = limit lines under [budgets]") from err
-    except ValueError as err:  # an integer of more digits than Python converts
-        raise ConfigError(f"{source} holds a number too long to read", "write limits as ordinary numbers") from err
+    raw = parse_toml(text, str(source), "check = limit lines under [budgets]")
     table = raw.get("budgets", raw)
     if not isinstance(table, dict) or ("budgets" in raw and len(raw) > 1):
         raise ConfigError(f"{source}: the checks must form one [budgets] table (or be top-level keys)",
