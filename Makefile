@@ -13,7 +13,7 @@ $(BIN)/edge-qmul: pyproject.toml
 install: $(BIN)/edge-qmul
 
 demo: install
-	$(BIN)/edge-qmul demo
+	$(BIN)/edge-qmul demo --forget-class 3
 
 lint: install
 	$(BIN)/ruff check edge_qmul export federated devices tests bench

@@ -126,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_flags(p)
     _add_train_flags(p)
     _add_quant_flags(p)
-    p.add_argument("--forget-fraction", type=FRACTION, default=0.1, help="fraction of training samples to forget")
+    forget_sel = p.add_mutually_exclusive_group()
+    forget_sel.add_argument("--forget-fraction", type=FRACTION, default=0.1,
+                            help="fraction of training samples to forget (default 0.1)")
+    forget_sel.add_argument("--forget-class", type=CLASS, help="forget every training sample of this class instead")
     p.add_argument("--methods", help="comma-separated methods (default: retrain,qmul,finetune,random_label,"
                    "grad_ascent,famr)")
 
@@ -289,6 +292,7 @@ def cmd_demo(c: Context) -> int:
     if unlearn_toml.pop("method", "qmul") != "qmul":
         raise ConfigError("a demo's [unlearn] table configures qmul", 'leave out method = ... or set it to "qmul"')
     demo.demo(run_dir, c.data(), c.train(), c.quant(), forget_fraction=args.forget_fraction,
+              forget_class=args.forget_class,
                   methods=tuple(methods) if methods else demo.DEMO_METHODS, unlearn_overrides=unlearn_toml,
                   quiet=args.quiet)
     print(f"report: {pipeline.as_run(run_dir).path('report')}")

@@ -42,6 +42,7 @@ def demo(
     quant_cfg: QuantConfig,
     *,
     forget_fraction: float = 0.1,
+    forget_class: int | None = None,
     methods: tuple[str, ...] = DEMO_METHODS,
     unlearn_overrides: dict[str, Any] | None = None,
     quiet: bool = False,
@@ -58,7 +59,10 @@ def demo(
         f"quantized ({info.backend}): float TA {info.float_test_acc:.2f}, int8 TA {info.int8_test_acc:.2f}, "
         f"PTQ/QAT agreement {info.ptq_qat_agreement:.2f}%"
     )
-    req = forget(run_dir, fraction=forget_fraction, seed=data_cfg.seed)
+    if forget_class is None:
+        req = forget(run_dir, fraction=forget_fraction, seed=data_cfg.seed)
+    else:  # a whole class: where the untouched model is far from retrain and the methods separate
+        req = forget(run_dir, klass=forget_class)
     echo(f"forget request {req.request_id}: {req.samples} samples")
     for m in methods:
         meta = run_unlearn(run_dir, method_config(m, unlearn_overrides if m == "qmul" else None), quiet=quiet)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_qmul import data
 from edge_qmul.cli import main
 from edge_qmul.run import Run
 
@@ -201,3 +202,17 @@ def test_the_split_is_frozen_once_the_ledger_has_requests(demo_run: Path, tmp_pa
     assert main(["train", "--run", str(run), "--dataset", "synthetic", "--epochs", "1", "--quiet"]) == 5
     assert "start a new run directory" in capsys.readouterr().err
     assert _hashes(run) == before
+
+
+def test_the_class_demo_separates_the_methods(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "demo-class"
+    assert main(["demo", "--run", str(run), "--forget-class", "3", "--quiet", "--methods", "retrain,qmul"]) == 0
+    report = json.loads((run / "report.json").read_text())
+    labels = data.load_dataset("digits").train.labels
+    train = json.loads((run / "split.json").read_text())["train"]
+    assert report["forget_count"] == sum(int(labels[i]) == 3 for i in train)
+    rows = report["methods"]
+    assert rows["retrain"]["FA"] == 0.0  # retrain never saw a 3
+    assert rows["none"]["avg_gap"] > 20  # the untouched model is far from retrain
+    assert rows["qmul"]["avg_gap"] < rows["none"]["avg_gap"]  # Q-MUL moves towards it
+    assert "Warning" not in capsys.readouterr().err
