@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import tomllib
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -104,7 +105,7 @@ def _one_of(cfg: Config, key: str, choices: tuple[str, ...]) -> None:
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(ABC):
     """Base of every config: fields of the types in ``_TYPES``, checked on construction."""
 
     section: ClassVar[str] = ""  # the TOML table, used in messages
@@ -112,8 +113,9 @@ class Config:
     def __post_init__(self) -> None:
         _check_types(self)
 
+    @abstractmethod
     def to_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The config as plain data that ``config_from_dict`` rebuilds."""
 
 
 @dataclass(frozen=True)

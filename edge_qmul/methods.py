@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -121,7 +122,7 @@ class Step:
     kind: str  # "forget" | "retain" | "mixed"
 
 
-class Method:
+class Method(ABC):
     """Base class: ``run`` a method with its config. ``register(ConfigClass)`` sets ``name`` and ``config_class``."""
 
     name: ClassVar[str] = ""
@@ -130,8 +131,9 @@ class Method:
     def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg
 
+    @abstractmethod
     def run(self, ctx: UnlearnContext) -> UnlearnResult:
-        raise NotImplementedError(f"{type(self).__name__} must implement run()")
+        """Unlearn ``ctx``'s forget set from ``ctx.qat`` (in place) and return the re-converted result."""
 
 
 class LoopMethod(Method):
@@ -151,8 +153,9 @@ class LoopMethod(Method):
     def begin_epoch(self, ctx: UnlearnContext, epoch: int) -> dict[str, float]:
         return {}
 
+    @abstractmethod
     def steps(self, ctx: UnlearnContext, epoch: int) -> Iterator[Step]:
-        raise NotImplementedError(f"{type(self).__name__} must implement steps() or run()")
+        """This epoch's batches, each with its labels and loss weights."""
 
     def loss(self, ctx: UnlearnContext, logits: torch.Tensor, step: Step) -> torch.Tensor:
         ce = F.cross_entropy(logits, step.y, reduction="none")
