@@ -25,7 +25,7 @@ from torch import nn
 
 from edge_qmul import pipeline, quant, usermodel
 from edge_qmul.config import Auto, DataConfig, MethodConfig, QMul, QuantConfig, Retrain, TrainConfig
-from edge_qmul.errors import ConfigError, ExportError
+from edge_qmul.errors import ConfigError
 from edge_qmul.methods import UnlearnContext
 from edge_qmul.methods import unlearn as run_method
 from edge_qmul.run import Run as RunDirectory
@@ -88,14 +88,7 @@ def quantize(model: nn.Module, calibration: Any, backend: str = "x86", *, head: 
     usermodel.check_traceable(model, type(model).__name__)
     head_name = usermodel.head_name(model, head)
     batches = list(x.split(256))
-    int8 = quant.quantize_ptq(model, batches, backend)
-    islands = quant.float_layers(int8)
-    if islands:
-        named = ", ".join(f"{name} ({kind})" for name, kind in islands[:6])
-        raise ExportError(f"{len(islands)} op(s) have no int8 kernel in the {backend} backend: {named}",
-                          "replace them with layers that quantize (Conv, Linear, ReLU, ReLU6, add, pooling)")
-    qat = quant.prepare_qat(model, backend, batches[0])
-    quant.calibrate_qat(qat, batches)
+    int8, qat = quant.int8_and_qat(model, batches, backend, f"model {type(model).__name__}")
     return Quantized(int8, qat, backend, head_name, int(out.shape[1]))
 
 

@@ -502,10 +502,7 @@ class FamrMethod(LoopMethod):
 
 def quantize_float(ctx: UnlearnContext, float_model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(QAT copy, int8 model) of a retrained float model, quantized the way the deployed one was."""
-    calib = list(ctx.retain_x[: ctx.calib_size].split(256))
-    int8 = quant.quantize_ptq(float_model, calib, ctx.backend)
-    qat = quant.prepare_qat(float_model, ctx.backend, calib[0])
-    quant.calibrate_qat(qat, calib)
+    int8, qat = quant.int8_and_qat(float_model, list(ctx.retain_x[: ctx.calib_size].split(256)), ctx.backend)
     return qat, int8
 
 

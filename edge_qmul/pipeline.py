@@ -22,7 +22,7 @@ from torch import nn
 from edge_qmul import __version__, data, planner, quant, usermodel
 from edge_qmul.atomic import write_bytes, write_json
 from edge_qmul.config import DataConfig, LoopConfig, MethodConfig, QuantConfig, config_hash
-from edge_qmul.errors import CheckpointError, ConfigError, DataError, ExportError, ForgetRequestError
+from edge_qmul.errors import CheckpointError, ConfigError, DataError, ForgetRequestError
 from edge_qmul.methods import (
     FeatureCache,
     LoopMethod,
@@ -354,16 +354,7 @@ def quantize(run_dir: Run | Path, quant_cfg: QuantConfig, *, quiet: bool = False
     x, _ = rd.tensors("train")
     calib = _calib_batches(x, quant_cfg.calibration_size)
     t_quant = time.perf_counter()
-    int8 = quant.quantize_ptq(model, calib, quant_cfg.backend)
-    islands = quant.float_layers(int8)
-    if islands:
-        named = ", ".join(f"{name} ({kind})" for name, kind in islands[:6])
-        raise ExportError(f"model {model_cfg.name}: {len(islands)} op(s) have no int8 kernel in the "
-                          f"{quant_cfg.backend} backend and would run in float inside the int8 model: {named}",
-                          "replace them with layers that quantize (Conv, Linear, ReLU, ReLU6, add, pooling), "
-                          "or move them before the model's first layer / after its head")
-    qat = quant.prepare_qat(model, quant_cfg.backend, calib[0])
-    quant.calibrate_qat(qat, calib)
+    int8, qat = quant.int8_and_qat(model, calib, quant_cfg.backend, f"model {model_cfg.name}")
     quant_seconds = time.perf_counter() - t_quant
     tx, ty = rd.tensors("test")
     with torch.no_grad():

@@ -65,7 +65,7 @@ from torch.ao.quantization.backend_config import (
 )
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 
-from edge_qmul.errors import CheckpointError, ConfigError
+from edge_qmul.errors import CheckpointError, ConfigError, ExportError
 
 
 @dataclass(frozen=True)
@@ -558,3 +558,22 @@ def float_layers(int8: nn.Module) -> list[tuple[str, str]]:
 _SHAPE_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout)
 _SHAPE_OPS = {"flatten", "reshape", "view", "permute", "transpose", "squeeze", "unsqueeze", "contiguous", "size",
               "getitem", "detach", "clone", "chunk", "split"}
+
+
+def int8_and_qat(
+    float_model: nn.Module, calib: list[torch.Tensor], backend_name: str, what: str = "the model"
+) -> tuple[nn.Module, nn.Module]:
+    """The deployed int8 model (PTQ) and its QAT copy calibrated on the same batches: what every stage that
+    quantizes a float model makes. A layer left in float inside the int8 model (no int8 kernel in the backend)
+    is refused, named (``ExportError``, exit 8)."""
+    int8 = quantize_ptq(float_model, calib, backend_name)
+    islands = float_layers(int8)
+    if islands:
+        named = ", ".join(f"{name} ({kind})" for name, kind in islands[:6])
+        raise ExportError(f"{what}: {len(islands)} op(s) have no int8 kernel in the {backend_name} backend and "
+                          f"would run in float inside the int8 model: {named}",
+                          "replace them with layers that quantize (Conv, Linear, ReLU, ReLU6, add, pooling), "
+                          "or move them before the model's first layer / after its head")
+    qat = prepare_qat(float_model, backend_name, calib[0])
+    calibrate_qat(qat, calib)
+    return int8, qat
