@@ -46,7 +46,10 @@ SCHEDULES = ("cosine", "constant")
 UPDATES = ("sequential", "mixed")
 LABEL_VARIANTS = ("faithful", "paper_code", "random")  # "random": a uniformly random wrong class (ablation)
 FORGET_TARGETS = ("none", "val")
-LAYERS = ("all", "classifier")
+# Which parameters a loop method trains: "classifier" (the head), "last-K-blocks" (the head and the K blocks
+# before it, e.g. "last-1-blocks"; edge_qmul.quant.blocks says what a block is) or "all".
+LAYERS = ("all", "classifier", "last-K-blocks")
+NORM_POOLINGS = ("sum", "l2")  # Q-MUL's ḡ: the sum of per-tensor gradient norms (paper) or one global L2 norm
 
 MAX_EPOCHS = 10_000
 MAX_COUNT = 2**31 - 1  # batch sizes and batch / sample counts
@@ -97,6 +100,20 @@ def _float_in(cfg: Config, key: str, fix: str, *, lo: float = 0.0, hi: float = m
 def _one_of(cfg: Config, key: str, choices: tuple[str, ...]) -> None:
     if getattr(cfg, key) not in choices:
         raise _bad(cfg, key, f"choose one of: {', '.join(choices)}")
+
+
+def scope_blocks(layers: str) -> int | None:
+    """Blocks before the head a ``layers`` value trains: 0 for "classifier", -1 for "all", K for
+    "last-K-blocks"; None if the value is not one of those."""
+    if layers == "classifier":
+        return 0
+    if layers == "all":
+        return -1
+    parts = layers.split("-")
+    if len(parts) == 3 and parts[0] == "last" and parts[2] == "blocks" and parts[1].isdigit():
+        k = int(parts[1])
+        return k if 1 <= k <= MAX_COUNT else None
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -232,7 +249,8 @@ class LoopConfig(MethodConfig):
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"
-    # Which parameters move: "all", or "classifier" (the Linear layers only; conv features stay put).
+    # Which parameters move: "classifier" (the head only; the features stay as deployed), "last-K-blocks"
+    # (the head and the K blocks before it) or "all".
     layers: str = "all"
     # Bounded retain sampling: k > 0 draws k random retain batches per epoch, used both for ḡ_r and
     # for the retain update; 0 uses the whole retain set every epoch, as the paper's code does.
@@ -256,7 +274,8 @@ class LoopConfig(MethodConfig):
         _float_in(self, "momentum", "use e.g. 0.9 (in [0, 1))", hi=1.0)
         _float_in(self, "weight_decay", "use e.g. 5e-4 (0 or more)")
         _one_of(self, "schedule", SCHEDULES)
-        _one_of(self, "layers", LAYERS)
+        if scope_blocks(self.layers) is None:
+            raise _bad(self, "layers", "use 'classifier', 'all' or 'last-K-blocks' with K >= 1, e.g. 'last-1-blocks'")
         _int_in(self, "retain_batches", 0, MAX_COUNT, "use 0 to disable")
         _int_in(self, "repair_batches", 0, MAX_COUNT, "use 0 to disable")
         _float_in(self, "retain_ratio", "use a non-negative ratio (0 = off)")
@@ -270,6 +289,15 @@ class LoopConfig(MethodConfig):
 # batch 256, ḡ over every batch.
 QMUL_PAPER_CODE: dict[str, Any] = {
     "layers": "all", "update": "sequential", "lr": 0.01, "epochs": 10, "batch_size": 256, "norm_batches": 0,
+}
+
+# Q-MUL's recommended recipe per scope (QMul.for_scope, Auto's escalation). "classifier" is the class defaults;
+# the others were chosen on tuning forget sets and the validation split of the memorizing benchmark
+# (bench/memorize.py, bench/results/memorize.md).
+QMUL_SCOPE_RECIPES: dict[str, dict[str, Any]] = {
+    "classifier": {},
+    "last-1-blocks": {"lr": 0.01, "epochs": 5, "update": "mixed", "retain_ratio": 3.0},
+    "all": {"lr": 0.01, "epochs": 5, "update": "mixed", "retain_ratio": 3.0},
 }
 
 
@@ -294,11 +322,23 @@ class QMul(LoopConfig):
     # Cap on each forget sample's similar-label loss (0 = off). Samples the model already holds far
     # from ỹ (loss above the cap) then give no gradient, so the update acts on the confusable ones.
     forget_loss_cap: float = 0.0
+    # How ḡ_f and ḡ_r pool the trainable tensors' gradients: "sum" of per-tensor L2 norms (the paper) or one
+    # global "l2" norm (which a many-tensor scope does not inflate by its tensor count).
+    norm_pooling: str = "sum"
 
     @classmethod
     def paper_code(cls, **changes: Any) -> Self:
         """The released code's settings (``QMUL_PAPER_CODE``), then ``changes``."""
         return cls(**{**QMUL_PAPER_CODE, **changes})
+
+    @classmethod
+    def for_scope(cls, layers: str, **changes: Any) -> Self:
+        """The recommended recipe for ``layers`` (``QMUL_SCOPE_RECIPES``; a "last-K-blocks" without its own
+        entry takes last-1-blocks' recipe), then ``changes``."""
+        if scope_blocks(layers) is None:
+            raise ConfigError(f"unknown Q-MUL scope {layers!r}", "use 'classifier', 'last-K-blocks' or 'all'")
+        recipe = QMUL_SCOPE_RECIPES.get(layers, QMUL_SCOPE_RECIPES["last-1-blocks"] if layers != "all" else {})
+        return cls(**{**recipe, "layers": layers, **changes})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -307,18 +347,39 @@ class QMul(LoopConfig):
         _int_in(self, "norm_batches", 0, MAX_COUNT, "use 0 (all batches) or a positive count")
         _one_of(self, "forget_target", FORGET_TARGETS)
         _float_in(self, "forget_loss_cap", "use a non-negative cap (0 = off)")
+        _one_of(self, "norm_pooling", NORM_POOLINGS)
         if self.forget_loss_cap > 0 and self.update != "sequential":
             raise _bad(self, "forget_loss_cap", "use it with update='sequential' (mixed batches ignore it)")
 
 
 @dataclass(frozen=True)
 class Auto(QMul):
-    """The hybrid planner (ARCHITECTURE.md §4.3): exact replay when cheaper, else Q-MUL with these fields."""
+    """The hybrid planner (ARCHITECTURE.md §4.3): exact replay when cheaper, else Q-MUL.
+
+    With ``escalate`` (a comma-separated list of scopes, cheapest first) the approximate branch runs Q-MUL on
+    each scope in turn (``qmul(scope)``: this config's fields for its own ``layers``, the recommended recipe
+    for the others) and widens the scope while the validation split says the forget set is still remembered
+    (``edge_qmul.methods.still_remembered``). With ``escalate=""`` it runs Q-MUL with this config's fields.
+    """
 
     name: ClassVar[str] = "auto"
 
-    def qmul(self) -> QMul:
-        """The Q-MUL config the approximate branch runs."""
+    escalate: str = "classifier,last-1-blocks,all"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for scope in self.scopes():
+            if scope_blocks(scope) is None:
+                raise _bad(self, "escalate", "list scopes cheapest first, e.g. 'classifier,last-1-blocks,all'")
+
+    def scopes(self) -> list[str]:
+        return [s.strip() for s in self.escalate.split(",") if s.strip()]
+
+    def qmul(self, scope: str = "") -> QMul:
+        """The Q-MUL config the approximate branch runs for ``scope``: this config's own fields for its own
+        ``layers`` (or no scope given), the scope's recommended recipe (``QMul.for_scope``) for the others."""
+        if scope and scope != self.layers:
+            return QMul.for_scope(scope, seed=self.seed, batch_size=self.batch_size)
         return QMul(**{f.name: getattr(self, f.name) for f in fields(QMul)})
 
 
@@ -370,6 +431,61 @@ class Famr(LoopConfig):
 
 
 @dataclass(frozen=True)
+class Salun(LoopConfig):
+    """SalUn (Fan et al., ICLR 2024): random-label unlearning that moves only the salient weights, those with
+    the largest |∂ CE(forget) / ∂θ| (the top ``mask_ratio`` fraction over every trainable tensor)."""
+
+    name: ClassVar[str] = "salun"
+
+    epochs: int = 2
+    lr: float = 0.01
+    mask_ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _float_in(self, "mask_ratio", "use a fraction in (0, 1], e.g. 0.5", lo_open=True, hi=1.0, hi_open=False)
+
+
+@dataclass(frozen=True)
+class Scrub(LoopConfig):
+    """SCRUB (Kurmanji et al., NeurIPS 2023): a student starting from the model moves away from the frozen
+    original (the teacher) on the forget set — max steps, in the first ``max_epochs`` epochs — and stays
+    close to it on the retain set: min steps of gamma x CE + alpha x KL(teacher ‖ student) at ``temperature``."""
+
+    name: ClassVar[str] = "scrub"
+
+    epochs: int = 3
+    lr: float = 0.01
+    max_epochs: int = 2
+    alpha: float = 0.001
+    gamma: float = 0.99
+    temperature: float = 4.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _int_in(self, "max_epochs", 0, MAX_EPOCHS, "use 0 or more max-step epochs")
+        _float_in(self, "alpha", "use a non-negative weight, e.g. 0.001")
+        _float_in(self, "gamma", "use a non-negative weight, e.g. 0.99")
+        _float_in(self, "temperature", "use a positive temperature, e.g. 4", lo_open=True)
+
+
+@dataclass(frozen=True)
+class L1Sparse(LoopConfig):
+    """ℓ1-sparse unlearning (Jia et al., NeurIPS 2023): fine-tune on the retain set with an ℓ1 penalty
+    l1_alpha x (1 - t/T) x ‖θ‖₁ that decays linearly over the T epochs."""
+
+    name: ClassVar[str] = "l1_sparse"
+
+    epochs: int = 2
+    lr: float = 0.01
+    l1_alpha: float = 5e-4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _float_in(self, "l1_alpha", "use a non-negative strength, e.g. 5e-4")
+
+
+@dataclass(frozen=True)
 class Retrain(MethodConfig):
     """The gold standard: the original training recipe ([train], recorded in the float checkpoint) from
     scratch on the retain set, then the deployed model's quantization. No options of its own."""
@@ -383,7 +499,7 @@ class Retrain(MethodConfig):
 
 STAGES: dict[str, type[StageConfig]] = {"data": DataConfig, "train": TrainConfig, "quant": QuantConfig}
 METHODS: dict[str, type[MethodConfig]] = {
-    cls.name: cls for cls in (QMul, Auto, Finetune, RandomLabel, GradAscent, Famr, Retrain)
+    cls.name: cls for cls in (QMul, Auto, Finetune, RandomLabel, GradAscent, Famr, Salun, Scrub, L1Sparse, Retrain)
 }
 SECTIONS: tuple[str, ...] = (*STAGES, "unlearn")
 

@@ -16,10 +16,12 @@ with its recommended defaults. ``unlearn(ctx, cfg)`` runs the method registered 
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -34,11 +36,14 @@ from edge_qmul.config import (
     Famr,
     Finetune,
     GradAscent,
+    L1Sparse,
     LoopConfig,
     MethodConfig,
     QMul,
     RandomLabel,
     Retrain,
+    Salun,
+    Scrub,
     register_method_config,
 )
 from edge_qmul.errors import UnlearningError
@@ -161,6 +166,9 @@ class LoopMethod(Method):
         ce = F.cross_entropy(logits, step.y, reduction="none")
         return (ce * step.weight).mean()
 
+    def after_step(self, ctx: UnlearnContext) -> None:
+        """Called after each optimizer step (SalUn puts back the weights outside its mask)."""
+
     # -- shared helpers --------------------------------------------------------------------------
     def retain_sample(self, ctx: UnlearnContext) -> torch.Tensor:
         """This epoch's retain indices: all of them, or a random ``retain_sample_size`` of them."""
@@ -179,9 +187,17 @@ class LoopMethod(Method):
         if cfg.layers == "classifier":
             # train the head on cached features; the convs stay as deployed
             ctx = classifier_context(ctx, with_val=self.with_val())
-        qat = ctx.qat
-        opt = sgd(qat, cfg.lr, cfg.momentum, cfg.weight_decay)
-        log: dict[str, Any] = {"method": self.name, "config": cfg.to_dict(), "epochs": []}
+            params = list(ctx.qat.parameters())
+        else:
+            params = quant.scope_parameters(ctx.qat, cfg.layers, ctx.head)
+        with only_trainable(ctx.qat, params):
+            return self._run(ctx, full_qat, params, start)
+
+    def _run(self, ctx: UnlearnContext, full_qat: nn.Module, params: list[nn.Parameter], start: float) -> UnlearnResult:
+        cfg = self.cfg
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        log: dict[str, Any] = {"method": self.name, "config": cfg.to_dict(), "epochs": [],
+                               "trainable": sum(p.numel() for p in params)}
         with Progress(ctx.quiet) as progress:
             task = progress.add(f"unlearn {self.name}", cfg.epochs)
             for epoch in range(cfg.epochs):
@@ -207,6 +223,7 @@ class LoopMethod(Method):
         quant.set_trainable(
             ctx.qat, observe_activations=self.cfg.observe_activations, update_bn=self.cfg.update_bn
         )
+        freeze_frozen_bn(ctx.qat)
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         for step in steps:
@@ -221,6 +238,7 @@ class LoopMethod(Method):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            self.after_step(ctx)
             sums[step.kind] = sums.get(step.kind, 0.0) + loss.item() * len(step.x)
             counts[step.kind] = counts.get(step.kind, 0) + len(step.x)
         return {f"loss_{k}": sums[k] / counts[k] for k in sums}
@@ -241,6 +259,31 @@ class LoopMethod(Method):
 
         losses = self.train_steps(ctx, opt, steps())
         return {"batches": n, "lr": self.cfg.repair_lr, **losses, "seconds": time.perf_counter() - t0}
+
+
+@contextmanager
+def only_trainable(model: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
+    """Within the block, only ``params`` of ``model`` require gradients (then every flag is restored)."""
+    keep = {id(p) for p in params}
+    before = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in before:
+        p.requires_grad_(id(p) in keep)
+    try:
+        yield
+    finally:
+        for p, flag in before:
+            p.requires_grad_(flag)
+
+
+def freeze_frozen_bn(model: nn.Module) -> None:
+    """A fused conv + BatchNorm whose parameters are all frozen keeps its running statistics too: a scope that
+    trains the last blocks must not shift the features of the blocks before them."""
+    for mod in model.modules():
+        freeze = getattr(mod, "freeze_bn_stats", None)
+        if callable(freeze):
+            ps = list(mod.parameters())
+            if ps and not any(p.requires_grad for p in ps):
+                freeze()
 
 
 def classifier_context(ctx: UnlearnContext, with_val: bool) -> UnlearnContext:
@@ -345,10 +388,13 @@ def capped_ce(logits: torch.Tensor, y: torch.Tensor, cap: float = 0.0) -> torch.
     return ce.clamp(max=cap) if cap > 0 else ce
 
 
-def grad_norm_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cap: float = 0.0) -> float:
-    """g(B) = Σ over parameter tensors of ‖∇ CE_mean(B)‖₂."""
+def grad_norm_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cap: float = 0.0, pooling: str = "sum") -> float:
+    """g(B) = Σ over trainable parameter tensors of ‖∇ CE_mean(B)‖₂ (``pooling="sum"``, the paper's), or the
+    L2 norm of all of them as one vector (``"l2"``)."""
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(capped_ce(model(x), y, cap).mean(), params)
+    if pooling == "l2":
+        return float(torch.cat([g.flatten() for g in grads]).norm())
     return float(sum(g.norm() for g in grads))
 
 
@@ -396,8 +442,9 @@ class QMulMethod(LoopMethod):
         bs, k = self.cfg.batch_size, self.cfg.norm_batches or None
         f_batches = torch.randperm(len(ctx.forget_x), generator=self.gen).split(bs)[:k]
         cap = self.cfg.forget_loss_cap
-        g_f = [grad_norm_sum(model, ctx.forget_x[b], self.forget_labels[b], cap) for b in f_batches]
-        g_r = [grad_norm_sum(model, ctx.retain_x[b], ctx.retain_y[b]) for b in self.retain_idx.split(bs)[:k]]
+        pool = self.cfg.norm_pooling
+        g_f = [grad_norm_sum(model, ctx.forget_x[b], self.forget_labels[b], cap, pool) for b in f_batches]
+        g_r = [grad_norm_sum(model, ctx.retain_x[b], ctx.retain_y[b], 0.0, pool) for b in self.retain_idx.split(bs)[:k]]
         gf, gr = sum(g_f) / len(g_f), sum(g_r) / len(g_r)
         if not gf + gr > 0:
             raise UnlearningError(
@@ -500,6 +547,107 @@ class FamrMethod(LoopMethod):
         return to_uniform + 0.5 * self.cfg.famr_lambda * drift
 
 
+@register(Salun)
+class SalunMethod(RandomLabelMethod):
+    """SalUn: random labels (as RL) on the salient weights only.
+
+    At the start, the gradient of the forget set's cross-entropy (true labels) is accumulated over every
+    forget batch; the top ``mask_ratio`` fraction of trainable weights by |gradient| (one threshold over all
+    tensors) form the mask. After every step the weights outside it are put back, so only salient weights
+    move (momentum and weight decay included).
+    """
+
+    cfg: Salun
+
+    def __init__(self, cfg: Salun) -> None:
+        super().__init__(cfg)
+        self.masks: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []  # (param, mask, original)
+
+    def begin_epoch(self, ctx: UnlearnContext, epoch: int) -> dict[str, float]:
+        if epoch:
+            return {}
+        params = [p for p in ctx.qat.parameters() if p.requires_grad]
+        sal = [torch.zeros_like(p) for p in params]
+        model = ctx.qat.eval()
+        for b in torch.arange(len(ctx.forget_x)).split(self.cfg.batch_size):
+            loss = F.cross_entropy(model(ctx.forget_x[b]), ctx.forget_y[b], reduction="sum")
+            for acc, g in zip(sal, torch.autograd.grad(loss, params), strict=True):
+                acc += g.detach()
+        flat = torch.cat([s.abs().flatten() for s in sal])
+        keep = max(1, round(self.cfg.mask_ratio * len(flat)))
+        threshold = flat.kthvalue(len(flat) - keep + 1).values  # the keep-th largest |gradient|
+        self.masks = [(p, s.abs() >= threshold, p.detach().clone()) for p, s in zip(params, sal, strict=True)]
+        kept = sum(int(m.sum()) for _, m, _ in self.masks)
+        return {"salient_fraction": kept / len(flat)}
+
+    @torch.no_grad()
+    def after_step(self, ctx: UnlearnContext) -> None:
+        for p, mask, original in self.masks:
+            p.copy_(torch.where(mask, p, original))
+
+
+@register(Scrub)
+class ScrubMethod(LoopMethod):
+    """SCRUB: a student (the model being unlearned) and the frozen original as teacher.
+
+    In each of the first ``max_epochs`` epochs a max pass over the forget set raises KL(teacher ‖ student);
+    every epoch then runs a min pass over the retain set on gamma x CE + alpha x KL(teacher ‖ student), with
+    both distributions softened at ``temperature``.
+    """
+
+    cfg: Scrub
+
+    def __init__(self, cfg: Scrub) -> None:
+        super().__init__(cfg)
+        self.teacher: nn.Module | None = None
+
+    def begin_epoch(self, ctx: UnlearnContext, epoch: int) -> dict[str, float]:
+        if epoch == 0:
+            self.teacher = copy.deepcopy(ctx.qat).eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+        return {}
+
+    def steps(self, ctx: UnlearnContext, epoch: int) -> Iterator[Step]:
+        if epoch < self.cfg.max_epochs:
+            for b in self.batches(len(ctx.forget_x)):
+                yield Step(ctx.forget_x[b], ctx.forget_y[b], -1.0, "forget")
+        for b in self.retain_sample(ctx).split(self.cfg.batch_size):
+            yield Step(ctx.retain_x[b], ctx.retain_y[b], 1.0, "retain")
+
+    def kl_to_teacher(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        assert self.teacher is not None
+        t = self.cfg.temperature
+        with torch.no_grad():
+            teacher = (self.teacher(x) / t).log_softmax(1)
+        return F.kl_div((logits / t).log_softmax(1), teacher, log_target=True, reduction="batchmean") * t * t
+
+    def loss(self, ctx: UnlearnContext, logits: torch.Tensor, step: Step) -> torch.Tensor:
+        kl = self.kl_to_teacher(step.x, logits)
+        if step.kind == "forget":
+            return -kl
+        return self.cfg.gamma * F.cross_entropy(logits, step.y) + self.cfg.alpha * kl
+
+
+@register(L1Sparse)
+class L1SparseMethod(FinetuneMethod):
+    """ℓ1-sparse: fine-tuning on the retain set plus l1_alpha x (1 - t/T) x ‖θ‖₁ (t = epoch, T = epochs)."""
+
+    cfg: L1Sparse
+
+    def __init__(self, cfg: L1Sparse) -> None:
+        super().__init__(cfg)
+        self.strength = 0.0
+
+    def begin_epoch(self, ctx: UnlearnContext, epoch: int) -> dict[str, float]:
+        self.strength = self.cfg.l1_alpha * (1.0 - epoch / max(1, self.cfg.epochs))
+        return {"l1": self.strength}
+
+    def loss(self, ctx: UnlearnContext, logits: torch.Tensor, step: Step) -> torch.Tensor:
+        l1 = sum(p.abs().sum() for p in ctx.qat.parameters() if p.requires_grad)
+        return F.cross_entropy(logits, step.y) + self.strength * l1
+
+
 def quantize_float(ctx: UnlearnContext, float_model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(QAT copy, int8 model) of a retrained float model, quantized the way the deployed one was."""
     int8, qat = quant.int8_and_qat(float_model, list(ctx.retain_x[: ctx.calib_size].split(256)), ctx.backend)
@@ -546,7 +694,8 @@ class AutoMethod(Method):
         start = time.perf_counter()
         h = ctx.history
         model_cfg, train_cfg = ctx.recipe()
-        approx_cfg = self.cfg.qmul()
+        scopes = self.cfg.scopes()
+        approx_cfg = self.cfg.qmul(scopes[0] if scopes else "")
         approx = estimate_qmul_seconds(ctx, approx_cfg)
         step = probe_train_step(ctx)
         if h is None:  # no training record (a context built by hand): one generation, quantization not timed
@@ -556,7 +705,7 @@ class AutoMethod(Method):
         else:
             p = planner.plan(h.generations, set(h.forget_ids), train_cfg, step, h.quantize_seconds, approx)
         if p.choice == "approximate":
-            result = QMulMethod(approx_cfg).run(ctx)
+            result = escalate(ctx, self.cfg) if scopes else QMulMethod(approx_cfg).run(ctx)
             extra: dict[str, Any] = {"epochs": result.log["epochs"], "qmul": result.log}
             float_model = None
             qat, int8 = result.qat, result.int8
@@ -577,6 +726,64 @@ class AutoMethod(Method):
         seconds = time.perf_counter() - start
         log = {"method": self.name, "config": self.cfg.to_dict(), "plan": p.to_dict(), "seconds": seconds, **extra}
         return UnlearnResult(self.name, qat, int8, log, float_model=float_model)
+
+
+def still_remembered(model: nn.Module, ctx: UnlearnContext, z: float = 1.645) -> dict[str, Any]:
+    """Does ``model`` (a QAT copy, eval mode) still remember the forget set, judged on the validation split?
+
+    Samples of a class the forget set removes entirely must not be recognised: remembered if accuracy on the
+    forget samples of such classes is above 0 by more than z binomial standard errors of the validation
+    samples' accuracy on them. For the other forget samples the model should do no better than on unseen
+    samples of the same classes: remembered if forget accuracy exceeds validation accuracy by more than z
+    standard errors of the difference (one-sided, 5% at z = 1.645). Only the validation split is read.
+    """
+    if ctx.val_x is None or ctx.val_y is None or len(ctx.val_y) == 0:
+        raise UnlearningError("escalation needs a validation split to judge forgetting",
+                              "train with a validation fraction (data.val_fraction > 0) or set escalate=''")
+    model = model.eval()
+    with torch.no_grad():
+        f_ok = (predict_logits(model, ctx.forget_x).argmax(1) == ctx.forget_y).float()
+        v_ok = (predict_logits(model, ctx.val_x).argmax(1) == ctx.val_y).float()
+    f_gone = ~torch.isin(ctx.forget_y, ctx.retain_y)  # forget samples of classes with no retain sample left
+    f_kept = ~f_gone
+    out: dict[str, Any] = {"remembered": False}
+    if bool(f_gone.any()):
+        acc = float(f_ok[f_gone].mean())
+        se = math.sqrt(max(acc * (1 - acc), 1.0 / len(f_ok[f_gone])) / len(f_ok[f_gone]))
+        out["forgotten_class_acc"] = 100.0 * acc
+        out["remembered"] |= acc > z * se
+    v_same = torch.isin(ctx.val_y, ctx.forget_y[f_kept].unique())
+    if bool(f_kept.any()) and bool(v_same.any()):
+        fa, va = float(f_ok[f_kept].mean()), float(v_ok[v_same].mean())
+        se = math.sqrt(fa * (1 - fa) / int(f_kept.sum()) + va * (1 - va) / int(v_same.sum()))
+        out.update(forget_acc=100.0 * fa, val_acc=100.0 * va)
+        out["remembered"] |= fa - va > z * max(se, 1e-9)
+    return out
+
+
+def escalate(ctx: UnlearnContext, cfg: Auto) -> UnlearnResult:
+    """Q-MUL from the cheapest scope up: each scope starts from the deployed QAT copy with its recommended
+    recipe, and the next one is tried only while ``still_remembered`` says the forget set is remembered."""
+    scopes = cfg.scopes()
+    if ctx.val_y is None or len(ctx.val_y) == 0:  # nothing to judge forgetting on: the cheapest scope only
+        result = QMulMethod(cfg.qmul(scopes[0])).run(ctx)
+        result.log["escalation"] = [{"scope": scopes[0], "seconds": result.log["seconds"],
+                                     "note": "no validation split: escalation needs one, so only this scope ran"}]
+        result.log["scope"] = scopes[0]
+        return result
+    original = copy.deepcopy(ctx.qat.state_dict())
+    tried: list[dict[str, Any]] = []
+    for i, scope in enumerate(scopes):
+        if i:
+            ctx.qat.load_state_dict(original)
+        result = QMulMethod(cfg.qmul(scope)).run(ctx)
+        verdict = still_remembered(result.qat, ctx)
+        tried.append({"scope": scope, "seconds": result.log["seconds"], **verdict})
+        if not verdict["remembered"]:
+            break
+    result.log["escalation"] = tried
+    result.log["scope"] = tried[-1]["scope"]
+    return result
 
 
 def probe_train_step(ctx: UnlearnContext, probes: int = 8) -> float:

@@ -65,6 +65,7 @@ from torch.ao.quantization.backend_config import (
 )
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 
+from edge_qmul.config import scope_blocks
 from edge_qmul.errors import CheckpointError, ConfigError, ExportError
 
 
@@ -496,6 +497,43 @@ def split_at_classifier(qat: nn.Module, head: str = "") -> tuple[fx.GraphModule,
         raise ConfigError("the model is not an FX graph", "prepare it with prepare_qat first")
     suffix, prefix = _split_at(qat, nn.Linear, head)
     return _module(qat, prefix, list(prefix.nodes)[-1]), suffix
+
+
+def block_key(name: str) -> str:
+    """The block a module belongs to: its top-level child, or one element of a top-level Sequential /
+    ModuleList (``layers.2.conv1`` -> ``layers.2``, ``features.3.conv.0`` -> ``features.3``, ``fc`` -> ``fc``)."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 and parts[1].isdigit() else parts[0]
+
+
+def blocks(qat: nn.Module, head: str = "") -> tuple[list[tuple[str, list[nn.Parameter]]], list[nn.Parameter]]:
+    """The QAT graph's trainable blocks before its head, in the order the graph runs them, and the head's
+    parameters (``split_at_classifier``'s suffix: the head module and everything after it)."""
+    if not isinstance(qat, fx.GraphModule):
+        raise ConfigError("the model is not an FX graph", "prepare it with prepare_qat first")
+    _, suffix = split_at_classifier(qat, head)
+    head_params = list(suffix.parameters())
+    in_head = {id(p) for p in head_params}
+    order: dict[str, list[nn.Parameter]] = {}
+    for node in qat.graph.nodes:
+        if node.op != "call_module":
+            continue
+        for p in qat.get_submodule(str(node.target)).parameters():
+            if id(p) not in in_head and not any(p is q for q in order.get(block_key(str(node.target)), [])):
+                order.setdefault(block_key(str(node.target)), []).append(p)
+    return list(order.items()), head_params
+
+
+def scope_parameters(qat: nn.Module, layers: str, head: str = "") -> list[nn.Parameter]:
+    """The parameters a ``layers`` scope trains: "all", or the head plus its K preceding blocks
+    ("last-K-blocks"; K larger than the number of blocks is every block)."""
+    k = scope_blocks(layers)
+    if k is None:
+        raise ConfigError(f"unknown layers scope {layers!r}", "use 'classifier', 'last-K-blocks' or 'all'")
+    if k < 0:
+        return list(qat.parameters())
+    before, head_params = blocks(qat, head)
+    return [p for _, ps in before[max(0, len(before) - k):] for p in ps] + head_params
 
 
 def int8_features(qat: nn.Module, dequantize: bool = True, head: str = "") -> fx.GraphModule:

@@ -6,7 +6,19 @@ from dataclasses import fields, replace
 import pytest
 
 from edge_qmul import config
-from edge_qmul.config import METHODS, Auto, Famr, Finetune, GradAscent, QMul, RandomLabel, Retrain
+from edge_qmul.config import (
+    METHODS,
+    Auto,
+    Famr,
+    Finetune,
+    GradAscent,
+    L1Sparse,
+    QMul,
+    RandomLabel,
+    Retrain,
+    Salun,
+    Scrub,
+)
 from edge_qmul.errors import EXIT_CODES, ConfigError, EdgeQmulError, UnlearningError
 
 
@@ -80,6 +92,8 @@ EVERY_CONFIG = [
     QMul(), QMul.paper_code(), QMul.paper_code(forget_loss_cap=2.0, label_variant="paper_code", reweight=False),
     Auto(), Auto(epochs=2, retain_ratio=3.0), Finetune(), Finetune(layers="classifier", repair_batches=2),
     RandomLabel(), GradAscent(lr=0.5), Famr(), Famr(famr_lambda=0.0), Retrain(),
+    Salun(), Salun(layers="classifier", mask_ratio=0.3), Scrub(), Scrub(max_epochs=1, temperature=2.0), L1Sparse(),
+    QMul(layers="last-2-blocks", norm_pooling="l2"), Auto(escalate="classifier,all"), Auto(escalate=""),
 ]
 
 
@@ -97,7 +111,8 @@ def test_every_config_class_is_covered_by_the_round_trip() -> None:
 
 def test_method_configs_carry_their_name_and_recommended_defaults() -> None:
     assert {n: c.name for n, c in METHODS.items()} == {n: n for n in METHODS}
-    assert set(METHODS) == {"qmul", "auto", "finetune", "random_label", "grad_ascent", "famr", "retrain"}
+    assert set(METHODS) == {"qmul", "auto", "finetune", "random_label", "grad_ascent", "famr", "salun", "scrub",
+                            "l1_sparse", "retrain"}
     assert QMul().to_dict()["method"] == "qmul" and Retrain().to_dict() == {"method": "retrain", "version": 1}
     recommended = dict(layers="classifier", norm_batches=16, update="mixed", lr=0.3, epochs=5)
     for cls in (QMul, Auto):

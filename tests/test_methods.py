@@ -154,9 +154,12 @@ def test_dispatch_by_the_config_type(cfg: MethodConfig, method: type) -> None:
 
 
 def test_auto_runs_qmul_with_its_own_fields() -> None:
-    auto = Auto(epochs=3, lr=0.2, retain_ratio=2.0)
+    auto = Auto(epochs=3, lr=0.2, retain_ratio=2.0, escalate="")
     qmul = auto.qmul()
-    assert type(qmul) is QMul and qmul.to_dict() == {**auto.to_dict(), "method": "qmul"}
+    own = {k: v for k, v in auto.to_dict().items() if k != "escalate"}
+    assert type(qmul) is QMul and qmul.to_dict() == {**own, "method": "qmul"}
+    assert auto.qmul("all") == QMul.for_scope("all")  # another scope: that scope's recipe
+    assert auto.qmul("classifier") == qmul  # its own scope: its own fields
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,532 @@
+"""Q-MUL where the features hold the memory: the memorizing benchmark under a fair protocol (issue 14).
+
+Setting ``memorize`` (default): the MLPerf Tiny ResNet-8 at half width (global pooling + one Linear head, 1.67%
+of the weights) trained to ≥ 99.5% training accuracy on a 2,500-sample Fashion-MNIST subset (40 epochs, no
+augmentation), so the forget set is memorized and the untouched model is far from retrain. Setting
+``small-cnn`` re-runs the small CNN of bench/qmul_vs_retrain.py (54,000 training samples, head = its two
+Linear layers, 95% of the weights) under the same protocol. Both quantize to int8 with the x86 preset and
+keep a QAT copy, as the product does.
+
+The protocol (the same for every method):
+* Splits: train subset, a validation split held out of training (never trained on), the test split. Tuning
+  and Auto's escalation read only train and validation; the reported figures read the test split.
+* Retrain references: ``--refs`` retrains with different seeds per reported forget set. Avg Gap is measured to
+  their mean; the noise floor is each reference's Avg Gap to the mean of the others (leave-one-out).
+* Tuning: every (method, scope) gets the same budget, a grid of ``GRID_SIZE`` configurations, tried on tuning
+  forget sets disjoint from the reported ones, scored by Avg Gap to that set's retrain with the validation
+  split in place of the test split (VA for TA, validation samples as MIA non-members). Chosen: the smallest
+  mean tuning Avg Gap among configurations that took ≤ 1/10 of retrain's wall time there (the fastest one if
+  none did).
+* Reported: the chosen configuration on ``--sets`` forget sets x ``--seeds`` unlearning seeds, evaluated on
+  the exported int8 ONNX model in onnxruntime. "A beats B" comes with a paired bootstrap interval of the
+  mean Avg Gap difference, resampling forget sets (the seeds of one set share its references).
+* Scenarios: 10% random forgetting, and forgetting one whole class (tuned on another class).
+
+    python bench/memorize.py                         # ~90 min on 2 cores; bench/results/memorize.{md,json}
+    python bench/memorize.py --setting small-cnn     # bench/results/memorize-small-cnn.{md,json}
+    python bench/memorize.py --quick                 # a smoke run (minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from edge_qmul.export.stage import export_onnx
+from edge_qmul.export.validate import ort_logits, ort_session
+
+from edge_qmul import quant
+from edge_qmul.config import Auto, MethodConfig, method_config
+from edge_qmul.data import load_dataset, to_tensors
+from edge_qmul.methods import UnlearnContext, unlearn
+from edge_qmul.metrics import METRICS, EvalSets, avg_gap, evaluate_logits, logits_of
+from edge_qmul.models import ModelConfig
+from edge_qmul.train import TrainConfig, train_float
+
+warnings.filterwarnings("ignore")
+
+SETTINGS: dict[str, dict[str, Any]] = {
+    # ResNet-8 at half width (19,810 weights; head 330 = 1.67%): 2,500 training samples x 40 epochs memorize
+    # (>= 99.5% training accuracy) at a third of the full width's cost, so the protocol fits on 2 cores.
+    "memorize": {"model": "resnet8", "width": 8, "train": 2500, "val": 1000, "test": 5000, "epochs": 40,
+                 "lr": 0.05, "batch_size": 128, "weight_decay": 1e-4, "head": ""},
+    # bench/qmul_vs_retrain.py's model and recipe (its 10% validation split included).
+    "small-cnn": {"model": "small_cnn", "width": 16, "train": 54000, "val": 6000, "test": 10000, "epochs": 12,
+                  "lr": 0.05, "batch_size": 128, "weight_decay": 5e-4, "head": "fc1"},
+}
+FORGET_CLASSES = {"tune": 3, "report": (0, 5, 8)}  # Dress for tuning; T-shirt/top, Sandal, Bag reported
+GRID_SIZE = 4
+RETAIN_RATIO = 3.0  # full-network forms: each epoch sees 3x |forget| random retain samples (cost ∝ request)
+
+# (label, method, fixed fields, grid): every grid has GRID_SIZE points. Head forms train the classifier on the
+# deployed int8 model's features; full forms train the scope on the QAT copy with a bounded retain sample.
+HEAD_LR = ({"lr": 0.1, "epochs": 5}, {"lr": 0.1, "epochs": 10}, {"lr": 0.3, "epochs": 5}, {"lr": 0.3, "epochs": 10})
+FULL_LR = ({"lr": 0.01, "epochs": 2}, {"lr": 0.01, "epochs": 4}, {"lr": 0.03, "epochs": 2}, {"lr": 0.03, "epochs": 4})
+ASCENT_HEAD = ({"lr": 0.01, "epochs": 1}, {"lr": 0.01, "epochs": 3}, {"lr": 0.1, "epochs": 1},
+               {"lr": 0.1, "epochs": 3})
+ASCENT_FULL = ({"lr": 1e-4, "epochs": 1}, {"lr": 1e-4, "epochs": 3}, {"lr": 1e-3, "epochs": 1},
+               {"lr": 1e-3, "epochs": 3})
+HEAD = {"layers": "classifier"}
+FULL = {"layers": "all", "retain_ratio": RETAIN_RATIO}
+CANDIDATES: list[tuple[str, str, dict[str, Any], tuple[dict[str, Any], ...]]] = [
+    ("qmul classifier", "qmul", HEAD, HEAD_LR),
+    ("qmul last-1-blocks", "qmul", {"layers": "last-1-blocks", "retain_ratio": RETAIN_RATIO}, FULL_LR),
+    ("qmul all", "qmul", FULL, FULL_LR),
+    ("finetune head", "finetune", HEAD, HEAD_LR),
+    ("finetune all", "finetune", FULL, FULL_LR),
+    ("random_label head", "random_label", HEAD, HEAD_LR),
+    ("random_label all", "random_label", FULL, FULL_LR),
+    ("salun head", "salun", HEAD, HEAD_LR),
+    ("salun all", "salun", FULL, FULL_LR),
+    ("scrub head", "scrub", HEAD, HEAD_LR),
+    ("scrub all", "scrub", FULL, FULL_LR),
+    ("l1_sparse head", "l1_sparse", HEAD, HEAD_LR),
+    ("l1_sparse all", "l1_sparse", FULL, FULL_LR),
+    ("grad_ascent head", "grad_ascent", HEAD, ASCENT_HEAD),
+    ("grad_ascent all", "grad_ascent", {"layers": "all"}, ASCENT_FULL),
+    ("famr head", "famr", HEAD, ASCENT_HEAD),
+    ("famr all", "famr", {"layers": "all"}, ASCENT_FULL),
+]
+
+
+@dataclass
+class Data:
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+@dataclass
+class Bench:
+    setting: dict[str, Any]
+    data: Data
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    cache: Path
+    quiet: bool = True
+
+
+@dataclass
+class Deployed:
+    int8: torch.nn.Module
+    qat: torch.nn.Module
+
+
+def load_data(setting: dict[str, Any], seed: int = 2026) -> Data:
+    src = load_dataset("fashion-mnist")
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(src.train.labels))
+    tr, va = perm[: setting["train"]], perm[setting["train"]: setting["train"] + setting["val"]]
+    (tx, ty), (vx, vy) = to_tensors(src.train, tr), to_tensors(src.train, va)
+    sx, sy = to_tensors(src.test, np.arange(min(setting["test"], len(src.test.labels))))
+    return Data(tx, ty, vx, vy, sx, sy)
+
+
+def make_bench(setting_name: str, cache: Path, quick: bool) -> Bench:
+    setting = dict(SETTINGS[setting_name])
+    if quick:
+        setting.update(train=600, val=300, test=600, epochs=3)
+    data = load_data(setting)
+    mean, std = [float(data.train_x.mean())], [float(data.train_x.std())]  # of the training subset
+    model_cfg = ModelConfig(setting["model"], 1, 28, 10, mean=tuple(mean), std=tuple(std), width=setting["width"],
+                            head=setting["head"])
+    train_cfg = TrainConfig(model=setting["model"], width=setting["width"], epochs=setting["epochs"], lr=setting["lr"],
+                            batch_size=setting["batch_size"], weight_decay=setting["weight_decay"])
+    return Bench(setting, data, model_cfg, train_cfg, cache)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models: the deployed one and retrain references (float weights cached on disk by forget set and seed)
+# ---------------------------------------------------------------------------------------------------
+
+
+def train_cached(b: Bench, key: str, keep: torch.Tensor, seed: int) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Float model trained with the recipe at ``seed`` on the training samples ``keep`` (a bool mask)."""
+    path = b.cache / f"{key}-seed{seed}.pt"
+    cfg = replace(b.train_cfg, seed=seed)
+    if path.exists():
+        from edge_qmul.models import build_model
+
+        saved = torch.load(path, weights_only=True)
+        model = build_model(b.model_cfg)
+        model.load_state_dict(saved["state"])
+        return model.eval(), saved["log"]
+    t0, c0 = time.perf_counter(), time.process_time()
+    model, log = train_float(b.model_cfg, cfg, b.data.train_x[keep], b.data.train_y[keep], quiet=b.quiet)
+    log = {"train_acc": log["epochs"][-1]["train_acc"], "seconds": time.perf_counter() - t0,
+           "cpu_seconds": time.process_time() - c0}
+    b.cache.mkdir(parents=True, exist_ok=True)
+    torch.save({"state": model.state_dict(), "log": log}, path)
+    return model, log
+
+
+def deploy(b: Bench, model: torch.nn.Module, keep: torch.Tensor) -> tuple[Deployed, float, float]:
+    """int8 + QAT copy of a float model, calibrated on its own training samples; (…, wall s, cpu s)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    calib = list(b.data.train_x[keep][:512].split(256))
+    int8, qat = quant.int8_and_qat(model, calib, "x86")
+    return Deployed(int8, qat), time.perf_counter() - t0, time.process_time() - c0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------
+
+
+def eval_sets(b: Bench, forget: torch.Tensor, split: str) -> EvalSets:
+    """FA / RA and TA (split="test") or VA in TA's place (split="val": tuning never reads the test split)."""
+    d = b.data
+    hx, hy = (d.test_x, d.test_y) if split == "test" else (d.val_x, d.val_y)
+    return EvalSets(d.train_x[forget], d.train_y[forget], d.train_x[~forget], d.train_y[~forget], hx, hy)
+
+
+def metrics_torch(model: torch.nn.Module, sets: EvalSets) -> dict[str, float]:
+    f, r, t = (logits_of(model, x) for x in (sets.forget_x, sets.retain_x, sets.test_x))
+    return evaluate_logits(f, r, t, sets)
+
+
+def metrics_onnx(int8: torch.nn.Module, sets: EvalSets) -> dict[str, float]:
+    """The same metrics from the exported int8 ONNX model in onnxruntime (export refuses float ops in int8)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(int8, Path(tmp) / "model.int8.onnx", (1, 28, 28))
+        session = ort_session(path, threads=torch.get_num_threads())
+        f, r, t = (ort_logits(session, x) for x in (sets.forget_x, sets.retain_x, sets.test_x))
+    return evaluate_logits(f, r, t, sets)
+
+
+def mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {k: float(np.mean([r[k] for r in rows])) for k in METRICS}
+
+
+# ---------------------------------------------------------------------------------------------------
+# One forget set: references, then methods
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ForgetSet:
+    name: str
+    mask: torch.Tensor  # over the training subset
+    refs: list[dict[str, Any]]  # per retrain reference: metrics, seconds
+
+
+def references(b: Bench, name: str, mask: torch.Tensor, seeds: list[int], split: str) -> ForgetSet:
+    sets = eval_sets(b, mask, split)
+    refs = []
+    for seed in seeds:
+        model, log = train_cached(b, name, ~mask, seed)
+        dep, q_wall, q_cpu = deploy(b, model, ~mask)
+        m = metrics_onnx(dep.int8, sets) if split == "test" else metrics_torch(dep.int8, sets)
+        refs.append({"seed": seed, **m, "seconds": log["seconds"] + q_wall, "cpu_seconds": log["cpu_seconds"] + q_cpu,
+                     "train_acc": log["train_acc"]})
+    return ForgetSet(name, mask, refs)
+
+
+def run_method(b: Bench, deployed: Deployed, fs: ForgetSet, cfg: MethodConfig, split: str) -> dict[str, Any]:
+    d = b.data
+    qat = copy.deepcopy(deployed.qat)
+    ctx = UnlearnContext(
+        qat=qat, forget_x=d.train_x[fs.mask], forget_y=d.train_y[fs.mask], retain_x=d.train_x[~fs.mask],
+        retain_y=d.train_y[~fs.mask], num_classes=10, model_cfg=b.model_cfg, train_cfg=b.train_cfg, backend="x86",
+        calib_size=512, val_x=d.val_x, val_y=d.val_y, head=b.model_cfg.head,
+    )
+    c0 = time.process_time()
+    result = unlearn(ctx, cfg)
+    cpu = time.process_time() - c0
+    sets = eval_sets(b, fs.mask, split)
+    m = metrics_onnx(result.int8, sets) if split == "test" else metrics_torch(result.int8, sets)
+    ref = mean_metrics(fs.refs)
+    row: dict[str, Any] = {**m, "avg_gap": avg_gap(m, ref), "seconds": float(result.log["seconds"]), "cpu_seconds": cpu}
+    if "escalation" in result.log.get("qmul", {}):
+        row["scope"] = result.log["qmul"]["scope"]
+        row["escalation"] = result.log["qmul"]["escalation"]
+    return row
+
+
+def noise_floor(fs: ForgetSet) -> list[float]:
+    """Each reference's Avg Gap to the mean of the other references."""
+    if len(fs.refs) < 2:
+        return []
+    return [avg_gap(r, mean_metrics(fs.refs[:i] + fs.refs[i + 1:])) for i, r in enumerate(fs.refs)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tuning and reporting
+# ---------------------------------------------------------------------------------------------------
+
+
+def config_of(method: str, fixed: dict[str, Any], point: dict[str, Any], seed: int) -> MethodConfig:
+    return method_config(method, {**fixed, **point, "seed": seed})
+
+
+def tune(b: Bench, deployed: Deployed, tuning: list[ForgetSet], candidates: list[Any], log: Any) -> dict[str, Any]:
+    retrain_s = float(np.mean([r["seconds"] for fs in tuning for r in fs.refs]))
+    chosen: dict[str, Any] = {}
+    for label, method, fixed, grid in candidates:
+        trials = []
+        for point in grid:
+            rows = [run_method(b, deployed, fs, config_of(method, fixed, point, 0), "val") for fs in tuning]
+            trial = {"point": point, "avg_gap": float(np.mean([r["avg_gap"] for r in rows])),
+                     "seconds": float(np.mean([r["seconds"] for r in rows])), "per_set": [r["avg_gap"] for r in rows]}
+            trial["within_budget"] = trial["seconds"] <= 0.1 * retrain_s
+            trials.append(trial)
+            log(f"  tune {label} {point}: gap {trial['avg_gap']:.2f} in {trial['seconds']:.1f} s")
+        ok = [t for t in trials if t["within_budget"]]
+        best = min(ok, key=lambda t: t["avg_gap"]) if ok else min(trials, key=lambda t: t["seconds"])
+        chosen[label] = {"method": method, "fixed": fixed, "point": best["point"], "trials": trials,
+                         "retrain_seconds": retrain_s}
+    return chosen
+
+
+def bootstrap_diff(
+    a: dict[str, list[float]], b: dict[str, list[float]], draws: int = 5000, seed: int = 0
+) -> dict[str, float]:
+    """Paired bootstrap of mean(A) - mean(B) over forget sets (each set: the mean over its seeds)."""
+    keys = sorted(a)
+    da = np.array([np.mean(a[k]) - np.mean(b[k]) for k in keys])
+    rng = np.random.default_rng(seed)
+    boots = da[rng.integers(0, len(da), (draws, len(da)))].mean(1)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return {"diff": float(da.mean()), "low": float(lo), "high": float(hi)}
+
+
+def scenario(b: Bench, deployed: Deployed, kind: str, args: argparse.Namespace, log: Any) -> dict[str, Any]:
+    n = len(b.data.train_y)
+    y = b.data.train_y
+    if kind == "random":
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(7))
+        size = n // 10
+        masks = []
+        for i in range(args.tune_sets + args.sets):  # disjoint 10% sets
+            m = torch.zeros(n, dtype=torch.bool)
+            m[perm[i * size:(i + 1) * size]] = True
+            masks.append(m)
+        tune_masks = [(f"random-t{i}", m) for i, m in enumerate(masks[: args.tune_sets])]
+        report_masks = [(f"random-r{i}", m) for i, m in enumerate(masks[args.tune_sets:])]
+    else:
+        tune_masks = [(f"class{FORGET_CLASSES['tune']}", y == FORGET_CLASSES["tune"])]
+        report_masks = [(f"class{c}", y == c) for c in FORGET_CLASSES["report"][: args.class_sets]]
+    log(f"[{kind}] retrain references for {len(tune_masks)} tuning + {len(report_masks)} reported sets")
+    tuning = [references(b, name, m, list(range(args.tune_refs)), "val") for name, m in tune_masks]
+    reported = [references(b, name, m, list(range(args.refs)), "test") for name, m in report_masks]
+    candidates = [c for c in CANDIDATES if not args.methods or c[0] in args.methods]
+    chosen = tune(b, deployed, tuning, candidates, log)
+    rows: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for fs in reported:
+        none = {**metrics_onnx(deployed.int8, eval_sets(b, fs.mask, "test")), "seconds": 0.0, "cpu_seconds": 0.0}
+        none["avg_gap"] = avg_gap(none, mean_metrics(fs.refs))
+        rows.setdefault("none", {})[fs.name] = [none]
+        ref_mean = mean_metrics(fs.refs)
+        rows.setdefault("retrain", {})[fs.name] = [
+            {**r, "avg_gap": g, "avg_gap_to_mean_of_all": avg_gap(r, ref_mean)}
+            for r, g in zip(fs.refs, noise_floor(fs), strict=True)
+        ]
+        for label, c in chosen.items():
+            for seed in range(args.seeds):
+                row = run_method(b, deployed, fs, config_of(c["method"], c["fixed"], c["point"], seed), "test")
+                rows.setdefault(label, {}).setdefault(fs.name, []).append(row)
+            g = np.mean([r["avg_gap"] for r in rows[label][fs.name]])
+            log(f"  {fs.name} {label}: gap {g:.2f}")
+        if args.auto:
+            for seed in range(args.seeds):
+                row = run_method(b, deployed, fs, Auto(seed=seed), "test")
+                rows.setdefault("auto (escalating)", {}).setdefault(fs.name, []).append(row)
+            log(f"  {fs.name} auto: scopes {[r.get('scope') for r in rows['auto (escalating)'][fs.name]]}")
+    return {"chosen": chosen, "rows": rows, "summary": summarise(rows), "sets": [fs.name for fs in reported],
+            "tuning_sets": [fs.name for fs in tuning],
+            "tuning_retrain": [fs.refs for fs in tuning]}
+
+
+def summarise(rows: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
+    retrain_s = float(np.mean([r["seconds"] for rs in rows["retrain"].values() for r in rs]))
+    retrain_cpu = float(np.mean([r["cpu_seconds"] for rs in rows["retrain"].values() for r in rs]))
+    out: dict[str, Any] = {}
+    for label, by_set in rows.items():
+        flat = [r for rs in by_set.values() for r in rs]
+        per_set = {k: [r["avg_gap"] for r in rs] for k, rs in by_set.items()}
+        s: dict[str, Any] = {k: float(np.mean([r[k] for r in flat])) for k in (*METRICS, "avg_gap", "seconds")}
+        s["avg_gap_sd"] = float(np.std([np.mean(v) for v in per_set.values()], ddof=1)) if len(per_set) > 1 else 0.0
+        s["time_ratio"] = s["seconds"] / retrain_s
+        s["cpu_ratio"] = float(np.mean([r["cpu_seconds"] for r in flat])) / retrain_cpu
+        s["n"] = len(flat)
+        out[label] = s
+    best_qmul = min((k for k in out if k.startswith("qmul")), key=lambda k: out[k]["avg_gap"], default=None)
+    gaps = {k: {s: [r["avg_gap"] for r in rs] for s, rs in v.items()} for k, v in rows.items()}
+    if best_qmul:
+        out["_best_qmul"] = best_qmul
+        out["_paired"] = {k: bootstrap_diff(gaps[best_qmul], gaps[k]) for k in gaps
+                          if k not in (best_qmul, "retrain")}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------
+
+
+def provenance(args: argparse.Namespace, b: Bench) -> dict[str, Any]:
+    import onnx
+    import onnxruntime as ort
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "edge_qmul", "export", "bench/memorize.py"],
+                           capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    return {
+        "commit": commit, "uncommitted_changes": bool(dirty),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__,
+                     "numpy": np.__version__, "python": platform.python_version()},
+        "seeds": {"subset": 2026, "forget_sets": 7, "original_model": 0, "retrain_refs": list(range(args.refs)),
+                  "unlearning": list(range(args.seeds))},
+        "threads": torch.get_num_threads(), "cores": os.cpu_count(), "load_avg_1min_at_start": os.getloadavg()[0],
+        "setting": b.setting, "argv": sys.argv[1:],
+    }
+
+
+def fmt_row(label: str, s: dict[str, Any]) -> str:
+    return (f"| {label} | {s['FA']:.2f} | {s['RA']:.2f} | {s['TA']:.2f} | {s['MIA']:.2f} | "
+            f"**{s['avg_gap']:.2f}** ± {s['avg_gap_sd']:.2f} | {s['seconds']:.2f} | {s['time_ratio']:.3f} | "
+            f"{s['cpu_ratio']:.3f} |")
+
+
+def markdown(result: dict[str, Any]) -> str:
+    prov, orig = result["provenance"], result["original"]
+    lines = [
+        f"# {result['title']}",
+        "",
+        f"Commit {prov['commit'][:12]}{' (+ uncommitted changes)' if prov['uncommitted_changes'] else ''}, "
+        f"{prov['date']}; torch {prov['versions']['torch']}, onnxruntime {prov['versions']['onnxruntime']}, "
+        f"{prov['threads']} torch threads on {prov['cores']} cores. Command: `python bench/memorize.py "
+        f"{' '.join(prov['argv'])}`. Protocol: the module docstring of bench/memorize.py.",
+        "",
+        f"Deployed model: {orig['model']} ({orig['params']:,} weights; head {orig['head_params']:,} = "
+        f"{orig['head_share']:.2f}%), float training accuracy {orig['train_acc']:.2f}%, int8 test accuracy "
+        f"{orig['int8_test_acc']:.2f}%. Training subset {orig['train']}, validation {orig['val']}, "
+        f"test {orig['test']}.",
+        "",
+    ]
+    for kind, sc in result["scenarios"].items():
+        s = sc["summary"]
+        floor = s["retrain"]["avg_gap"]
+        lines += [
+            f"## {kind}: {len(sc['sets'])} forget sets x {result['provenance']['seeds']['unlearning'][-1] + 1} seeds, "
+            f"{len(sc['rows']['retrain'][sc['sets'][0]])} retrain references each",
+            "",
+            "Metrics on the int8 ONNX model in onnxruntime, means over sets and seeds; Avg Gap to the mean of the "
+            "references (± sd over forget sets); `retrain` row = the noise floor (each reference to the mean of the "
+            "others). Time ratios against retrain (float training + quantization): wall and process CPU time.",
+            "",
+            "| method | FA | RA | TA | MIA | Avg Gap | seconds | time / retrain | CPU / retrain |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for label in sorted((k for k in s if not k.startswith("_")), key=lambda k: s[k]["avg_gap"]):
+            lines.append(fmt_row(label, s[label]))
+        best = s.get("_best_qmul")
+        lines += ["", f"Noise floor (retrain vs retrain): {floor:.2f}; 1.5 x floor = {1.5 * floor:.2f}."]
+        if best:
+            b = s[best]
+            lines.append(f"Best Q-MUL scope: **{best}**, Avg Gap {b['avg_gap']:.2f} "
+                         f"({b['avg_gap'] / floor:.2f} x the floor) at {b['time_ratio']:.3f} of retrain's wall time.")
+            lines += ["", f"Paired bootstrap (resampling forget sets) of Avg Gap({best}) − Avg Gap(other): "
+                      "negative = Q-MUL closer to retrain.", "", "| other | difference | 95% interval | verdict |",
+                      "|---|---|---|---|"]
+            for other, d in sorted(s["_paired"].items(), key=lambda kv: kv[1]["diff"]):
+                verdict = ("Q-MUL better" if d["high"] < 0 else "Q-MUL worse" if d["low"] > 0 else "not separated")
+                lines.append(f"| {other} | {d['diff']:+.2f} | [{d['low']:+.2f}, {d['high']:+.2f}] | {verdict} |")
+        lines += ["", "Chosen configurations (tuning: validation split, tuning sets "
+                  f"{', '.join(sc['tuning_sets'])}; {GRID_SIZE} configurations each):", "",
+                  "| method | chosen | tuning Avg Gap | tuning seconds | grid (Avg Gap / s) |", "|---|---|---|---|---|"]
+        for label, c in sc["chosen"].items():
+            t = next(t for t in c["trials"] if t["point"] == c["point"])
+            grid = "; ".join(f"{t['point']}: {t['avg_gap']:.2f} / {t['seconds']:.1f}" for t in c["trials"])
+            lines.append(f"| {label} | {c['fixed'] | c['point']} | {t['avg_gap']:.2f} | {t['seconds']:.1f} | {grid} |")
+        auto = sc["rows"].get("auto (escalating)")
+        if auto:
+            scopes = [r.get("scope") for rs in auto.values() for r in rs]
+            lines += ["", "Auto's escalation (scope where the validation split stopped saying 'remembered'): "
+                      + ", ".join(f"{k}: {scopes.count(k)}" for k in sorted(set(map(str, scopes))))]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="memorize")
+    parser.add_argument("--scenarios", default="random,class")
+    parser.add_argument("--sets", type=int, default=5)
+    parser.add_argument("--class-sets", type=int, default=3)
+    parser.add_argument("--tune-sets", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--refs", type=int, default=3)
+    parser.add_argument("--tune-refs", type=int, default=1)
+    parser.add_argument("--methods", nargs="*", default=[], help="labels from CANDIDATES (default: all)")
+    parser.add_argument("--no-auto", dest="auto", action="store_false")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--cache", type=Path, default=Path("runs/bench-memorize"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: retrain and the methods are timed alike, and a busy 2-core machine "
+                        "is not oversubscribed)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.sets, args.class_sets, args.seeds, args.refs = 2, 1, 1, 2
+    cache = args.cache / (args.setting + ("-quick" if args.quick else ""))
+    b = make_bench(args.setting, cache, args.quick)
+    b.quiet = not args.verbose
+    t_start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:7.0f} s] {msg}", flush=True)
+
+    everything = torch.ones(len(b.data.train_y), dtype=torch.bool)
+    model, tlog = train_cached(b, "original", everything, 0)
+    deployed, _, _ = deploy(b, model, everything)
+    params = sum(p.numel() for p in model.parameters())
+    _, head = quant.split_at_classifier(deployed.qat, b.model_cfg.head)
+    head_params = sum(p.numel() for p in head.parameters())
+    test_acc = float((logits_of(deployed.int8, b.data.test_x).argmax(1) == b.data.test_y).float().mean()) * 100
+    original = {"model": f"{b.setting['model']} width {b.setting['width']}", "params": params,
+                "head_params": head_params, "head_share": 100.0 * head_params / params, "train_acc": tlog["train_acc"],
+                "int8_test_acc": test_acc, "train": len(b.data.train_y), "val": len(b.data.val_y),
+                "test": len(b.data.test_y), "seconds": tlog["seconds"]}
+    log(f"deployed: {original}")
+    result: dict[str, Any] = {
+        "title": ("Memorizing benchmark: ResNet-8 on a Fashion-MNIST subset" if args.setting == "memorize"
+                  else "Fashion-MNIST small CNN under the memorizing benchmark's protocol"),
+        "provenance": provenance(args, b), "original": original, "scenarios": {},
+    }
+    stem = "memorize" if args.setting == "memorize" else f"memorize-{args.setting}"
+    stem += "-quick" if args.quick else ""
+    for kind in args.scenarios.split(","):
+        label = "random 10%" if kind == "random" else "one class"
+        result["scenarios"][label] = scenario(b, deployed, kind, args, log)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
+        (args.out / f"{stem}.md").write_text(markdown(result))
+        log(f"wrote {args.out / stem}.md")
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
