@@ -79,6 +79,11 @@ assert _BX is not None
 BASE: Point = (_BX, _BY, 1, _BX * _BY % P)
 
 
+def is_public_key(public_key: bytes) -> bool:
+    """True iff ``public_key`` is 32 bytes that decode to a point of the curve (a key that can verify anything)."""
+    return len(public_key) == 32 and _decode(public_key) is not None
+
+
 def verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
     """True iff ``signature`` is a valid Ed25519 signature of ``message`` under the 32-byte ``public_key``."""
     if len(public_key) != 32 or len(signature) != 64:

@@ -103,6 +103,38 @@ def _add_quant_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calibration-size", type=int, help="calibration samples (default 1024)")
 
 
+def _add_device_parser(sub: Any) -> None:
+    """``edge-qmul device init|forget|status``: the device side, which runs on a lean install (no torch)."""
+    help_ = "on a device: set up its own state, file deletion requests, see what became of them"
+    p = sub.add_parser("device", help=help_, description=help_ + " (pip install 'edge-qmul[device]' is enough)")
+    device = p.add_subparsers(dest="device_command", metavar="ACTION", required=True)
+    state_help = "the device's state directory (its key, the pinned fleet key, its sample index, its requests)"
+
+    q = device.add_parser("init", help="set up the device: its Ed25519 key, the pinned fleet key, its samples",
+                          description="Create --state (new or empty) with a fresh device key, the fleet's public "
+                          "key and an index of the device's own samples by content id; never overwrites.")
+    q.add_argument("--state", type=Path, required=True, help=state_help)
+    q.add_argument("--dataset", required=True, choices=["imagefolder", "npz"],
+                   help="imagefolder (class sub-folders of PNG/JPEG) or npz (x_train, y_train, x_test, y_test)")
+    q.add_argument("--data-root", type=Path, required=True, help="the image folder or the .npz file")
+    q.add_argument("--fleet-key", required=True, help="the fleet's Ed25519 public key, 64 hex digits "
+                   "(public_key.hex from `edge-qmul keygen` on the server)")
+
+    q = device.add_parser("forget", help="queue a signed deletion request; the next intake round sends it",
+                          description="Queue one deletion request durably (it survives a crash once this "
+                          "returns). Name only samples this device holds.")
+    q.add_argument("--state", type=Path, required=True, help=state_help)
+    sel = q.add_mutually_exclusive_group(required=True)
+    sel.add_argument("--files", type=Path, nargs="+", metavar="PATH", help="image files the device holds")
+    sel.add_argument("--hashes", type=Path, help="a file of content ids (sha256), one per line")
+    sel.add_argument("--class", dest="klass", type=CLASS, help="every local sample of this class")
+    sel.add_argument("--all", action="store_true", help="the device leaves the fleet: forget all it contributed")
+
+    q = device.add_parser("status", help="pending, acknowledged, refused and honoured requests; the active model")
+    q.add_argument("--state", type=Path, required=True, help=state_help)
+    q.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
 def build_parser() -> argparse.ArgumentParser:
     codes = "\n".join(f"  {c}  {h}" for c, h in EXIT_CODES.items())
     parser = argparse.ArgumentParser(
@@ -224,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("status", "the run's ledger, models, bundles, rollouts and certificates at a glance")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _add_device_parser(sub)
     return parser
 
 
@@ -259,7 +292,7 @@ class Context:
         from edge_qmul import config
 
         self.args = args
-        self.toml = config.load_toml(args.config)
+        self.toml = config.load_toml(getattr(args, "config", None))  # the device verbs take no --config
 
     def resolve(self, section: str, keys: Sequence[str], extra: dict[str, Any] | None = None) -> Any:
         from edge_qmul import config
@@ -480,11 +513,34 @@ def cmd_status(c: Context) -> int:
     return 0
 
 
+def cmd_device(c: Context) -> int:
+    from edge_qmul.devices import state  # lean: no torch, so this runs on a device install
+
+    args = c.args
+    if args.device_command == "init":
+        d = state.DeviceState.init(args.state, state.DataSpec(args.dataset, args.data_root), args.fleet_key)
+        with d:
+            print(f"device {d.device_id}: {d.sample_count()} samples in {len(d.classes)} classes from {d.data_root}; "
+                  f"state in {args.state}")
+        return 0
+    with state.DeviceState.open(args.state) as d:
+        if args.device_command == "status":
+            st = d.status()
+            print(json.dumps(st.to_dict(), indent=2) if args.json else state.render_status(st))
+            return 0
+        hashes = _read_hashes(args.hashes) if args.hashes is not None else None
+        filed = d.forget(files=args.files, hashes=hashes, label=args.klass, leave=args.all)
+    what = {"samples": f"{filed.samples} sample(s)", "class": f"class {filed.klass} ({filed.samples} sample(s))",
+            "leave": "the device leaves the fleet"}[filed.kind]
+    print(f"request {filed.request_id} queued: {what}; the next intake round sends it")
+    return 0
+
+
 COMMANDS = {
     "demo": cmd_demo, "train": cmd_train, "import": cmd_train, "quantize": cmd_quantize, "forget": cmd_forget,
     "unlearn": cmd_unlearn, "evaluate": cmd_evaluate, "export": cmd_export, "validate": cmd_validate,
     "audit": cmd_audit, "keygen": cmd_keygen, "bundle": cmd_bundle, "certify": cmd_certify, "rollout": cmd_rollout,
-    "status": cmd_status,
+    "status": cmd_status, "device": cmd_device,
 }
 
 
@@ -504,6 +560,11 @@ def _quiet_library_warnings() -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
         warnings.filterwarnings("ignore", category=UserWarning, module=module)
         warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+
+
+# Modules of the install extras (pyproject.toml): a verb that needs one the install lacks says which extra brings it.
+EXTRA_OF_MODULE = {"torch": "server", "sklearn": "server", "onnx": "server", "matplotlib": "server", "PIL": "server",
+                   "rich": "server", "cryptography": "device", "onnxruntime": "device", "flwr": "device"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -526,6 +587,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EdgeQmulError as err:
         print(f"edge-qmul {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code
+    except ModuleNotFoundError as err:
+        if err.name not in EXTRA_OF_MODULE:  # a missing submodule of an installed package is a bug: show it
+            raise
+        print(f"edge-qmul {args.command}: error: {err.name} is not installed: "
+              f"pip install 'edge-qmul[{EXTRA_OF_MODULE[err.name]}]'", file=sys.stderr)
+        return ConfigError.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -10,13 +10,13 @@ own ``.npz`` archives are read with ``allow_pickle=False``, so an object array i
 
 Every sample has a content id (``content_ids``): the sha256 of the image file's bytes for image folders (a
 device holding the file can name it without decoding it), else the sha256 of its uint8 (C, H, W) pixels.
+The hash functions live in ``edge_qmul.content``, which the devices share (re-exported here).
 """
 
 from __future__ import annotations
 
 import codecs
 import gzip
-import hashlib
 import importlib
 import io
 import json
@@ -33,6 +33,9 @@ import numpy as np
 
 from edge_qmul.atomic import write_json
 from edge_qmul.config import DATASETS
+from edge_qmul.content import hash_bytes, is_sha256_hex
+from edge_qmul.content import hash_file as hash_file
+from edge_qmul.content import hash_pixels as hash_pixels
 from edge_qmul.errors import ConfigError, DataError, ForgetRequestError
 
 if TYPE_CHECKING:
@@ -112,47 +115,13 @@ class ArrayDataset:
                 raise ConfigError(
                     f"content_ids must hold one id per image ({self.images.shape[0]}), got {len(ids)}", fix
                 )
-            bad = next((i for i in ids if not _is_sha256_hex(i)), None)
+            bad = next((i for i in ids if not is_sha256_hex(i)), None)
             if bad is not None:
                 raise ConfigError(f"content_ids must be 64-character lowercase sha256 hex digests, got {bad!r}", fix)
             object.__setattr__(self, "content_ids", tuple(ids))  # frozen: a list given by a caller becomes a tuple
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
-
-
-_HEX_DIGITS = frozenset("0123456789abcdef")
-
-
-def _is_sha256_hex(value: object) -> bool:
-    return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX_DIGITS
-
-
-def hash_pixels(image: np.ndarray) -> str:
-    """Content id of one image held as pixels: sha256 hex of its uint8 (C, H, W) values in C order.
-
-    The same digest as ``store.sample_sha256``; a device computes it from the array the dataset holds
-    (an HWC array must be transposed to CHW first, ``image.transpose(2, 0, 1)``).
-    """
-    array = np.asarray(image)
-    if array.dtype != np.uint8 or array.ndim != 3:
-        raise ConfigError(
-            f"hash_pixels takes one uint8 image of shape (C, H, W), got {array.dtype} {array.shape}",
-            "pass the image as the dataset holds it: uint8 values 0..255 in (C, H, W) layout",
-        )
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
-
-
-def hash_file(path: str | Path) -> str:
-    """Content id of an image file: sha256 hex of its bytes exactly as stored on disk."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc}", "check that the file exists and is readable") from exc
-    return digest.hexdigest()
 
 
 def content_ids(ds: ArrayDataset) -> list[str]:
@@ -586,7 +555,7 @@ _COLOR_MODES = ("RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
 
 
 @dataclass(frozen=True)
-class _ImageFile:
+class ImageFile:
     path: Path
     pool: str  # "train" or "test"
     label: int
@@ -610,6 +579,27 @@ def _load_image_folder(root: Path, image_size: int | None, color: str) -> Datase
     widens its support when shrinking, so downscaling averages rather than aliases; the aspect ratio is
     not kept). Without it all images must have one size. Values stay uint8 with scale 255.
     """
+    classes, files = image_folder_files(root)
+    arrays, ids = _decode_images(files, image_size, color)
+    datasets: dict[str, ArrayDataset] = {}
+    for pool in dict.fromkeys(f.pool for f in files):  # "train", then "test" for a train/ + test/ layout
+        picked = [i for i, f in enumerate(files) if f.pool == pool]
+        datasets[pool] = ArrayDataset(
+            np.stack([arrays[i] for i in picked]),  # (N, C, H, W)
+            np.array([files[i].label for i in picked], dtype=np.int64),  # (N,)
+            255.0,
+            tuple(ids[i] for i in picked),
+        )
+    return DatasetSource("imagefolder", str(root), datasets["train"], datasets.get("test"), classes)
+
+
+def image_folder_files(root: str | Path) -> tuple[tuple[str, ...], list[ImageFile]]:
+    """The class names and the image files of an image folder, in the order ``_load_image_folder`` reads them.
+
+    No file is opened: a device indexes its own folder with this and ``content.hash_file``, and gets the ids
+    and labels the server's loader gives the same files. The layout rules are in ``_load_image_folder``.
+    """
+    root = _resolve_root("imagefolder", root)
     train_dir, test_dir = root / "train", root / "test"
     if train_dir.is_dir() != test_dir.is_dir():
         present, missing = ("train", "test") if train_dir.is_dir() else ("test", "train")
@@ -640,22 +630,12 @@ def _load_image_folder(root: Path, image_size: int | None, color: str) -> Datase
         pools = {"train": root}
 
     files = [
-        _ImageFile(path, pool, label)
+        ImageFile(path, pool, label)
         for pool, directory in pools.items()
         for label, name in enumerate(classes)
         for path in _image_files(directory / name, root)
     ]
-    arrays, ids = _decode_images(files, image_size, color)
-    datasets: dict[str, ArrayDataset] = {}
-    for pool in pools:
-        picked = [i for i, f in enumerate(files) if f.pool == pool]
-        datasets[pool] = ArrayDataset(
-            np.stack([arrays[i] for i in picked]),  # (N, C, H, W)
-            np.array([files[i].label for i in picked], dtype=np.int64),  # (N,)
-            255.0,
-            tuple(ids[i] for i in picked),
-        )
-    return DatasetSource("imagefolder", str(root), datasets["train"], datasets.get("test"), tuple(classes))
+    return tuple(classes), files
 
 
 def _class_folders(directory: Path, allowed: set[str] | None = None) -> list[str]:
@@ -717,7 +697,7 @@ def _raise_walk_error(exc: OSError) -> None:
 
 
 def _decode_images(
-    files: Sequence[_ImageFile], image_size: int | None, color: str
+    files: Sequence[ImageFile], image_size: int | None, color: str
 ) -> tuple[list[np.ndarray], list[str]]:
     """Decode every file to a uint8 (C, H, W) array with one C for all; also return the files' sha256."""
     arrays: list[np.ndarray] = []
@@ -747,7 +727,7 @@ def _decode_images(
             image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
         pixels = np.asarray(image, dtype=np.uint8)  # (H, W) or (H, W, 3)
         arrays.append(pixels[None] if gray else pixels.transpose(2, 0, 1))  # (C, H, W)
-        ids.append(hashlib.sha256(raw).hexdigest())
+        ids.append(hash_bytes(raw))
     if color == "auto" and any(a.shape[0] == 3 for a in arrays):
         # One colour image makes the dataset RGB; a gray image's RGB form repeats its channel (as Pillow's
         # L -> RGB conversion does).

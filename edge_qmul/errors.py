@@ -10,7 +10,8 @@ from __future__ import annotations
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "unexpected internal error (a bug: please report it with the traceback)",
-    2: "usage or configuration error: a flag, TOML option or value is invalid",
+    2: "usage or configuration error: a flag, TOML option or value is invalid, or the install lacks the extra "
+       "a verb needs (pip install 'edge-qmul[server]')",
     3: "data error: a dataset directory or file is missing or malformed",
     4: "checkpoint or artifact error: a model file is missing, corrupt or stale",
     5: "forget-request error: a request names samples that cannot be forgotten",

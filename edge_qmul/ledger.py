@@ -83,13 +83,17 @@ class SqliteStore:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; any exception in the block (a refusal included) rolls it back."""
         try:
             self._conn.execute("BEGIN IMMEDIATE")
             yield self._conn
             self._conn.execute("COMMIT")
-        except sqlite3.DatabaseError as err:
-            self._conn.execute("ROLLBACK")
-            raise LedgerError(f"{self.what} {self.path}: {err}", "retry; if it persists, restore the file") from err
+        except BaseException as err:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            if isinstance(err, sqlite3.DatabaseError):
+                raise LedgerError(f"{self.what} {self.path}: {err}", "retry; if it persists, restore the file") from err
+            raise
 
 
 class Ledger(SqliteStore):

@@ -40,11 +40,13 @@ def layer(module: str) -> str:
     return "core"
 
 
-def imports(path: Path, module: str) -> list[tuple[str, int]]:
-    """Every module ``path`` imports (absolute names), with its line."""
+def imports(path: Path, module: str, *, on_import: bool = False) -> list[tuple[str, int]]:
+    """Every module ``path`` imports (absolute names), with its line; with ``on_import``, only those that run when
+    the module is imported (top-level statements, without ``TYPE_CHECKING`` blocks and function bodies)."""
     package = module if path.stem == "__init__" else module.rpartition(".")[0]
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     found = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in _top_level(tree.body) if on_import else ast.walk(tree):
         if isinstance(node, ast.Import):
             found += [(alias.name, node.lineno) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -56,6 +58,20 @@ def imports(path: Path, module: str) -> list[tuple[str, int]]:
             # ``from edge_qmul import pipeline`` imports the module edge_qmul.pipeline
             found += [(f"{base}.{alias.name}", node.lineno) for alias in node.names]
     return found
+
+
+def _top_level(body: list[ast.stmt]) -> list[ast.stmt]:
+    out = []
+    for node in body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            out += _top_level(node.orelse)
+        elif isinstance(node, ast.If):
+            out += _top_level(node.body) + _top_level(node.orelse)
+        elif isinstance(node, ast.Try):
+            out += _top_level([*node.body, *node.orelse, *node.finalbody, *(s for h in node.handlers for s in h.body)])
+        else:
+            out.append(node)
+    return out
 
 
 def internal(name: str, known: dict[str, Path]) -> str | None:
@@ -128,3 +144,30 @@ def test_each_run_artifact_file_name_is_spelled_once_in_the_package() -> None:
         # the on-board runtime names the same files inside a bundle: the board's own format, not the run's
         where = [w for w in where if w != "devices/runtime.py"]
         assert where == ["edge_qmul/run.py"], f"{artifact.name} is spelled in {where}"
+
+
+
+def test_the_device_state_imports_only_stdlib_numpy_and_cryptography() -> None:
+    """`edge-qmul device` runs on an install without torch (pyproject's device extra): devices/state.py (all its
+    imports, lazy ones included) and what the project modules it reaches import when imported load no third-party
+    package but numpy and cryptography, and never export/ or federated/. tests/test_device_state.py also runs the
+    verbs with torch unimportable."""
+    known = modules()
+    allowed = set(sys.stdlib_module_names) | {"__future__", "numpy", "cryptography", "edge_qmul"}
+    seen: set[str] = set()
+    todo, bad = ["edge_qmul.devices.state"], []
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        if layer(module) in ("edge_qmul.export", "edge_qmul.federated", "top"):
+            bad.append(f"{module} is reached")
+        for name, line in imports(known[module], module, on_import=module != "edge_qmul.devices.state"):
+            target = internal(name, known)
+            if target is not None:
+                todo.append(target)
+            elif name.split(".")[0] not in allowed:
+                bad.append(f"{known[module].relative_to(ROOT)}:{line}: {module} imports {name}")
+    assert bad == []
+    assert {"edge_qmul.content", "edge_qmul.data", "edge_qmul.ledger"} <= seen  # the walk follows the imports
