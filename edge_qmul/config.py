@@ -356,10 +356,10 @@ class QMul(LoopConfig):
 class Auto(QMul):
     """The hybrid planner (ARCHITECTURE.md §4.3): exact replay when cheaper, else Q-MUL.
 
-    With ``escalate`` (a comma-separated list of scopes, cheapest first) the approximate branch runs Q-MUL on
-    each scope in turn (``qmul(scope)``: this config's fields for its own ``layers``, the recommended recipe
-    for the others) and widens the scope while the validation split says the forget set is still remembered
-    (``edge_qmul.methods.still_remembered``). With ``escalate=""`` it runs Q-MUL with this config's fields.
+    The approximate branch starts at this config's ``layers`` with its own fields and, while the validation
+    split says the forget set is still remembered (``edge_qmul.methods.still_remembered``), widens the scope
+    through the scopes of ``escalate`` wider than ``layers`` (comma-separated), each with its recommended
+    recipe (``QMul.for_scope``). With ``escalate=""`` (or ``layers="all"``) it runs Q-MUL once.
     """
 
     name: ClassVar[str] = "auto"
@@ -368,12 +368,21 @@ class Auto(QMul):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for scope in self.scopes():
+        for scope in self._listed():
             if scope_blocks(scope) is None:
                 raise _bad(self, "escalate", "list scopes cheapest first, e.g. 'classifier,last-1-blocks,all'")
 
-    def scopes(self) -> list[str]:
+    def _listed(self) -> list[str]:
         return [s.strip() for s in self.escalate.split(",") if s.strip()]
+
+    def scopes(self) -> list[str]:
+        """The scopes Q-MUL may run, in order: ``layers`` first, then every listed scope wider than it."""
+
+        def width(scope: str) -> float:
+            k = scope_blocks(scope)
+            return math.inf if k is None or k < 0 else k
+
+        return [self.layers, *sorted({s for s in self._listed() if width(s) > width(self.layers)}, key=width)]
 
     def qmul(self, scope: str = "") -> QMul:
         """The Q-MUL config the approximate branch runs for ``scope``: this config's own fields for its own

@@ -695,7 +695,7 @@ class AutoMethod(Method):
         h = ctx.history
         model_cfg, train_cfg = ctx.recipe()
         scopes = self.cfg.scopes()
-        approx_cfg = self.cfg.qmul(scopes[0] if scopes else "")
+        approx_cfg = self.cfg.qmul()  # the first scope: its own fields
         approx = estimate_qmul_seconds(ctx, approx_cfg)
         step = probe_train_step(ctx)
         if h is None:  # no training record (a context built by hand): one generation, quantization not timed
@@ -705,7 +705,7 @@ class AutoMethod(Method):
         else:
             p = planner.plan(h.generations, set(h.forget_ids), train_cfg, step, h.quantize_seconds, approx)
         if p.choice == "approximate":
-            result = escalate(ctx, self.cfg) if scopes else QMulMethod(approx_cfg).run(ctx)
+            result = escalate(ctx, self.cfg) if len(scopes) > 1 else QMulMethod(approx_cfg).run(ctx)
             extra: dict[str, Any] = {"epochs": result.log["epochs"], "qmul": result.log}
             float_model = None
             qat, int8 = result.qat, result.int8

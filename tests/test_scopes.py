@@ -231,7 +231,11 @@ def test_escalation_without_a_validation_split_runs_the_cheapest_scope(resnet: d
     assert result.log["scope"] == "classifier" and "no validation split" in result.log["escalation"][0]["note"]
 
 
-def test_auto_escalate_list_is_validated() -> None:
+def test_auto_escalates_from_its_own_layers_to_wider_scopes() -> None:
     assert Auto().scopes() == ["classifier", "last-1-blocks", "all"]
+    assert Auto(layers="last-1-blocks").scopes() == ["last-1-blocks", "all"]
+    assert Auto(layers="all").scopes() == ["all"] and Auto(escalate="").scopes() == ["classifier"]
+    assert Auto(escalate="all,last-2-blocks").scopes() == ["classifier", "last-2-blocks", "all"]
+    assert Auto(epochs=2).qmul("classifier").epochs == 2 and Auto(epochs=2).qmul("all") == QMul.for_scope("all")
     with pytest.raises(ConfigError, match="escalate"):
         Auto(escalate="classifier,everything")
