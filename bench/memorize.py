@@ -307,7 +307,10 @@ def bootstrap_diff(
     return {"diff": float(da.mean()), "low": float(lo), "high": float(hi)}
 
 
-def scenario(b: Bench, deployed: Deployed, kind: str, args: argparse.Namespace, log: Any) -> dict[str, Any]:
+def scenario(
+    b: Bench, deployed: Deployed, kind: str, args: argparse.Namespace, log: Any, save: Any = None
+) -> dict[str, Any]:
+    """Tune on the tuning sets, then per reported set: its references, every chosen method, a partial save."""
     n = len(b.data.train_y)
     y = b.data.train_y
     if kind == "random":
@@ -325,11 +328,14 @@ def scenario(b: Bench, deployed: Deployed, kind: str, args: argparse.Namespace, 
         report_masks = [(f"class{c}", y == c) for c in FORGET_CLASSES["report"][: args.class_sets]]
     log(f"[{kind}] retrain references for {len(tune_masks)} tuning + {len(report_masks)} reported sets")
     tuning = [references(b, name, m, list(range(args.tune_refs)), "val") for name, m in tune_masks]
-    reported = [references(b, name, m, list(range(args.refs)), "test") for name, m in report_masks]
     candidates = [c for c in CANDIDATES if not args.methods or c[0] in args.methods]
     chosen = tune(b, deployed, tuning, candidates, log)
     rows: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for fs in reported:
+    reported: list[ForgetSet] = []
+    for name, mask in report_masks:
+        fs = references(b, name, mask, list(range(args.refs)), "test")
+        reported.append(fs)
+        log(f"  {fs.name}: {len(fs.refs)} references, retrain {np.mean([r['seconds'] for r in fs.refs]):.0f} s")
         none = {**metrics_onnx(deployed.int8, eval_sets(b, fs.mask, "test")), "seconds": 0.0, "cpu_seconds": 0.0}
         none["avg_gap"] = avg_gap(none, mean_metrics(fs.refs))
         rows.setdefault("none", {})[fs.name] = [none]
@@ -349,9 +355,12 @@ def scenario(b: Bench, deployed: Deployed, kind: str, args: argparse.Namespace, 
                 row = run_method(b, deployed, fs, Auto(seed=seed), "test")
                 rows.setdefault("auto (escalating)", {}).setdefault(fs.name, []).append(row)
             log(f"  {fs.name} auto: scopes {[r.get('scope') for r in rows['auto (escalating)'][fs.name]]}")
-    return {"chosen": chosen, "rows": rows, "summary": summarise(rows), "sets": [fs.name for fs in reported],
-            "tuning_sets": [fs.name for fs in tuning],
-            "tuning_retrain": [fs.refs for fs in tuning]}
+        out = {"chosen": chosen, "rows": rows, "summary": summarise(rows), "sets": [fs.name for fs in reported],
+               "tuning_sets": [fs.name for fs in tuning], "tuning_retrain": [fs.refs for fs in tuning],
+               "complete": len(reported) == len(report_masks)}
+        if save is not None:
+            save(out)
+    return out
 
 
 def summarise(rows: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
@@ -427,7 +436,8 @@ def markdown(result: dict[str, Any]) -> str:
         s = sc["summary"]
         floor = s["retrain"]["avg_gap"]
         lines += [
-            f"## {kind}: {len(sc['sets'])} forget sets x {result['provenance']['seeds']['unlearning'][-1] + 1} seeds, "
+            f"## {kind}{'' if sc.get('complete', True) else ' (partial: the run is still going)'}: "
+            f"{len(sc['sets'])} forget sets x {result['provenance']['seeds']['unlearning'][-1] + 1} seeds, "
             f"{len(sc['rows']['retrain'][sc['sets'][0]])} retrain references each",
             "",
             "Metrics on the int8 ONNX model in onnxruntime, means over sets and seeds; Avg Gap to the mean of the "
@@ -519,11 +529,15 @@ def main(argv: list[str] | None = None) -> int:
     stem += "-quick" if args.quick else ""
     for kind in args.scenarios.split(","):
         label = "random 10%" if kind == "random" else "one class"
-        result["scenarios"][label] = scenario(b, deployed, kind, args, log)
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
-        (args.out / f"{stem}.md").write_text(markdown(result))
-        log(f"wrote {args.out / stem}.md")
+
+        def save(partial: dict[str, Any], label: str = label) -> None:
+            result["scenarios"][label] = partial
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
+            (args.out / f"{stem}.md").write_text(markdown(result))
+            log(f"wrote {args.out / stem}.md ({len(partial['sets'])} reported sets of {label})")
+
+        scenario(b, deployed, kind, args, log, save)
     print(markdown(result))
     return 0
 
