@@ -74,12 +74,13 @@ RETAIN_RATIO = 3.0  # full-network forms: each epoch sees 3x |forget| random ret
 
 # (label, method, fixed fields, grid): every grid has GRID_SIZE points. Head forms train the classifier on the
 # deployed int8 model's features; full forms train the scope on the QAT copy with a bounded retain sample.
-HEAD_LR = ({"lr": 0.1, "epochs": 5}, {"lr": 0.1, "epochs": 10}, {"lr": 0.3, "epochs": 5}, {"lr": 0.3, "epochs": 10})
-FULL_LR = ({"lr": 0.01, "epochs": 2}, {"lr": 0.01, "epochs": 4}, {"lr": 0.03, "epochs": 2}, {"lr": 0.03, "epochs": 4})
-ASCENT_HEAD = ({"lr": 0.01, "epochs": 1}, {"lr": 0.01, "epochs": 3}, {"lr": 0.1, "epochs": 1},
-               {"lr": 0.1, "epochs": 3})
-ASCENT_FULL = ({"lr": 1e-4, "epochs": 1}, {"lr": 1e-4, "epochs": 3}, {"lr": 1e-3, "epochs": 1},
-               {"lr": 1e-3, "epochs": 3})
+# One learning-rate ladder per family, the same for every method of that family (no method gets a range of its
+# own): retain-using methods over 1.5 decades at a fixed epoch count, ascent-style methods (forget set only)
+# over their own smaller ladder.
+HEAD_LR = tuple({"lr": lr, "epochs": 5} for lr in (0.03, 0.1, 0.3, 1.0))
+FULL_LR = tuple({"lr": lr, "epochs": 3} for lr in (0.01, 0.03, 0.1, 0.3))
+ASCENT_HEAD = tuple({"lr": lr, "epochs": 2} for lr in (0.003, 0.01, 0.03, 0.1))
+ASCENT_FULL = tuple({"lr": lr, "epochs": 2} for lr in (3e-4, 1e-3, 3e-3, 1e-2))
 HEAD = {"layers": "classifier"}
 FULL = {"layers": "all", "retain_ratio": RETAIN_RATIO}
 CANDIDATES: list[tuple[str, str, dict[str, Any], tuple[dict[str, Any], ...]]] = [
