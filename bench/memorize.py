@@ -52,6 +52,7 @@ from edge_qmul.export.validate import ort_logits, ort_session
 from edge_qmul import quant
 from edge_qmul.config import Auto, MethodConfig, method_config
 from edge_qmul.data import load_dataset, to_tensors
+from edge_qmul.errors import UnlearningError
 from edge_qmul.methods import UnlearnContext, unlearn
 from edge_qmul.metrics import METRICS, EvalSets, avg_gap, evaluate_logits, logits_of
 from edge_qmul.models import ModelConfig
@@ -248,8 +249,13 @@ def run_method(b: Bench, deployed: Deployed, fs: ForgetSet, cfg: MethodConfig, s
         retain_y=d.train_y[~fs.mask], num_classes=10, model_cfg=b.model_cfg, train_cfg=b.train_cfg, backend="x86",
         calib_size=512, val_x=d.val_x, val_y=d.val_y, head=b.model_cfg.head,
     )
-    c0 = time.process_time()
-    result = unlearn(ctx, cfg)
+    c0, t0 = time.process_time(), time.perf_counter()
+    try:
+        result = unlearn(ctx, cfg)
+    except UnlearningError as err:  # e.g. a learning rate that collapses the model: a result, not a crash
+        nan = float("nan")
+        return {**{k: nan for k in METRICS}, "avg_gap": nan, "seconds": time.perf_counter() - t0,
+                "cpu_seconds": time.process_time() - c0, "failed": err.message}
     cpu = time.process_time() - c0
     sets = eval_sets(b, fs.mask, split)
     m = metrics_onnx(result.int8, sets) if split == "test" else metrics_torch(result.int8, sets)
@@ -289,8 +295,9 @@ def tune(b: Bench, deployed: Deployed, tuning: list[ForgetSet], candidates: list
             trial["within_budget"] = trial["seconds"] <= 0.1 * retrain_s
             trials.append(trial)
             log(f"  tune {label} {point}: gap {trial['avg_gap']:.2f} in {trial['seconds']:.1f} s")
-        ok = [t for t in trials if t["within_budget"]]
-        best = min(ok, key=lambda t: t["avg_gap"]) if ok else min(trials, key=lambda t: t["seconds"])
+        ok = [t for t in trials if t["within_budget"] and np.isfinite(t["avg_gap"])]  # failed runs give NaN
+        finite = [t for t in trials if np.isfinite(t["avg_gap"])] or trials
+        best = min(ok, key=lambda t: t["avg_gap"]) if ok else min(finite, key=lambda t: t["seconds"])
         chosen[label] = {"method": method, "fixed": fixed, "point": best["point"], "trials": trials,
                          "retrain_seconds": retrain_s}
     return chosen
@@ -301,7 +308,8 @@ def bootstrap_diff(
 ) -> dict[str, float]:
     """Paired bootstrap of mean(A) - mean(B) over forget sets (each set: the mean over its seeds)."""
     keys = sorted(a)
-    da = np.array([np.mean(a[k]) - np.mean(b[k]) for k in keys])
+    da = np.array([np.nanmean(a[k]) - np.nanmean(b[k]) for k in keys])
+    da = da[np.isfinite(da)]  # a set where every run of one method failed has no paired difference
     rng = np.random.default_rng(seed)
     boots = da[rng.integers(0, len(da), (draws, len(da)))].mean(1)
     lo, hi = np.percentile(boots, [2.5, 97.5])
@@ -371,8 +379,10 @@ def summarise(rows: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any
     for label, by_set in rows.items():
         flat = [r for rs in by_set.values() for r in rs]
         per_set = {k: [r["avg_gap"] for r in rs] for k, rs in by_set.items()}
-        s: dict[str, Any] = {k: float(np.mean([r[k] for r in flat])) for k in (*METRICS, "avg_gap", "seconds")}
-        s["avg_gap_sd"] = float(np.std([np.mean(v) for v in per_set.values()], ddof=1)) if len(per_set) > 1 else 0.0
+        s: dict[str, Any] = {k: float(np.nanmean([r[k] for r in flat])) for k in (*METRICS, "avg_gap", "seconds")}
+        s["failed"] = sum(1 for r in flat if r.get("failed"))
+        set_means = [np.nanmean(v) for v in per_set.values()]
+        s["avg_gap_sd"] = float(np.nanstd(set_means, ddof=1)) if len(per_set) > 1 else 0.0
         s["time_ratio"] = s["seconds"] / retrain_s
         s["cpu_ratio"] = float(np.mean([r["cpu_seconds"] for r in flat])) / retrain_cpu
         s["n"] = len(flat)
@@ -412,7 +422,8 @@ def provenance(args: argparse.Namespace, b: Bench) -> dict[str, Any]:
 
 
 def fmt_row(label: str, s: dict[str, Any]) -> str:
-    return (f"| {label} | {s['FA']:.2f} | {s['RA']:.2f} | {s['TA']:.2f} | {s['MIA']:.2f} | "
+    failed = f" ({s['failed']} of {s['n']} runs failed)" if s.get("failed") else ""
+    return (f"| {label}{failed} | {s['FA']:.2f} | {s['RA']:.2f} | {s['TA']:.2f} | {s['MIA']:.2f} | "
             f"**{s['avg_gap']:.2f}** ± {s['avg_gap_sd']:.2f} | {s['seconds']:.2f} | {s['time_ratio']:.3f} | "
             f"{s['cpu_ratio']:.3f} |")
 
