@@ -128,17 +128,20 @@ class Run(RunDirectory):
 
     def train(self, data: DataConfig | None = None, train: TrainConfig | None = None, *,
               weights: str | Path | None = None, head: str = "", mean: tuple[float, ...] | None = None,
-              std: tuple[float, ...] | None = None, quiet: bool = True) -> pipeline.TrainResult:
+              std: tuple[float, ...] | None = None, provenance: str | Path | None = None,
+              quiet: bool = True) -> pipeline.TrainResult:
+        """``provenance``: a CSV of ``device_id,sha256`` naming which device contributed which training sample."""
         return pipeline.train(self, data or DataConfig(), train or TrainConfig(),
                               weights=Path(weights) if weights is not None else None, head=head, mean=mean, std=std,
-                              quiet=quiet)
+                              provenance=Path(provenance) if provenance is not None else None, quiet=quiet)
 
     def quantize(self, cfg: QuantConfig | None = None, *, quiet: bool = True) -> pipeline.QuantizeResult:
         return pipeline.quantize(self, cfg or QuantConfig(), quiet=quiet)
 
     def forget(self, *, source: str = "api", **selection: Any) -> pipeline.ForgetReceipt:
         """One of ``ids=[...]``, ``hashes=[...]``, ``klass=K``, ``count=N``, ``fraction=F``; ``request_id``;
-        ``source`` says in the ledger who filed it."""
+        ``source`` says in the ledger who filed it. A device's request: ``device=ID`` with ``hashes=[...]``,
+        ``klass=K`` or ``leave=True``, checked against the training provenance by content id."""
         return pipeline.forget(self, source=source, **selection)
 
     def unlearn(self, method: MethodConfig | None = None, *, quiet: bool = True) -> pipeline.UnlearnRecord:

@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a float state_dict of the model (torch.save(model.state_dict(), FILE)); loaded with "
                        "weights_only=True instead of training")
         p.add_argument("--head", help="module name of the trainable head (default: the model's last nn.Linear)")
+        p.add_argument("--provenance", type=Path, help="CSV 'device_id,sha256': which device contributed which "
+                       "training sample (content ids); devices' deletion requests are checked against it")
         p.add_argument("--mean", help="imported weights: per-channel mean they were trained with (default 0)")
         p.add_argument("--std", help="imported weights: per-channel std they were trained with (default 1)")
 
@@ -189,12 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--class", dest="klass", type=CLASS, help="forget every training sample of this class")
     sel.add_argument("--count", type=COUNT, help="forget this many random training samples")
     sel.add_argument("--fraction", type=FRACTION, help="forget this fraction of the training samples")
+    sel.add_argument("--leave", action="store_true", help="with --device: every sample the device contributed")
+    p.add_argument("--device", help="file it as this device's request (its id in the training provenance): "
+                   "with --hashes, --class or --leave, checked against what it contributed")
     p.add_argument("--request-id", help="request id (default: derived from the selection; re-filing is a no-op)")
     p.add_argument("--seed", type=SEED, default=0, help="seed for --count / --fraction")
 
     p = cmd("unlearn", "unlearn every request in the ledger with one method")
     p.add_argument("--method", required=True, help="qmul, retrain, finetune, random_label, grad_ascent, famr, "
-                   "or auto (exact replay when cheaper, else qmul)")
+                   "salun, scrub, l1_sparse, or auto (exact replay when cheaper, else qmul)")
     g = p.add_argument_group("unlearning (override the method's defaults)")
     g.add_argument("--epochs", type=int)
     g.add_argument("--lr", type=float)
@@ -205,7 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--retain-ratio", type=float,
                    help="random retain samples per epoch = this x the forget set (0 = all): cost follows the request")
     g.add_argument("--repair-batches", type=int, help="retain-only repair batches after unlearning")
-    g.add_argument("--layers", choices=["all", "classifier"], help="which parameters move")
+    g.add_argument("--layers", help="which parameters move: classifier, last-K-blocks (the head and the K blocks "
+                   "before it, e.g. last-1-blocks) or all")
+    g.add_argument("--escalate", help="auto: scopes to try cheapest first while the validation split says the forget "
+                   "set is remembered (default classifier,last-1-blocks,all; '' = only --layers)")
+    g.add_argument("--norm-pooling", choices=["sum", "l2"], help="qmul: how gradient norms are pooled")
     g.add_argument("--norm-batches", type=int, help="batches per side for the gradient-norm estimate (0 = all)")
 
     p = cmd("evaluate", "metrics of the deployed model and every unlearning result; writes report.json")
@@ -282,7 +291,7 @@ DATA_KEYS = ("dataset", "root", "seed", "image_size", "color")
 TRAIN_KEYS = ("model", "width", "width_multiplier", "epochs", "lr", "batch_size", "generations")
 QUANT_KEYS = ("backend", "calibration_size")
 UNLEARN_KEYS = ("epochs", "lr", "batch_size", "update", "label_variant", "retain_batches", "retain_ratio",
-                "repair_batches", "layers", "norm_batches")
+                "repair_batches", "layers", "norm_batches", "escalate", "norm_pooling")
 
 
 class Context:
@@ -334,7 +343,7 @@ def cmd_demo(c: Context) -> int:
 
 def cmd_train(c: Context) -> int:
     args = c.args
-    res = c.run().train(c.data(), c.train(), weights=args.weights, head=args.head or "",
+    res = c.run().train(c.data(), c.train(), weights=args.weights, head=args.head or "", provenance=args.provenance,
                         mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"), quiet=args.quiet)
     how = "imported weights" if res.imported else f"trained ({res.seconds:.1f}s)"
     print(f"{res.model}: {how}; float accuracy train {res.train_acc:.2f}%, test {res.test_acc:.2f}% -> {args.run}")
@@ -372,7 +381,8 @@ def cmd_forget(c: Context) -> int:
         raise ConfigError("--seed needs a value", "pass --seed N")
     hashes = _read_hashes(args.hashes) if args.hashes is not None else None
     out = c.run().forget(ids=args.ids, hashes=hashes, klass=args.klass, count=args.count, fraction=args.fraction,
-                         request_id=args.request_id, seed=args.seed, source="cli")
+                         request_id=args.request_id, seed=args.seed, source="cli", device=args.device,
+                         leave=args.leave)
     state = "recorded" if out.added else "already recorded (no change)"
     print(f"request {out.request_id}: {out.samples} samples {state}; {out.forget_total} to forget in all")
     return 0

@@ -34,6 +34,8 @@ from edge_qmul.methods import (
 )
 from edge_qmul.metrics import EvalSets, avg_gap, evaluate_model
 from edge_qmul.models import DEFAULT_HEAD, DEFAULT_WIDTH, ModelConfig, build_model, is_user_spec
+from edge_qmul.provenance import check_in_training_set
+from edge_qmul.provenance import read_csv as read_provenance
 from edge_qmul.run import Run, ids_hash, sha256_file
 from edge_qmul.store import SampleStore
 from edge_qmul.train import TrainConfig, load_checkpoint, load_payload, save_checkpoint, train_float
@@ -148,9 +150,13 @@ def train(
     head: str = "",
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
+    provenance: Path | None = None,
     quiet: bool = False,
 ) -> TrainResult:
     """Split the dataset and train the float model, or import the user's trained weights (``weights``).
+
+    ``provenance`` is a CSV of ``device_id,sha256`` (``edge_qmul.provenance``): which device contributed which
+    training sample; it is checked against the training split and kept in the run's sample store.
 
     The model is a built-in name or the user's ``FILE.py:FACTORY`` / ``module:FACTORY``; ``head`` names its
     trainable head (default: the last nn.Linear). The normalisation inside the graph is the dataset's
@@ -189,6 +195,11 @@ def train(
     model_cfg = replace(model_cfg, head=usermodel.head_name(probe, head or DEFAULT_HEAD.get(train_cfg.model, "")))
     if weights is not None:
         usermodel.load_user_weights(probe, Path(weights))
+    ids = data.content_ids(source.train)
+    owners: list[tuple[str, str]] = []
+    if provenance is not None:
+        owners = read_provenance(provenance)
+        check_in_training_set(owners, {ids[i] for i in split.train}, provenance)
     run.root.mkdir(parents=True, exist_ok=True)
     log: dict[str, Any]
     if weights is not None:
@@ -201,7 +212,9 @@ def train(
     train_acc = _accuracy(model, *data.to_tensors(source.train, split.train))
     test_acc = _accuracy(model, *data.to_tensors(source.pool("test"), split.test))
     with SampleStore(run.path("samples")) as store:  # the server's own copy, from here on the source
-        store.ingest(source.train.images, source.train.labels, source.train.scale, data.content_ids(source.train))
+        store.ingest(source.train.images, source.train.labels, source.train.scale, ids)
+        if owners:
+            store.record_provenance(owners)
     split.save(run.path("split"))
     run.record("split")
     save_checkpoint(
@@ -513,11 +526,24 @@ def forget(
     request_id: str | None = None,
     seed: int = 0,
     source: str = "cli",
+    device: str | None = None,
+    leave: bool = False,
 ) -> ForgetReceipt:
     """File a deletion request in the ledger (idempotent by request id): training-sample ids, content ids
-    (sha256 of the samples' bytes, as recorded at train time), a class, or a random count / fraction."""
+    (sha256 of the samples' bytes, as recorded at train time), a class, or a random count / fraction.
+
+    With ``device`` (a device id of the run's training provenance) the request is that device's: its
+    ``hashes`` must all be samples it contributed, ``klass`` selects its own samples of the class, and
+    ``leave=True`` every sample it contributed (the device leaves the fleet)."""
     run = as_run(run_dir)
     rd = load_run_data(run)
+    device_spec: dict[str, Any] = {}
+    if device is not None:
+        device_spec = {"device": device, "kind": "client" if leave else "class" if klass is not None else "samples",
+                       **({"class": klass} if klass is not None else {})}
+        ids, hashes, klass = _device_selection(run, rd, device, hashes, klass, leave, ids, count, fraction), None, None
+    elif leave:
+        raise ConfigError("leave=True needs the device that leaves", "pass device=<its id in the provenance>")
     if hashes is not None:
         if ids is not None:
             raise ConfigError("give sample ids or content hashes, not both", "file two requests")
@@ -526,6 +552,7 @@ def forget(
         rd.split, rd.source.train.labels, fraction=fraction, count=count, klass=klass, ids=ids,
         seed=seed, pool_size=len(rd.source.train),
     )
+    spec: dict[str, Any]
     kind, spec = (
         ("samples", {"hashes": len(chosen)}) if hashes is not None
         else ("samples", {"ids": len(chosen)}) if ids is not None
@@ -533,6 +560,8 @@ def forget(
         else ("count", {"count": count, "seed": seed}) if count is not None
         else ("fraction", {"fraction": fraction, "seed": seed})
     )
+    if device_spec:
+        kind, spec = device_spec.pop("kind"), {**device_spec, "count": len(chosen)}
     rid = request_id or f"req-{kind}-{ids_hash(chosen)}"
     remaining = set(rd.live(rd.split.train)) - set(rd.split.forget) - set(chosen)
     if not remaining:  # nothing could be trained or kept useful: refused before the ledger records it
@@ -544,6 +573,35 @@ def forget(
         added = ledger.add(rid, kind, spec, chosen, source=source)
         total = len(ledger.forget_ids())
     return ForgetReceipt(rid, added, len(chosen), total)
+
+
+def _device_selection(run: Run, rd: RunData, device: str, hashes: list[str] | None, klass: int | None, leave: bool,
+                      ids: list[int] | None, count: int | None, fraction: float | None) -> list[int]:
+    """The training-sample ids of a device's request, checked against the run's provenance by content id."""
+    if ids is not None or count is not None or fraction is not None or sum(
+            (hashes is not None, klass is not None, leave)) != 1:
+        raise ConfigError("a device's request is one of: hashes=[...], klass=K or leave=True",
+                          "devices name their samples by content id, never by the server's sample ids")
+    train = set(rd.split.train)
+    with SampleStore(run.require("samples")) as store:
+        if not store.has_provenance():
+            raise ForgetRequestError(f"{run.root} has no training provenance, so no request can be a device's",
+                                     "train or import with --provenance FILE.csv (device_id,sha256)")
+        if hashes is not None:
+            wanted = [h.strip().lower() for h in hashes if h.strip()]
+            found = store.check_owned(device, wanted)
+            return sorted({i for h in wanted for i in found.get(h, []) if i in train})
+        own = store.ids_for_hashes(store.contributed_by(device))
+    mine = sorted({i for ids_ in own.values() for i in ids_ if i in train})
+    if not mine:
+        raise ForgetRequestError(f"device {device!r} contributed no training sample", "check the device id")
+    if leave:
+        return mine
+    chosen = [i for i in mine if int(rd.source.train.labels[i]) == klass]
+    if not chosen:
+        raise ForgetRequestError(f"device {device!r} contributed no training sample of class {klass}",
+                                 "a device can ask only for its own samples")
+    return chosen
 
 
 def ids_for_hashes(run: Run, split: data.Split, hashes: list[str]) -> list[int]:

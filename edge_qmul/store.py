@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from edge_qmul.errors import DataError
+from edge_qmul.errors import DataError, ForgetRequestError
 from edge_qmul.ledger import SqliteStore
 
 _SCHEMA = """
@@ -31,6 +31,12 @@ CREATE TABLE IF NOT EXISTS samples (
     certificate TEXT                   -- request id of the certificate the purge followed
 );
 CREATE INDEX IF NOT EXISTS samples_sha256 ON samples (sha256);
+CREATE TABLE IF NOT EXISTS provenance (   -- which device contributed which training sample (by content id)
+    sha256 TEXT NOT NULL,
+    device TEXT NOT NULL,
+    PRIMARY KEY (sha256, device)
+);
+CREATE INDEX IF NOT EXISTS provenance_device ON provenance (device);
 """
 
 
@@ -101,6 +107,62 @@ class SampleStore(SqliteStore):
             for i, sha in self._conn.execute(f"SELECT id, sha256 FROM samples WHERE sha256 IN ({marks})", part):
                 out.setdefault(sha, []).append(int(i))
         return out
+
+    # -- provenance (edge_qmul.provenance) ------------------------------------------------------------
+    def record_provenance(self, pairs: Sequence[tuple[str, str]]) -> int:
+        """Store (device id, content id) pairs once; recording the same pairs again is a no-op, other pairs are
+        refused (a run's provenance is fixed when it is trained)."""
+        have = set(self._conn.execute("SELECT device, sha256 FROM provenance").fetchall())
+        want = set(pairs)
+        if have:
+            if have != want:
+                raise DataError(f"{self.path} already records another training provenance "
+                                f"({len(have)} samples)", "use a fresh run directory")
+            return 0
+        with self._tx() as conn:
+            conn.executemany("INSERT INTO provenance (device, sha256) VALUES (?, ?)", sorted(want))
+        return len(want)
+
+    def has_provenance(self) -> bool:
+        return self._conn.execute("SELECT 1 FROM provenance LIMIT 1").fetchone() is not None
+
+    def devices(self) -> dict[str, int]:
+        """{device id: number of samples it contributed}."""
+        return dict(self._conn.execute("SELECT device, COUNT(*) FROM provenance GROUP BY device").fetchall())
+
+    def contributed_by(self, device: str) -> list[str]:
+        return [r[0] for r in self._conn.execute("SELECT sha256 FROM provenance WHERE device = ? ORDER BY sha256",
+                                                 (device,))]
+
+    def owners(self, hashes: Sequence[str]) -> dict[str, set[str]]:
+        """{content id: the devices that contributed it} for the given ids that have provenance."""
+        out: dict[str, set[str]] = {}
+        unique = sorted(set(hashes))
+        for chunk in range(0, len(unique), 900):
+            part = unique[chunk : chunk + 900]
+            marks = ",".join("?" * len(part))
+            for sha, device in self._conn.execute(
+                    f"SELECT sha256, device FROM provenance WHERE sha256 IN ({marks})", part):
+                out.setdefault(sha, set()).add(device)
+        return out
+
+    def check_owned(self, device: str, hashes: Sequence[str]) -> dict[str, list[int]]:
+        """{content id: sample ids} for a deletion request by ``device``, or one ForgetRequestError naming
+        what is wrong: a hash no device contributed to the training set, or one another device contributed."""
+        if not hashes:
+            raise ForgetRequestError(f"device {device}: the request names no sample", "name at least one content id")
+        owners = self.owners(hashes)
+        unknown = sorted({h for h in hashes if h not in owners})
+        if unknown:
+            raise ForgetRequestError(
+                f"device {device}: {len(unknown)} content id(s) are not in the training set's provenance "
+                f"(e.g. {unknown[0][:16]}…)", "a device can ask only for samples it contributed to training")
+        foreign = sorted({h for h in hashes if device not in owners[h]})
+        if foreign:
+            raise ForgetRequestError(
+                f"device {device}: {len(foreign)} content id(s) were contributed by other devices "
+                f"(e.g. {foreign[0][:16]}…)", "a device can ask only for samples it contributed to training")
+        return self.ids_for_hashes(hashes)
 
     def purged(self) -> set[int]:
         return {int(r[0]) for r in self._conn.execute("SELECT id FROM samples WHERE pixels IS NULL")}
