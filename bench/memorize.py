@@ -175,7 +175,9 @@ def train_cached(b: Bench, key: str, keep: torch.Tensor, seed: int) -> tuple[tor
     log = {"train_acc": log["epochs"][-1]["train_acc"], "seconds": time.perf_counter() - t0,
            "cpu_seconds": time.process_time() - c0}
     b.cache.mkdir(parents=True, exist_ok=True)
-    torch.save({"state": model.state_dict(), "log": log}, path)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save({"state": model.state_dict(), "log": log}, tmp)
+    os.replace(tmp, path)  # atomic: a second process (--prefetch) never reads half a file
     return model, log
 
 
@@ -320,10 +322,11 @@ def bootstrap_diff(
     return {"diff": float(da.mean()), "low": float(lo), "high": float(hi)}
 
 
-def scenario(
-    b: Bench, deployed: Deployed, kind: str, args: argparse.Namespace, log: Any, save: Any = None
-) -> dict[str, Any]:
-    """Tune on the tuning sets, then per reported set: its references, every chosen method, a partial save."""
+Masks = list[tuple[str, torch.Tensor]]
+
+
+def forget_masks(b: Bench, kind: str, args: argparse.Namespace) -> tuple[Masks, Masks]:
+    """(tuning, reported) forget sets: disjoint random 10% sets, or whole classes."""
     n = len(b.data.train_y)
     y = b.data.train_y
     if kind == "random":
@@ -334,11 +337,31 @@ def scenario(
             m = torch.zeros(n, dtype=torch.bool)
             m[perm[i * size:(i + 1) * size]] = True
             masks.append(m)
-        tune_masks = [(f"random-t{i}", m) for i, m in enumerate(masks[: args.tune_sets])]
-        report_masks = [(f"random-r{i}", m) for i, m in enumerate(masks[args.tune_sets:])]
-    else:
-        tune_masks = [(f"class{FORGET_CLASSES['tune']}", y == FORGET_CLASSES["tune"])]
-        report_masks = [(f"class{c}", y == c) for c in FORGET_CLASSES["report"][: args.class_sets]]
+        return ([(f"random-t{i}", m) for i, m in enumerate(masks[: args.tune_sets])],
+                [(f"random-r{i}", m) for i, m in enumerate(masks[args.tune_sets:])])
+    tune = FORGET_CLASSES["tune"]
+    return ([(f"class{tune}", y == tune)],
+            [(f"class{c}", y == c) for c in FORGET_CLASSES["report"][: args.class_sets]])
+
+
+def prefetch(b: Bench, args: argparse.Namespace, log: Any) -> int:
+    """Train (and cache) every retrain reference the scenarios need, in their order: a second process can do
+    this while the first one tunes; each reference is timed in its own process either way (CPU time)."""
+    for kind in args.scenarios.split(","):
+        tune_masks, report_masks = forget_masks(b, kind, args)
+        todo = [(n, m, s) for n, m in tune_masks for s in range(args.tune_refs)]
+        todo += [(n, m, s) for n, m in report_masks for s in range(args.refs)]
+        for name, mask, seed in todo:
+            _, tlog = train_cached(b, name, ~mask, seed)
+            log(f"  {name} seed {seed}: {tlog['cpu_seconds']:.0f} s CPU")
+    return 0
+
+
+def scenario(
+    b: Bench, deployed: Deployed, kind: str, args: argparse.Namespace, log: Any, save: Any = None
+) -> dict[str, Any]:
+    """Tune on the tuning sets, then per reported set: its references, every chosen method, a partial save."""
+    tune_masks, report_masks = forget_masks(b, kind, args)
     log(f"[{kind}] retrain references for {len(tune_masks)} tuning + {len(report_masks)} reported sets")
     tuning = [references(b, name, m, list(range(args.tune_refs)), "val") for name, m in tune_masks]
     candidates = [c for c in CANDIDATES if not args.methods or c[0] in args.methods]
@@ -560,6 +583,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=Path("runs/bench-memorize"))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--prefetch", action="store_true",
+                        help="only train and cache the retrain references (run it beside the main run)")
     parser.add_argument("--study", action="store_true",
                         help="Q-MUL's recipe study instead (extra budget, tuning sets only; see recipe_study)")
     parser.add_argument("--threads", type=int, default=1,
@@ -598,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     stem += "-quick" if args.quick else ""
     if args.study:
         return recipe_study(b, deployed, args, result, stem, log)
+    if args.prefetch:
+        return prefetch(b, args, log)
     for kind in args.scenarios.split(","):
         label = "random 10%" if kind == "random" else "one class"
 
