@@ -71,6 +71,9 @@ def test_selection_prefers_the_smallest_gap_within_a_tenth_of_retrain(memorize, 
     fs = memorize.ForgetSet("t", torch.zeros(1, dtype=torch.bool), [{"seconds": 100.0, "cpu_seconds": 100.0}])
     chosen = memorize.tune(None, None, [fs], [("x", "qmul", {}, grid)], lambda msg: None)
     assert chosen["x"]["point"] == {"lr": 3}  # lr 1 is closer but costs 20% of retrain (in CPU time)
+    outcome.update({2: (float("nan"), 50.0), 3: (0.7, 30.0), 4: (2.0, 11.0)})  # none within budget now
+    chosen = memorize.tune(None, None, [fs], [("x", "qmul", {}, grid)], lambda msg: None)
+    assert chosen["x"]["point"] == {"lr": 1}  # the closest anyway; a failed run (NaN) is never chosen
 
 
 def test_summary_reports_ratios_and_the_best_qmul_scope(memorize) -> None:  # type: ignore[no-untyped-def]
