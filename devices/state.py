@@ -301,8 +301,12 @@ class DeviceState(SqliteStore):
         fleet_key = parse_fleet_key(fleet_key_hex)
         _check_free(state_dir)
         classes, rows = index_samples(data_spec)
-        state_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{state_dir.name}.init-", dir=state_dir.parent))  # mode 0700
+        try:
+            state_dir.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{state_dir.name}.init-", dir=state_dir.parent))  # mode 0700
+        except OSError as err:
+            raise ConfigError(f"cannot create the state directory {state_dir} ({err.strerror})",
+                              "pass a --state DIR in a place this user can write") from err
         try:
             device_id = _write_new_key(tmp / KEY_FILE)
             conn = sqlite3.connect(tmp / STATE_DB, isolation_level=None)
@@ -376,7 +380,8 @@ class DeviceState(SqliteStore):
                 "by class (--class K)")
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
-            raise ForgetRequestError(f"no such file: {_preview(missing)}", "name image files this device holds")
+            raise ForgetRequestError(f"not a file (missing, or a folder): {_preview(missing)}",
+                                     "name the image files this device holds, one path each")
         by_hash = {hash_file(p): p for p in paths}
         unknown = self._unknown(list(by_hash))
         if unknown:

@@ -192,6 +192,15 @@ def test_init_refuses_a_non_empty_directory_and_bad_data(tmp_path: Path, folder:
         assert d.sample_count() == 60
 
 
+def test_init_where_nothing_can_be_written_is_a_clear_error(tmp_path: Path, folder: tuple[Path, list[Path],
+                                                                                            np.ndarray]) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match="cannot create the state directory"):
+        DeviceState.init(blocker / "state", DataSpec("imagefolder", folder[0]), fleet_key())
+    assert blocker.read_text() == "not a directory"
+
+
 def test_open_without_state_says_how_to_set_one_up(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         DeviceState.open(tmp_path)
@@ -409,7 +418,8 @@ def test_cli_init_forget_status(tmp_path: Path, folder: tuple[Path, list[Path], 
     (["forget", "--hashes", "HASHES"], 5, "not among this device's samples"),
     (["forget", "--hashes", "NOWHERE"], 2, "cannot read hashes file"),
     (["forget", "--class", "99"], 5, "no sample of class 99"),
-    (["forget", "--files", "NOWHERE"], 5, "no such file"),
+    (["forget", "--files", "NOWHERE"], 5, "not a file"),
+    (["forget", "--files", "FOLDER"], 5, "not a file"),
     (["forget"], 2, "one of the arguments --files --hashes --class --all is required"),
     (["forget", "--class", "1", "--all"], 2, "not allowed with"),
 ])
@@ -417,7 +427,7 @@ def test_cli_refusals_exit_with_their_area_code(device: DeviceState, tmp_path: P
                                                 argv: list[str], code: int, needle: str) -> None:
     hashes = tmp_path / "foreign.txt"
     hashes.write_text(hashlib.sha256(b"x").hexdigest() + "\n")
-    subs = {"KEY": fleet_key(), "HASHES": str(hashes), "NOWHERE": str(tmp_path / "nowhere")}
+    subs = {"KEY": fleet_key(), "HASHES": str(hashes), "NOWHERE": str(tmp_path / "nowhere"), "FOLDER": str(tmp_path)}
     argv = [subs.get(a, a) for a in argv]
     state = device.dir if argv[0] == "forget" else tmp_path / "new-state"
     before = snapshot(device.dir)

@@ -147,11 +147,9 @@ def test_each_run_artifact_file_name_is_spelled_once_in_the_package() -> None:
 
 
 
-def test_the_device_state_imports_only_stdlib_numpy_and_cryptography() -> None:
-    """`edge-qmul device` runs on an install without torch (pyproject's device extra): devices/state.py (all its
-    imports, lazy ones included) and what the project modules it reaches import when imported load no third-party
-    package but numpy and cryptography, and never export/ or federated/. tests/test_device_state.py also runs the
-    verbs with torch unimportable."""
+def device_violations() -> tuple[list[str], set[str]]:
+    """What devices/state.py (all its imports, lazy ones included) and the project modules it reaches (their imports
+    at import time) import beyond the standard library, numpy, cryptography and the lean layers; and what it reaches."""
     known = modules()
     allowed = set(sys.stdlib_module_names) | {"__future__", "numpy", "cryptography", "edge_qmul"}
     seen: set[str] = set()
@@ -168,6 +166,32 @@ def test_the_device_state_imports_only_stdlib_numpy_and_cryptography() -> None:
             if target is not None:
                 todo.append(target)
             elif name.split(".")[0] not in allowed:
-                bad.append(f"{known[module].relative_to(ROOT)}:{line}: {module} imports {name}")
+                bad.append(f"{module}:{line} imports {name}")
+    return bad, seen
+
+
+def test_the_device_state_imports_only_stdlib_numpy_and_cryptography() -> None:
+    """`edge-qmul device` runs on an install without torch (pyproject's device extra), so nothing it reaches imports
+    torch, export/ or federated/. tests/test_device_state.py also runs the verbs with torch unimportable."""
+    bad, seen = device_violations()
     assert bad == []
     assert {"edge_qmul.content", "edge_qmul.data", "edge_qmul.ledger"} <= seen  # the walk follows the imports
+
+
+@pytest.mark.parametrize(("source", "expected"), [
+    ("def f():\n    import torch\n", "imports torch"),  # state.py's own lazy imports count
+    ("from edge_qmul.devices import helper\n", "imports sklearn"),  # and what a reached module imports on import
+    ("from edge_qmul.federated import rollout\n", "edge_qmul.federated.rollout is reached"),
+])
+def test_the_device_check_sees_heavy_imports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str,
+                                            expected: str) -> None:
+    fake = tmp_path / "devices"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "state.py").write_text(source)
+    (fake / "helper.py").write_text("import sklearn\n\ndef lazy():\n    import torch\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGES", {**PACKAGES, "edge_qmul.devices": fake})
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path.parent)
+    bad, _ = device_violations()
+    assert any(expected in b for b in bad), bad
+    assert not any("helper:4 imports torch" in b for b in bad)  # a reached module's lazy import runs only if called
