@@ -32,7 +32,8 @@ test-arm: install
 	bash devices/arm/build_sysroot.sh
 	$(BIN)/pytest -q -m arm
 
-# Real Flower deployment on loopback: flower-superlink + 3 flower-supernode processes + flwr run (~2.5 min).
+# Real Flower deployment on loopback: a TLS flower-superlink with SuperNode authentication, 3 registered
+# flower-supernode processes (+ an unregistered one it refuses) and flwr run (~6 min on 2 cores).
 test-federated: install
 	$(BIN)/pytest -q -m federated --durations=5
 

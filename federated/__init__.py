@@ -17,16 +17,22 @@ after the device proves it holds the key; every later request must verify agains
 file (``key-file``: JSON {partition id: public key hex}) pre-registers (pins) keys for fleets that
 provision keys at manufacture. Pinned keys take precedence over first-contact registrations. Devices keep
 their key under ``state-dir``. A device without one gets a fresh key every run, and the server then
-refuses it (``key-mismatch``). Message transport is Flower's; use TLS outside loopback tests.
+refuses it (``key-mismatch``). Message transport is Flower's: TLS with a fleet CA and SuperNode
+authentication (``certs`` makes the certificates and the SuperNodes' EC keys).
 
 Run it (the app directory is the repository; pyproject's ``[tool.flwr.app]`` bundles only the config and
-these sources, and the SuperLink and SuperNodes run the installed edge-qmul package)::
+these sources, and the SuperLink and SuperNodes run the installed edge-qmul package; the README's fleet
+recipe has every step)::
 
-    flower-superlink --insecure --host 127.0.0.1 --port 9091 --disable-runtime-dependency-installation
-    flower-supernode --insecure --superlink 127.0.0.1:9091 --port 9101 \\
+    edge-qmul fleet certs --out certs --host 192.0.2.10 && edge-qmul fleet node-key --out node0
+    flower-superlink --ssl-ca-certfile certs/ca.pem --ssl-certfile certs/server.pem \\
+        --ssl-keyfile certs/server.key --enable-supernode-auth --host 192.0.2.10 --port 9091 \\
+        --disable-runtime-dependency-installation
+    flwr supernode register node0.pub <connection>      # connection: address + root-certificates = ca.pem
+    flower-supernode --root-certificates ca.pem --superlink 192.0.2.10:9091 \\
+        --auth-supernode-private-key node0 --port 9101 \\
         --node-config 'partition-id=0 num-partitions=3 state-dir="/var/lib/edge-qmul/device0"'
     flwr run . <connection> -c 'run-dir="/abs/path/to/run"'
 
-Federated mode (Q-MUL computed on the devices) is not implemented; ``mode`` accepts ``central`` and
-``intake``.
+``mode`` is one of ``config.MODES``: intake, central, federated (Q-MUL rounds on the devices), rollout.
 """

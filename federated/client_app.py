@@ -29,21 +29,29 @@ def _device(context: Context) -> Device:
     )
 
 
-@app.query("forget")
-def forget(message: Message, context: Context) -> Message:
-    device = _device(context)
+def send_queue(device: Device, message: Message) -> Message:
+    """The reply to ``query.forget``: every pending request, signed, as one batch."""
     device.refresh_queue()
     batch = device.outgoing()
     device.save()  # the in-flight list must be on disk before the batch leaves the device
     return Message(messages.batch_to_content(batch), reply_to=message)
 
 
-@app.query("ack")
-def ack(message: Message, context: Context) -> Message:
-    device = _device(context)
+def settle(device: Device, message: Message) -> Message:
+    """The reply to ``query.ack``: the in-flight batch settled against the server's outcomes."""
     counts = device.apply_outcomes(messages.content_to_acks(message.content))
     device.save()
     return Message(messages.summary(**counts), reply_to=message)
+
+
+@app.query("forget")
+def forget(message: Message, context: Context) -> Message:
+    return send_queue(_device(context), message)
+
+
+@app.query("ack")
+def ack(message: Message, context: Context) -> Message:
+    return settle(_device(context), message)
 
 
 @app.query("receipt")

@@ -69,7 +69,6 @@ class FederatedConfig:
     samples_per_request: int = 3
     class_partitions: str = ""  # devices that also ask to forget their samples of one class
     leave_partitions: str = ""  # devices that leave the fleet (kind "client")
-    inject_faults: bool = False  # devices also send forged / replayed / foreign / conflicting requests
     hold_after_ack: float = 0.0  # seconds the server waits between acknowledging and unlearning (crash tests)
     # Q-MUL settings for both unlearning modes (0 = the method's recommended default)
     unlearn_epochs: int = 0
@@ -159,7 +158,6 @@ class DeviceConfig:
     # node state only: the key is then new every run and the server refuses it as a key mismatch).
     state_dir: str = ""
     fleet_key: str = ""  # the fleet's bundle-signing public key: 64 hex chars, or the path of public_key.hex
-    runtime_fault: str = ""  # test switch: "broken-runtime" simulates a board whose onnxruntime fails
 
     def __post_init__(self) -> None:
         if self.num_partitions < 1 or not 0 <= self.partition_id < self.num_partitions:
@@ -169,9 +167,6 @@ class DeviceConfig:
             )
         if self.state_dir and not Path(self.state_dir).is_absolute():
             raise ConfigError(f"state-dir={self.state_dir!r} must be an absolute path")
-        if self.runtime_fault not in ("", "broken-runtime"):
-            raise ConfigError(f"runtime-fault={self.runtime_fault!r} is not a known fault",
-                              'use "" or "broken-runtime"')
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> DeviceConfig:

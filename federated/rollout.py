@@ -55,7 +55,6 @@ log = logging.getLogger(__name__)
 
 QUERY_ROLLOUT = "query.rollout"
 _ROLLOUT, _RESULT = "rollout", "rollout-result"
-FAULTS = ("", "broken-runtime")  # node-config runtime-fault: a test switch simulating a board whose runtime fails
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollouts (
@@ -324,9 +323,6 @@ def _install(device: Device, rollout_id: str, blob: bytes, max_auc: float) -> di
         if not device.cfg.fleet_key:
             raise runtime.BadInputError("no fleet key is pinned on this device", "set node config fleet-key")
         key = runtime.load_public_key(device.cfg.fleet_key)
-        if device.cfg.runtime_fault == "broken-runtime":
-            raise runtime.BadInputError("onnxruntime failed to create a session (simulated broken runtime)",
-                                        "repair the board's runtime")
         result = runtime.check_bundle_in_fresh_process(base / "bundle.tar", key, base / "files", runs=20,
                                                         warmup=2)
         manifest = json.loads((base / "files" / runtime.MANIFEST).read_text())

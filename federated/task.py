@@ -7,9 +7,7 @@ is configured (then the key is new every run and a server that registered an ear
 
 The pending queue is generated deterministically from the run config (``seed``, ``requests-per-client``,
 ``samples-per-request``, ``class-partitions``, ``leave-partitions``): on a real device it would be filled
-by the user's deletion requests. ``inject-faults`` makes the device also send one request of each kind
-the server must refuse (foreign samples, forged signature, replayed nonce, conflicting id, expired
-timestamp): a test and demo switch, never something a production device sets.
+by the user's deletion requests. (Devices that misbehave on purpose, for tests, are in tests/fleet/faults.py.)
 
 Only sample *ids* leave the device, never sample contents. This module imports neither torch nor Flower's
 heavy parts, so a ClientApp process starts quickly.
@@ -38,15 +36,6 @@ from edge_qmul.run import Run
 STATE_FORMAT = "edge-qmul/device-state/1"
 STATE_FILE = "device.json"
 KEY_FILE = "device_key.pem"
-FAULTS = ("other-client", "forged", "replay", "id-conflict", "expired")
-# What the server must answer to each injected fault (the deployment test checks these).
-EXPECTED_FAULT_REASONS = {
-    "other-client": "not-owner",
-    "forged": "bad-signature",
-    "replay": "replayed-nonce",
-    "id-conflict": "request-id-conflict",
-    "expired": "expired",
-}
 
 
 @dataclass(frozen=True)
@@ -117,7 +106,7 @@ def _fingerprint(run_cfg: FederatedConfig, device_cfg: DeviceConfig) -> str:
 
 def _empty_state() -> dict[str, Any]:
     return {"format": STATE_FORMAT, "generated": "", "pending": [], "in_flight": [], "acked": {}, "refused": {},
-            "faults": {}, "receipts": {}}
+            "receipts": {}}
 
 
 class Device:
@@ -197,8 +186,6 @@ class Device:
         labelled: list[tuple[str, SignedRequest]] = [
             (f"req:{p.request_id}", p.signed(pid, self.key, now)) for p in self.pending()
         ]
-        if self.run_cfg.inject_faults:
-            labelled.extend(self._faults(labelled, now))
         self.state["in_flight"] = [label for label, _ in labelled]
         return DeviceBatch(
             partition_id=pid,
@@ -207,35 +194,6 @@ class Device:
             key_proof=protocol.key_proof(self.key, pid),
             entries=[signed for _, signed in labelled],
         )
-
-    def _faults(self, sent: list[tuple[str, SignedRequest]], now: int) -> list[tuple[str, SignedRequest]]:
-        """One request per fault the server must refuse (see ``EXPECTED_FAULT_REASONS``)."""
-        pid, n, seed = self.partition_id, self.cfg.num_partitions, self.run_cfg.seed
-        split = data.Split.load(Run(self.run_cfg.run_path).require("split"))
-        own = partition.partition(split.train, n, pid)
-        m = max(1, self.run_cfg.samples_per_request)
-        out: list[tuple[str, SignedRequest]] = []
-
-        def req(tag: str, ids: list[int], ts: int = now, rid: str | None = None) -> ForgetRequest:
-            return ForgetRequest(rid or request_id(seed, pid, f"x-{tag}"), pid, "samples", tuple(sorted(ids)), None,
-                                 ts, protocol.new_nonce())
-
-        if n > 1:
-            other = partition.partition(split.train, n, (pid + 1) % n)
-            out.append(("fault:other-client", protocol.sign(req("other", other[:m]), self.key)))
-        out.append(("fault:forged", protocol.sign(req("forged", own[:m]), protocol.generate_key())))
-        stale = now - self.run_cfg.max_request_age - 3600
-        out.append(("fault:expired", protocol.sign(req("expired", own[:m], ts=stale), self.key)))
-        first = next((p for p in self.pending() if p.kind == "samples"), None)
-        if first is not None:
-            # Same id as a genuine request, different samples: must not overwrite or merge with it.
-            different = [i for i in own if i not in set(first.sample_ids)][:1]
-            if different:
-                conflict = req("conflict", different, rid=first.request_id)
-                out.append(("fault:id-conflict", protocol.sign(conflict, self.key)))
-        if sent:
-            out.append(("fault:replay", sent[0][1]))  # the exact bytes again: same nonce
-        return out
 
     def apply_outcomes(self, outcomes: list[Outcome]) -> dict[str, int]:
         """Settle the in-flight batch against the server's outcomes (one per entry, in order).
@@ -252,13 +210,10 @@ class Device:
                 "the acknowledgement does not belong to the last batch; the queue is kept and re-sent",
             )
         settled: dict[str, str] = {}
-        counts = {"acked": 0, "refused": 0, "faults": 0}
+        counts = {"acked": 0, "refused": 0}
         for outcome, label in zip(outcomes, in_flight, strict=True):
-            kind, _, name = label.partition(":")
-            if kind == "fault":
-                self.state["faults"][name] = outcome.reason or outcome.status
-                counts["faults"] += 1
-            elif outcome.request_id != name and (outcome.recorded or outcome.request_id):
+            name = label.partition(":")[2]
+            if outcome.request_id != name and (outcome.recorded or outcome.request_id):
                 # A refusal may carry no id (the server does not parse what it could not verify); anything
                 # else naming another request means the outcomes belong to a different batch.
                 raise ForgetRequestError(

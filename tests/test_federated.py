@@ -22,11 +22,13 @@ import pytest
 from edge_qmul.federated import messages, partition, protocol
 from edge_qmul.federated.config import DeviceConfig, FederatedConfig
 from edge_qmul.federated.coordinator import run_round
-from edge_qmul.federated.inprocess import NODE, local_grid, wire
 from edge_qmul.federated.intake import REFUSAL_REASONS, Intake
 from edge_qmul.federated.protocol import DeviceBatch, ForgetRequest, ProtocolError, SignedRequest
 from edge_qmul.federated.store import FleetStore
-from edge_qmul.federated.task import EXPECTED_FAULT_REASONS, Device, PendingRequest
+from edge_qmul.federated.task import Device, PendingRequest
+from fleet import faults as fleet_faults
+from fleet.faults import EXPECTED_FAULT_REASONS, FaultyDevice
+from fleet.inprocess import NODE, local_grid, wire
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from edge_qmul import data
@@ -67,9 +69,10 @@ def fed_cfg(run: Path, **overrides: object) -> FederatedConfig:
     return FederatedConfig(**{**base, **overrides})
 
 
-def make_device(run: Path, pid: int, tmp_path: Path, *, n: int = 3, **overrides: object) -> Device:
+def make_device(run: Path, pid: int, tmp_path: Path, *, n: int = 3, cls: type[Device] = Device,
+                **overrides: object) -> Device:
     state_dir = tmp_path / f"device{pid}"
-    return Device.open(DeviceConfig(pid, n, str(state_dir)), fed_cfg(run, num_clients=n, **overrides))
+    return cls.open(DeviceConfig(pid, n, str(state_dir)), fed_cfg(run, num_clients=n, **overrides))
 
 
 def own(run: Path, pid: int, n: int = 3) -> list[int]:
@@ -415,7 +418,7 @@ def test_device_without_state_dir_keeps_key_in_context_state(run: Path) -> None:
 
 
 def test_messages_survive_flower_serialization(run: Path, tmp_path: Path) -> None:
-    dev = make_device(run, 0, tmp_path, inject_faults=True)
+    dev = make_device(run, 0, tmp_path, cls=FaultyDevice)
     dev.refresh_queue()
     batch = dev.outgoing(NOW)
     assert len(batch.entries) == 2 + len(EXPECTED_FAULT_REASONS)
@@ -434,6 +437,33 @@ def test_messages_survive_flower_serialization(run: Path, tmp_path: Path) -> Non
             "partition-id": 0, "num-partitions": 3, "public-key": b"k", "key-proof": b"p", "payloads": [b"x"]})}))
 
 
+def test_fault_injection_is_not_in_the_production_app(run: Path, tmp_path: Path) -> None:
+    """The production device config and run config have no fault switch (faults live in tests/fleet)."""
+    with pytest.raises(ConfigError, match="unknown key"):
+        DeviceConfig.from_node_config({"partition-id": 0, "num-partitions": 3, "faults": "requests"})
+    with pytest.raises(ConfigError, match="unknown key"):
+        FederatedConfig.from_run_config({"run-dir": str(run), "inject-faults": True})
+    # the test ClientApp refuses a fault it does not know instead of silently behaving
+    grid = local_grid(run, tmp_path, {"mode": "intake"}, app=fleet_faults.app, node_config={"faults": "requests,typo"})
+    reply = grid.send_and_receive([Message(messages.forget_query(NOW), NODE, messages.QUERY_FORGET)])
+    assert reply[0].has_error() and "unknown fault(s) typo" in reply[0].error.reason
+
+
+def test_faulty_device_records_what_the_server_said_to_each_fault(run: Path, tmp_path: Path) -> None:
+    dev = make_device(run, 0, tmp_path, cls=FaultyDevice)
+    dev.state["pending"] = [PendingRequest("a", "client").to_json()]
+    batch = dev.outgoing(NOW)
+    labels = dev.state["in_flight"]
+    assert labels[0] == "req:a" and len(batch.entries) == len(labels) == 1 + len(EXPECTED_FAULT_REASONS) - 1
+    with pytest.raises(ForgetRequestError, match="outcomes for"):  # the production check still guards the batch
+        dev.apply_outcomes([protocol.Outcome(0, "a", "accepted")])
+    outcomes = [protocol.Outcome(0, "a", "accepted")] + [
+        protocol.Outcome(i, "", "refused", f"reason-{label}") for i, label in enumerate(labels[1:], start=1)]
+    assert dev.apply_outcomes(outcomes) == {"acked": 1, "refused": 0, "faults": len(labels) - 1}
+    assert dev.state["acked"] == {"a": "accepted"} and dev.pending() == []
+    assert dev.state["faults"] == {label[6:]: f"reason-{label}" for label in labels[1:]}
+
+
 def test_outcomes_settle_the_queue(run: Path, tmp_path: Path) -> None:
     dev = make_device(run, 0, tmp_path)
     dev.state["pending"] = [PendingRequest("a", "client").to_json(), PendingRequest("b", "client").to_json()]
@@ -442,7 +472,7 @@ def test_outcomes_settle_the_queue(run: Path, tmp_path: Path) -> None:
         dev.apply_outcomes([protocol.Outcome(0, "a", "accepted")])
     counts = dev.apply_outcomes([protocol.Outcome(0, "a", "already-recorded"),
                                  protocol.Outcome(1, "b", "refused", "not-owner")])
-    assert counts == {"acked": 1, "refused": 1, "faults": 0}
+    assert counts == {"acked": 1, "refused": 1}
     assert dev.pending() == [] and dev.state["acked"] == {"a": "already-recorded"}
     assert dev.state["refused"] == {"b": "not-owner"}
 
@@ -455,9 +485,10 @@ def test_outcomes_settle_the_queue(run: Path, tmp_path: Path) -> None:
 def test_round_with_faults_wrong_key_and_leaving_device(run: Path, tmp_path: Path) -> None:
     key_file = tmp_path / "keys.json"  # device 2's registered key is not the one it holds
     key_file.write_text(json.dumps({"2": protocol.public_key_bytes(protocol.generate_key()).hex()}))
-    run_config: dict[str, object] = {"mode": "intake", "inject-faults": True, "class-partitions": "0",
-                                     "leave-partitions": "1", "key-file": str(key_file)}
-    grid = local_grid(run, tmp_path, run_config)
+    run_config: dict[str, object] = {"mode": "intake", "class-partitions": "0", "leave-partitions": "1",
+                                     "key-file": str(key_file)}
+    # every device also sends one request of each kind the server must refuse (tests/fleet/faults.py)
+    grid = local_grid(run, tmp_path, run_config, app=fleet_faults.app, node_config={"faults": "requests"})
     summary = run_round(grid, FederatedConfig.from_run_config(grid.contexts[NODE].run_config), flower_run_id=9)
     faults = len(EXPECTED_FAULT_REASONS)
     assert (summary.replied, summary.acked_nodes, summary.accepted) == (3, 3, 6)

@@ -7,6 +7,7 @@ process has its own FLWR_HOME under the test's tmp dir. Run with `pytest -m fede
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,9 +19,9 @@ from pathlib import Path
 
 import pytest
 from edge_qmul.federated import protocol
-from edge_qmul.federated.loopback import BIN, REPO, Deployment
 from edge_qmul.federated.store import FleetStore
-from edge_qmul.federated.task import EXPECTED_FAULT_REASONS
+from fleet.faults import EXPECTED_FAULT_REASONS
+from fleet.loopback import BIN, REPO, Deployment
 
 from edge_qmul import pipeline
 from edge_qmul.cli import main
@@ -43,14 +44,27 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
-@pytest.fixture
-def deployment(tmp_path: Path) -> Iterator[Deployment]:
-    dep = Deployment(tmp_path / "deploy", NODES)
+@contextlib.contextmanager
+def deployed(root: Path, node_extra: dict[int, str] | None = None) -> Iterator[Deployment]:
+    dep = Deployment(root, NODES, node_extra)
     try:
         dep.start()
         yield dep
     finally:
         dep.stop()
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Iterator[Deployment]:
+    with deployed(tmp_path / "deploy") as dep:
+        yield dep
+
+
+@pytest.fixture
+def faulty_deployment(tmp_path: Path) -> Iterator[Deployment]:
+    """Every device also sends one request of each kind the server must refuse (tests/fleet/faults.py)."""
+    with deployed(tmp_path / "deploy", dict.fromkeys(range(NODES), 'faults="requests"')) as dep:
+        yield dep
 
 
 def _report(dep: Deployment, run_id: int, status: str) -> str:
@@ -60,15 +74,16 @@ def _report(dep: Deployment, run_id: int, status: str) -> str:
 
 
 def test_deployment_records_genuine_requests_and_refuses_the_rest(
-    deployment: Deployment, trained_run: Path, tmp_path: Path
+    faulty_deployment: Deployment, trained_run: Path, tmp_path: Path
 ) -> None:
+    deployment = faulty_deployment
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     key_file = tmp_path / "keys.json"  # device 2 is pre-registered with a key it does not hold
     key_file.write_text(json.dumps({"2": protocol.public_key_bytes(protocol.generate_key()).hex()}))
     t0 = time.monotonic()
     run_id = deployment.run_app(
-        f'run-dir="{run}" key-file="{key_file}" inject-faults=true class-partitions="0" leave-partitions="1"'
+        f'run-dir="{run}" key-file="{key_file}" class-partitions="0" leave-partitions="1"', deployment.fault_app()
     )
     status = deployment.wait(run_id)
     elapsed = time.monotonic() - t0
@@ -107,6 +122,28 @@ def test_deployment_records_genuine_requests_and_refuses_the_rest(
     assert re.search(r"refused forget request p0-x-other-\w+ from device 0 \(node \d+\): not-owner", server_log)
     assert re.search(r"device 1: registered key \w+ on first contact \(TOFU\)", server_log)
     assert "forget round: 3/3 nodes replied; 6 accepted" in server_log
+
+
+def test_unregistered_supernode_cannot_take_part(deployment: Deployment, trained_run: Path, tmp_path: Path) -> None:
+    """SuperNode authentication: a SuperNode whose key was never registered with `flwr supernode register` (here
+    one claiming device 2's partition, over valid TLS) is refused when it activates and exits; the SuperLink
+    never lists it and a run reaches only the registered devices."""
+    deployment.start_node(2, name="impostor", register=False)
+    code = deployment.procs["impostor"].wait(timeout=120)
+    log = deployment.tail("impostor")
+    assert code != 0 and "Failed to activate SuperNode" in log and "Exit Code: 305" in log, log
+    assert set(deployment.registered_nodes()) == set(deployment.node_ids.values())  # 3 keys, none of its own
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    run_id = deployment.run_app(f'run-dir="{run}" mode="intake"')
+    status = deployment.wait(run_id)
+    assert status == "finished:completed", _report(deployment, run_id, status)
+    summary = json.loads((run / "federated" / f"round-{run_id}.json").read_text())
+    print(f"\nimpostor exited with {code}; intake round {json.dumps(summary)}")
+    assert (summary["nodes"], summary["replied"], summary["accepted"]) == (NODES, NODES, 6)
+    assert not deployment.state_dir(2, "impostor").exists()  # no message ever reached it
+    assert deployment.device_state(2)["acked"]  # the registered device 2 took part
 
 
 def test_killed_supernode_loses_nothing_it_was_acknowledged_for(
@@ -198,10 +235,10 @@ def test_rollout_rolls_back_a_failed_wave_then_ships_a_fixed_model(
         bundles.append(out)
     fleet_key = f'fleet-key="{keys / "public_key.hex"}"'
     dep = Deployment(tmp_path / "deploy", NODES, {i: fleet_key for i in range(NODES)})
-    dep.node_extra[2] = f'{fleet_key} runtime-fault="broken-runtime"'
+    dep.node_extra[2] = f'{fleet_key} faults="broken-runtime"'  # runs the test ClientApp (tests/fleet/faults.py)
     try:
         dep.start()
-        first = dep.run_app(f'run-dir="{run}" mode="rollout" bundle="{bundles[0]}" waves="33,100"')
+        first = dep.run_app(f'run-dir="{run}" mode="rollout" bundle="{bundles[0]}" waves="33,100"', dep.fault_app())
         status = dep.wait(first)
         assert status == "finished:completed", _report(dep, first, status)
         (summary_path,) = (run / "rollouts").glob(f"*-run{first}.json")

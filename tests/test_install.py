@@ -47,6 +47,8 @@ def test_install_maps_the_sub_packages(tmp_path: Path, editable: bool) -> None:
         # an editable install points at the source tree; a regular install copies into site-packages
         assert (src in path.parents) == editable, path
         assert (site_dir in path.parents) != editable, path
+    if not editable:  # the test harnesses (tests/fleet) stay out of the distribution
+        assert not {"loopback.py", "inprocess.py"} & {p.name for p in files["edge_qmul.federated"].parent.iterdir()}
     generic = subprocess.run([sys.executable, "-S", "-c", boot + "import export"], capture_output=True, cwd=tmp_path)
     assert generic.returncode != 0  # no generic top-level module leaks into the environment
 

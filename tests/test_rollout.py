@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 from conftest import copy_run
 from edge_qmul.export.bundle import read_manifest
+from edge_qmul.federated import client_app
 from edge_qmul.federated.config import FederatedConfig
 from edge_qmul.federated.coordinator import run_rollout_round, run_round
-from edge_qmul.federated.inprocess import NODE, LocalGrid, local_grid
 from edge_qmul.federated.rollout import RolloutStore, forget_check_level, parse_waves, wave_partitions
+from fleet import faults as fleet_faults
+from fleet.inprocess import NODE, LocalGrid, local_grid
 from flwr.app import Message
 
 from edge_qmul.cli import main
@@ -48,10 +50,12 @@ def shipped(demo_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
 
 def grid_for(run: Path, state: Path, bundle: Path, key: Path, waves: str = "33,100",
              faults: dict[int, str] | None = None, drop: object = None) -> LocalGrid:
+    """``faults``: partition -> fault of tests/fleet/faults.py (the devices then run its ClientApp)."""
     grid = local_grid(run, state, {"mode": "rollout", "bundle": str(bundle), "waves": waves},
-                      node_config={"fleet-key": str(key)}, drop=drop or (lambda m: False))  # type: ignore[arg-type]
+                      node_config={"fleet-key": str(key)}, drop=drop or (lambda m: False),  # type: ignore[arg-type]
+                      app=fleet_faults.app if faults else client_app.app)
     for pid, fault in (faults or {}).items():
-        grid.contexts[NODE + pid].node_config["runtime-fault"] = fault
+        grid.contexts[NODE + pid].node_config[fleet_faults.FAULTS_KEY] = fault
     return grid
 
 

@@ -2,7 +2,7 @@
 
 Every message goes through Flower's own serialization (``wire``: deflate into the object-store format
 the SuperLink uses, inflate again), and a ClientApp failure becomes an error reply as on a SuperNode.
-The fast tests and the benchmarks use it; the deployment test (tests/test_federated_deploy.py) runs the
+The fast tests and bench/federated_modes.py use it; the deployment test (tests/test_federated_deploy.py) runs the
 same app through a real SuperLink and SuperNodes.
 """
 
@@ -14,6 +14,7 @@ from uuid import uuid4
 
 from edge_qmul.federated import client_app
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
@@ -44,16 +45,18 @@ class LocalGrid(Grid):
     """A Grid that delivers messages to in-process ClientApps (one Context per node), through ``wire``.
 
     ``drop(message)`` returning True simulates a node that never answers that message. A ClientApp that
-    raises answers with an error reply, as a SuperNode does.
+    raises answers with an error reply, as a SuperNode does. ``app`` is the ClientApp every node runs (the
+    production one, or ``fleet.faults.app`` for devices that misbehave on purpose).
     """
 
     def __init__(self, node_configs: dict[int, dict[str, object]], run_config: dict[str, object],
-                 drop: Callable[[Message], bool] = lambda m: False) -> None:
+                 drop: Callable[[Message], bool] = lambda m: False, app: ClientApp = client_app.app) -> None:
         self.contexts = {
             node: Context(run_id=1, node_id=node, node_config=cfg, state=RecordDict(), run_config=run_config)  # type: ignore[arg-type]
             for node, cfg in node_configs.items()
         }
         self.drop = drop
+        self.app = app
         self._replies: dict[str, Message] = {}
 
     # Grid's run bookkeeping is not used by the app; this fake only routes messages.
@@ -80,7 +83,7 @@ class LocalGrid(Grid):
             if self.drop(received):
                 continue
             try:
-                reply = client_app.app(received, self.contexts[received.metadata.dst_node_id])
+                reply = self.app(received, self.contexts[received.metadata.dst_node_id])
             except Exception as err:  # mirrors the SuperNode: any ClientApp failure becomes an error reply
                 reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=received)
             reply.metadata.__dict__["_message_id"] = uuid4().hex
@@ -96,12 +99,12 @@ class LocalGrid(Grid):
 
 def local_grid(run: Path, state_root: Path, run_config: dict[str, object], n: int = 3,
                drop: Callable[[Message], bool] = lambda m: False,
-               node_config: dict[str, object] | None = None) -> LocalGrid:
+               node_config: dict[str, object] | None = None, app: ClientApp = client_app.app) -> LocalGrid:
     """``n`` devices (node ids NODE + partition id), each with its state dir under ``state_root`` and the
-    extra ``node_config`` keys (e.g. a pinned fleet key)."""
+    extra ``node_config`` keys (e.g. a pinned fleet key), all running ``app``."""
     nodes = {
         NODE + p: {"partition-id": p, "num-partitions": n, "state-dir": str(state_root / f"device{p}"),
                    **(node_config or {})}
         for p in range(n)
     }
-    return LocalGrid(nodes, {"run-dir": str(run), "num-clients": n, **run_config}, drop)
+    return LocalGrid(nodes, {"run-dir": str(run), "num-clients": n, **run_config}, drop, app)

@@ -5,6 +5,12 @@ Used by the deployment tests (tests/test_federated_deploy.py) and the intake loa
 listens on 127.0.0.1 only, and is stopped by its process-group id (helpers a process spawns, such as
 flwr-serverapp and flwr-clientapp, share its group). The app is started with `flwr run <repo> lb` and its
 status polled with `flwr list` (ARCHITECTURE.md §8: `flwr run` can exit 0 on a failed run).
+
+Transport as in the README's fleet recipe: ``edge_qmul.federated.certs`` makes a CA and the SuperLink's
+certificate (SAN 127.0.0.1); the SuperLink serves TLS (``--ssl-ca-certfile/--ssl-certfile/--ssl-keyfile``)
+with SuperNode authentication (``--enable-supernode-auth``); each SuperNode has its own EC key pair, whose
+public key is registered with ``flwr supernode register`` before the node starts, and trusts the CA
+(``--root-certificates``); the `flwr` CLI connection names the CA (``root-certificates``). No ``--insecure``.
 """
 
 from __future__ import annotations
@@ -12,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -22,10 +30,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from edge_qmul.federated.certs import FleetCerts, NodeKey, make_certs, make_node_key
 from edge_qmul.federated.flwr_cli import FlwrCli
 
 # The app `flwr run` bundles: this checkout's pyproject (an editable install; tests and benches run there).
-REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
 BIN = Path(sys.executable).parent
 RUN_TIMEOUT = 480.0  # seconds for one `flwr run` (60–130 s seen on 2 cores; generous for a loaded machine)
 
@@ -45,12 +55,15 @@ class Deployment:
         self.node_extra = dict(node_extra or {})  # partition -> extra node-config entries
         self.port = free_port()
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.node_ids: dict[int, int] = {}  # partition -> Flower node id of its registered key
         self._logs: list[Any] = []
         (root / "tmp").mkdir(parents=True)
+        self.certs: FleetCerts = make_certs(root / "certs", hosts=("127.0.0.1",), days=1)
         cli_home = root / "home-cli"
         cli_home.mkdir()
         (cli_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "lb"\n\n[superlink.lb]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
+            f'[superlink]\ndefault = "lb"\n\n[superlink.lb]\naddress = "127.0.0.1:{self.port}"\n'
+            f'root-certificates = "{self.certs.ca_cert}"\n'
         )
 
     def env(self, home: str) -> dict[str, str]:
@@ -74,12 +87,17 @@ class Deployment:
         )
 
     def start(self) -> None:
-        self._spawn("superlink", [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
-                                  "--port", str(self.port), "--disable-runtime-dependency-installation"])
+        c = self.certs
+        self._spawn("superlink", [
+            str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(c.ca_cert), "--ssl-certfile", str(c.server_cert),
+            "--ssl-keyfile", str(c.server_key), "--enable-supernode-auth", "--host", "127.0.0.1",
+            "--port", str(self.port), "--disable-runtime-dependency-installation",
+        ])
+        tls = ssl.create_default_context(cafile=str(c.ca_cert))  # verifies the certificate and its 127.0.0.1 SAN
         deadline = time.monotonic() + 30
         while True:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as res:
+                with urllib.request.urlopen(f"https://127.0.0.1:{self.port}/health", timeout=2, context=tls) as res:
                     if res.status == 200:
                         break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
@@ -90,16 +108,44 @@ class Deployment:
         for i in range(self.nodes):
             self.start_node(i, self.node_extra.get(i, ""))
 
-    def start_node(self, i: int, extra: str = "") -> None:
-        """Start SuperNode ``i`` (device partition i); ``extra`` adds node-config entries, e.g. 'fleet-key="..."'."""
-        config = f'partition-id={i} num-partitions={self.nodes} state-dir="{self.state_dir(i)}" {extra}'.strip()
-        self._spawn(f"node{i}", [
-            str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+    def node_key(self, name: str) -> NodeKey:
+        """The SuperNode authentication key pair ``keys/NAME`` (made on first use)."""
+        private = self.root / "keys" / name
+        if private.exists():
+            return NodeKey(private, private.with_name(name + ".pub"))
+        return make_node_key(private)
+
+    def register(self, key: NodeKey) -> int:
+        """`flwr supernode register KEY.pub lb`: the SuperLink admits a SuperNode holding this key; its node id."""
+        res = self.cli("supernode", "register", str(key.public), "lb", "--format", "json")
+        if res.returncode != 0 or "{" not in res.stdout:
+            raise RuntimeError(f"flwr supernode register failed:\n{res.stdout}\n{res.stderr}")
+        return int(json.loads(res.stdout[res.stdout.index("{"):])["node-id"])
+
+    def registered_nodes(self) -> dict[int, str]:
+        """`flwr supernode list lb`: node id -> status (registered, online, offline, ...)."""
+        res = self.cli("supernode", "list", "lb", "--format", "json")
+        if res.returncode != 0 or "{" not in res.stdout:
+            raise RuntimeError(f"flwr supernode list failed:\n{res.stdout}\n{res.stderr}")
+        return {int(n["node-id"]): n["status"] for n in json.loads(res.stdout[res.stdout.index("{"):])["nodes"]}
+
+    def start_node(self, i: int, extra: str = "", name: str | None = None, register: bool = True) -> None:
+        """Start SuperNode ``i`` (device partition i) over TLS with its own key (``keys/node<i>``, registered
+        first unless ``register`` is False); ``extra`` adds node-config entries, e.g. 'fleet-key="..."'.
+        ``name`` (default ``node<i>``) names the process, its key, its FLWR_HOME and its log."""
+        name = name or f"node{i}"
+        key = self.node_key(name)
+        if register and i not in self.node_ids:
+            self.node_ids[i] = self.register(key)
+        config = f'partition-id={i} num-partitions={self.nodes} state-dir="{self.state_dir(i, name)}" {extra}'.strip()
+        self._spawn(name, [
+            str(BIN / "flower-supernode"), "--root-certificates", str(self.certs.ca_cert),
+            "--superlink", f"127.0.0.1:{self.port}", "--auth-supernode-private-key", str(key.private),
             "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", config,
         ])
 
-    def state_dir(self, i: int) -> Path:
-        return self.root / f"device{i}"
+    def state_dir(self, i: int, name: str | None = None) -> Path:
+        return self.root / (f"device{i}" if name in (None, f"node{i}") else f"device-{name}")
 
     def device_state(self, i: int) -> dict[str, Any]:
         path = self.state_dir(i) / "device.json"
@@ -110,9 +156,28 @@ class Deployment:
         """The `flwr` CLI pointed at this deployment (connection "lb")."""
         return FlwrCli("lb", str(BIN / "flwr"), self.env("home-cli"), self.root / "tmp")
 
-    def run_app(self, run_config: str) -> int:
-        """`flwr run` the app (the repository's pyproject) on this deployment; returns the run id."""
-        return self.cli.run_app(REPO, run_config)
+    def run_app(self, run_config: str, app: Path = REPO) -> int:
+        """`flwr run` the app (default: the repository's pyproject) on this deployment; returns the run id."""
+        return self.cli.run_app(app, run_config)
+
+    def fault_app(self) -> Path:
+        """A Flower app whose ClientApp is ``fleet.faults:app`` (the production one plus the ``faults``
+        node-config key), for runs where devices misbehave on purpose. Its bundle carries tests/fleet, so the
+        SuperNodes import the fault module from the FAB; the ServerApp and all else is the installed package."""
+        app = self.root / "fault-app"
+        if app.exists():
+            return app
+        (app / "fleet").mkdir(parents=True)
+        for name in ("__init__.py", "faults.py"):
+            shutil.copy2(HERE / name, app / "fleet" / name)
+        text = (REPO / "pyproject.toml").read_text()
+        for old, new in (('clientapp = "edge_qmul.federated.client_app:app"', 'clientapp = "fleet.faults:app"'),
+                         ('fab-include = ["federated/**/*.py", "/README.md"]', 'fab-include = ["fleet/*.py"]')):
+            if old not in text:
+                raise RuntimeError(f"pyproject.toml no longer has {old!r}: update Deployment.fault_app")
+            text = text.replace(old, new)
+        (app / "pyproject.toml").write_text(text)
+        return app
 
     def wait(self, run_id: int, timeout: float = RUN_TIMEOUT) -> str:
         return self.cli.wait(run_id, timeout)
@@ -144,11 +209,21 @@ class Deployment:
         return False
 
     def restart_node(self, i: int, extra: str = "") -> None:
-        """Stop SuperNode ``i`` and its ClientApp helpers (its process group), then start it with ``extra``."""
+        """Stop SuperNode ``i`` and its ClientApp helpers (its process group), then start it with ``extra``.
+
+        SIGTERM first: a SuperNode that exits cleanly deactivates itself on the SuperLink. With node
+        authentication, a SIGKILLed one stays "online" there until its heartbeat expires, and the same key
+        cannot activate again before that (the new process exits with Flower's code 305)."""
         proc = self.procs[f"node{i}"]
         with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+            proc.wait(timeout=10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # ClientApp helpers left in the group
         self.node_extra[i] = extra
         self.start_node(i, extra)
 

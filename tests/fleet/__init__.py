@@ -1,0 +1,9 @@
+"""Test harnesses for the Flower app; they do not ship (pyproject lists only the edge_qmul packages).
+
+- ``loopback``: a real deployment on 127.0.0.1 (flower-superlink with TLS and SuperNode authentication,
+  flower-supernode processes, the `flwr` CLI), for tests/test_federated_deploy.py and bench/intake_load.py;
+- ``inprocess``: an in-process Flower Grid for the fast tests and bench/federated_modes.py;
+- ``faults``: a device that misbehaves on purpose (forged, replayed, foreign requests; a broken runtime).
+
+Tests import them as ``fleet.*`` (pytest puts tests/ on sys.path); scripts under bench/ add tests/ first.
+"""
