@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from edge_qmul.federated import protocol
+from edge_qmul.federated.certs import make_certs
 from edge_qmul.federated.store import FleetStore
 from fleet.faults import EXPECTED_FAULT_REASONS
 from fleet.loopback import BIN, REPO, Deployment
@@ -127,12 +128,20 @@ def test_deployment_records_genuine_requests_and_refuses_the_rest(
 def test_unregistered_supernode_cannot_take_part(deployment: Deployment, trained_run: Path, tmp_path: Path) -> None:
     """SuperNode authentication: a SuperNode whose key was never registered with `flwr supernode register` (here
     one claiming device 2's partition, over valid TLS) is refused when it activates and exits; the SuperLink
-    never lists it and a run reaches only the registered devices."""
+    never lists it and a run reaches only the registered devices. TLS: a SuperNode with a registered key that
+    trusts another CA refuses the SuperLink's certificate and never comes online."""
     deployment.start_node(2, name="impostor", register=False)
     code = deployment.procs["impostor"].wait(timeout=120)
     log = deployment.tail("impostor")
     assert code != 0 and "Failed to activate SuperNode" in log and "Exit Code: 305" in log, log
     assert set(deployment.registered_nodes()) == set(deployment.node_ids.values())  # 3 keys, none of its own
+
+    stranger = deployment.register(deployment.node_key("stranger"))
+    other_ca = make_certs(tmp_path / "other-ca", hosts=("127.0.0.1",)).ca_cert
+    deployment.start_node(1, name="stranger", register=False, root_certificates=other_ca)
+    assert deployment.procs["stranger"].wait(timeout=120) != 0
+    assert "CERTIFICATE_VERIFY_FAILED" in deployment.tail("stranger"), deployment.tail("stranger")
+    assert deployment.registered_nodes()[stranger] == "registered"  # never online
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)

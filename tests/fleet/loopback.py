@@ -129,17 +129,19 @@ class Deployment:
             raise RuntimeError(f"flwr supernode list failed:\n{res.stdout}\n{res.stderr}")
         return {int(n["node-id"]): n["status"] for n in json.loads(res.stdout[res.stdout.index("{"):])["nodes"]}
 
-    def start_node(self, i: int, extra: str = "", name: str | None = None, register: bool = True) -> None:
+    def start_node(self, i: int, extra: str = "", name: str | None = None, register: bool = True,
+                   root_certificates: Path | None = None) -> None:
         """Start SuperNode ``i`` (device partition i) over TLS with its own key (``keys/node<i>``, registered
         first unless ``register`` is False); ``extra`` adds node-config entries, e.g. 'fleet-key="..."'.
-        ``name`` (default ``node<i>``) names the process, its key, its FLWR_HOME and its log."""
+        ``name`` (default ``node<i>``) names the process, its key, its FLWR_HOME and its log;
+        ``root_certificates`` replaces the fleet CA the node trusts."""
         name = name or f"node{i}"
         key = self.node_key(name)
         if register and i not in self.node_ids:
             self.node_ids[i] = self.register(key)
         config = f'partition-id={i} num-partitions={self.nodes} state-dir="{self.state_dir(i, name)}" {extra}'.strip()
         self._spawn(name, [
-            str(BIN / "flower-supernode"), "--root-certificates", str(self.certs.ca_cert),
+            str(BIN / "flower-supernode"), "--root-certificates", str(root_certificates or self.certs.ca_cert),
             "--superlink", f"127.0.0.1:{self.port}", "--auth-supernode-private-key", str(key.private),
             "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", config,
         ])
