@@ -627,6 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         "provenance": provenance(args, b), "original": original, "scenarios": {},
     }
     stem = "memorize" if args.setting == "memorize" else f"memorize-{args.setting}"
+    stem += "" if args.scenarios == "random,class" else "-" + args.scenarios.replace(",", "-")
     stem += "-quick" if args.quick else ""
     if args.study:
         return recipe_study(b, deployed, args, result, stem, log)

@@ -106,10 +106,10 @@ def test_quick_run_writes_results_with_provenance(tmp_path: Path, memorize) -> N
     code = memorize.main(["--quick", "--scenarios", "random", "--methods", "qmul classifier", "qmul all",
                           "--out", str(tmp_path), "--cache", str(tmp_path / "cache"), "--threads", "2"])
     assert code == 0
-    result = json.loads((tmp_path / "memorize-quick.json").read_text())
+    result = json.loads((tmp_path / "memorize-random-quick.json").read_text())
     assert {"commit", "versions", "seeds", "date"} <= set(result["provenance"])
     sc = result["scenarios"]["random 10%"]
     assert sc["complete"] and set(sc["summary"]) >= {"none", "retrain", "qmul classifier", "qmul all"}
     assert np.isfinite(sc["summary"]["qmul all"]["avg_gap"])
     assert len(sc["rows"]["retrain"]["random-r0"]) == 2  # --quick: 2 references
-    assert "Noise floor" in (tmp_path / "memorize-quick.md").read_text()
+    assert "Noise floor" in (tmp_path / "memorize-random-quick.md").read_text()
