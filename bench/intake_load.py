@@ -1,4 +1,4 @@
-"""Intake load check through a real SuperLink with three SuperNodes on loopback.
+"""Intake load check through a real SuperLink with three SuperNodes on loopback (TLS, SuperNode authentication).
 
 Each device files ``--requests`` signed requests (``--samples`` samples each, its own samples) and the
 app runs in intake mode (collect, verify, record, acknowledge; no unlearning), ``--rounds`` times:
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{r['requests_per_second']:.0f} | {r['wall_seconds']:.1f} |" for r in rounds
     )
     (args.out / "intake_load.md").write_text(
-        f"# Intake load: real SuperLink + {NODES} SuperNodes on loopback ({args.dataset})\n\n"
+        f"# Intake load: real SuperLink + {NODES} SuperNodes on loopback, TLS + SuperNode auth ({args.dataset})\n\n"
         f"{filed} signed requests ({args.requests} per device, {args.samples} samples each), intake mode.\n\n"
         "| run | accepted | already recorded | intake s | req/s | wall s |\n|---|---|---|---|---|---|\n"
         f"{lines}\n\nLedger rows {len(rows)}, acknowledged on devices {len(acked)}, pending {pending}: "
