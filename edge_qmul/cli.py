@@ -265,6 +265,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cmd("status", "the run's ledger, models, bundles, rollouts and certificates at a glance")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    p = cmd("fleet", "TLS certificates and SuperNode keys for a Flower fleet (see the README's fleet recipe)",
+            needs_run=False)
+    fleet = p.add_subparsers(dest="fleet_command", metavar="ACTION", required=True)
+    q = fleet.add_parser("certs", help="a CA and the SuperLink's TLS certificate (ca.pem, server.pem, keys 0600)",
+                         description="Write ca.pem, ca.key, server.pem and server.key into --out; never overwrites.")
+    q.add_argument("--out", type=Path, required=True, help="directory for the certificates and keys")
+    q.add_argument("--host", action="append", dest="hosts", metavar="HOST",
+                   help="an IP address or DNS name SuperNodes use to reach the SuperLink; repeat for several "
+                   "(default: 127.0.0.1 and localhost)")
+    q.add_argument("--days", type=_int_in(1, 3650), default=365, help="server certificate validity (default 365)")
+    q = fleet.add_parser("node-key", help="a SuperNode's authentication key pair (EC P-384, OpenSSH format)",
+                         description="Write --out (private key, 0600) and --out.pub (register it with "
+                         "`flwr supernode register`); never overwrites.")
+    q.add_argument("--out", type=Path, required=True, help="path of the private key; the public key is PATH.pub")
     _add_device_parser(sub)
     return parser
 
@@ -523,6 +538,21 @@ def cmd_status(c: Context) -> int:
     return 0
 
 
+def cmd_fleet(c: Context) -> int:
+    from edge_qmul.federated import certs
+
+    args = c.args
+    if args.fleet_command == "certs":
+        made = certs.make_certs(args.out, tuple(args.hosts or certs.DEFAULT_HOSTS), days=args.days)
+        print(f"CA {made.ca_cert} (give it to every SuperNode and flwr CLI; keep {made.ca_key} offline)\n"
+              f"SuperLink certificate {made.server_cert} for {', '.join(made.hosts)}, key {made.server_key}")
+    else:
+        pair = certs.make_node_key(args.out)
+        print(f"SuperNode private key {pair.private} (stays on the board); register {pair.public} with "
+              f"`flwr supernode register {pair.public} <connection>`")
+    return 0
+
+
 def cmd_device(c: Context) -> int:
     from edge_qmul.devices import state  # lean: no torch, so this runs on a device install
 
@@ -550,7 +580,7 @@ COMMANDS = {
     "demo": cmd_demo, "train": cmd_train, "import": cmd_train, "quantize": cmd_quantize, "forget": cmd_forget,
     "unlearn": cmd_unlearn, "evaluate": cmd_evaluate, "export": cmd_export, "validate": cmd_validate,
     "audit": cmd_audit, "keygen": cmd_keygen, "bundle": cmd_bundle, "certify": cmd_certify, "rollout": cmd_rollout,
-    "status": cmd_status, "device": cmd_device,
+    "status": cmd_status, "device": cmd_device, "fleet": cmd_fleet,
 }
 
 
