@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 
@@ -89,23 +90,21 @@ class SampleStore(SqliteStore):
                 images[i] = np.frombuffer(pixels, dtype=np.uint8).reshape(shape)
         return images, labels, float(meta["scale"]), purged  # type: ignore[arg-type]
 
+    def _select_in(self, query: str, values: Sequence[object]) -> Iterator[tuple[Any, ...]]:
+        """Rows of ``query`` (its ``IN ({marks})`` filled) for ``values``, in chunks under SQLite's bound-parameter
+        limit."""
+        for chunk in range(0, len(values), 900):
+            part = list(values[chunk : chunk + 900])
+            yield from self._conn.execute(query.format(marks=",".join("?" * len(part))), part)
+
     def hashes(self, ids: Sequence[int]) -> dict[int, str]:
-        out: dict[int, str] = {}
-        for chunk in range(0, len(ids), 900):
-            part = [int(i) for i in ids[chunk : chunk + 900]]
-            marks = ",".join("?" * len(part))
-            out.update(self._conn.execute(f"SELECT id, sha256 FROM samples WHERE id IN ({marks})", part).fetchall())
-        return out
+        return dict(self._select_in("SELECT id, sha256 FROM samples WHERE id IN ({marks})", [int(i) for i in ids]))
 
     def ids_for_hashes(self, hashes: Sequence[str]) -> dict[str, list[int]]:
         """{content id: the sample ids with it} for the given ids that the store holds (duplicates share one)."""
         out: dict[str, list[int]] = {}
-        unique = sorted(set(hashes))
-        for chunk in range(0, len(unique), 900):
-            part = unique[chunk : chunk + 900]
-            marks = ",".join("?" * len(part))
-            for i, sha in self._conn.execute(f"SELECT id, sha256 FROM samples WHERE sha256 IN ({marks})", part):
-                out.setdefault(sha, []).append(int(i))
+        for i, sha in self._select_in("SELECT id, sha256 FROM samples WHERE sha256 IN ({marks})", sorted(set(hashes))):
+            out.setdefault(sha, []).append(int(i))
         return out
 
     # -- provenance (edge_qmul.provenance) ------------------------------------------------------------
@@ -137,13 +136,9 @@ class SampleStore(SqliteStore):
     def owners(self, hashes: Sequence[str]) -> dict[str, set[str]]:
         """{content id: the devices that contributed it} for the given ids that have provenance."""
         out: dict[str, set[str]] = {}
-        unique = sorted(set(hashes))
-        for chunk in range(0, len(unique), 900):
-            part = unique[chunk : chunk + 900]
-            marks = ",".join("?" * len(part))
-            for sha, device in self._conn.execute(
-                    f"SELECT sha256, device FROM provenance WHERE sha256 IN ({marks})", part):
-                out.setdefault(sha, set()).add(device)
+        for sha, device in self._select_in("SELECT sha256, device FROM provenance WHERE sha256 IN ({marks})",
+                                           sorted(set(hashes))):
+            out.setdefault(sha, set()).add(device)
         return out
 
     def check_owned(self, device: str, hashes: Sequence[str]) -> dict[str, list[int]]:
