@@ -159,13 +159,13 @@ def test_cli_import_with_provenance_and_a_device_request(run: Path, tmp_path: Pa
                                                          split_ids: dict[str, list[str]],
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     path = _csv(tmp_path / "p.csv", [("board-a", h) for h in list(dict.fromkeys(split_ids["train"]))[:50]])
-    import shutil
 
-    shutil.copy(run / "float.pt", tmp_path / "float.pt")
     import torch
 
-    state = torch.load(tmp_path / "float.pt", weights_only=False)["state_dict"]
-    torch.save(state, tmp_path / "w.pt")
+    from edge_qmul.train import load_checkpoint
+
+    model, *_ = load_checkpoint(run / "float.pt")  # weights_only=True inside
+    torch.save(model.state_dict(), tmp_path / "w.pt")
     rundir = tmp_path / "cli-run"
     assert main(["import", "--run", str(rundir), "--model", "small_cnn", "--weights", str(tmp_path / "w.pt"),
                  "--provenance", str(path), "--quiet"]) == 0
