@@ -46,6 +46,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+
+def _reap(proc: subprocess.Popen[Any], timeout: float) -> None:
+    """Wait for a process sent SIGTERM (SIGKILL it after ``timeout`` s), then SIGKILL what is left of its process
+    group: the helpers it spawned (flwr-serverapp / flwr-clientapp) share it (started with start_new_session)."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
 class Deployment:
     """A SuperLink and ``nodes`` SuperNodes on 127.0.0.1, plus the `flwr` CLI pointed at them."""
 
@@ -219,13 +231,7 @@ class Deployment:
         proc = self.procs[f"node{i}"]
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # ClientApp helpers left in the group
+        _reap(proc, 20)
         self.node_extra[i] = extra
         self.start_node(i, extra)
 
@@ -234,13 +240,6 @@ class Deployment:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)  # pgid == pid: started with start_new_session
         for proc in self.procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-            # Helpers the process spawned (flwr-serverapp / flwr-clientapp) share its process group.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            _reap(proc, 10)
         for log in self._logs:
             log.close()
