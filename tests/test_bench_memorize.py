@@ -74,6 +74,10 @@ def test_selection_prefers_the_smallest_gap_within_a_tenth_of_retrain(memorize, 
     outcome.update({2: (float("nan"), 50.0), 3: (0.7, 30.0), 4: (2.0, 11.0)})  # none within budget now
     chosen = memorize.tune(None, None, [fs], [("x", "qmul", {}, grid)], lambda msg: None)
     assert chosen["x"]["point"] == {"lr": 1}  # the closest anyway; a failed run (NaN) is never chosen
+    # a point within budget that ends farther from retrain than doing nothing is a collapse, not a candidate
+    outcome.update({1: (0.5, 20.0), 2: (12.0, 5.0), 3: (0.7, 30.0), 4: (2.0, 11.0)})
+    chosen = memorize.tune(None, None, [fs], [("x", "qmul", {}, grid)], lambda msg: None, untouched_gap=10.0)
+    assert chosen["x"]["point"] == {"lr": 1}  # not lr 2, the only point within budget
 
 
 def test_summary_reports_ratios_and_the_best_qmul_scope(memorize) -> None:  # type: ignore[no-untyped-def]
