@@ -241,6 +241,8 @@ def index_samples(spec: DataSpec) -> tuple[tuple[str, ...], list[tuple[str, int,
     if spec.dataset == "imagefolder":
         classes, files = data.image_folder_files(spec.root)
         return classes, [(hash_file(f.path), f.label, f.path.relative_to(spec.root).as_posix()) for f in files]
+    # The device's own .npz (spec.root is on its storage), read with the same validating loader the server uses,
+    # so both sides hash the same pixels; nothing here reads a server path.
     source = data.load_dataset("npz", spec.root)
     rows = []
     for key, ds in (("x_train", source.train), ("x_test", source.test)):
