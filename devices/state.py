@@ -4,6 +4,7 @@ A board sees only its own storage and what arrives in Flower messages; everythin
 
     DIR/device_key.pem   the device's Ed25519 private key (PKCS#8 PEM, mode 0600)
     DIR/state.sqlite     meta (device id, pinned fleet key, where its data is), samples, requests, models
+    DIR/models/<version>/ the files of each model a rollout installed (model.onnx, features.onnx, manifest)
 
 The device id is the hex of the device's public key. Samples are indexed by content id
 (``edge_qmul.content``): the sha256 of an image file's bytes, or of an ``.npz`` image's uint8 (C, H, W)
@@ -36,7 +37,7 @@ from typing import Any, ClassVar
 from edge_qmul.devices import ed25519
 
 from edge_qmul.content import hash_file, hash_pixels, is_sha256_hex
-from edge_qmul.errors import ConfigError, ForgetRequestError, LedgerError
+from edge_qmul.errors import ConfigError, DataError, ForgetRequestError, LedgerError
 from edge_qmul.ledger import SqliteStore
 
 PROTOCOL = "edge-qmul/device-request/1"  # in every signed body, so a signature cannot be reused for another format
@@ -55,6 +56,7 @@ _NEXT: dict[str, tuple[str, ...]] = {  # allowed status changes; marking the cur
     "honoured": (),
 }
 KEY_FILE = "device_key.pem"
+MODELS_DIR = "models"  # DIR/models/<version>/: the files of each installed model (install_model)
 STATE_DB = "state.sqlite"
 SCHEMA_VERSION = 1
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")  # model versions as the server names them
@@ -507,7 +509,130 @@ class DeviceState(SqliteStore):
         rows = self._conn.execute("SELECT version, parent, activated FROM models ORDER BY seq DESC").fetchall()
         return [ModelRecord(*r) for r in rows]
 
+    def model_dir(self, version: str | None = None) -> Path | None:
+        """The installed files of model ``version`` (default: the active model) under ``DIR/models``; None when
+        that version was never installed here (or no model runs yet)."""
+        if version is None:
+            models = self.models()
+            if not models:
+                return None
+            version = models[0].version
+        if not _VERSION_RE.match(version):
+            raise ConfigError(f"model version {version!r:.80} is not a version name",
+                              "use the server's model version (letters, digits and ._:+-)")
+        path = self.dir / MODELS_DIR / version
+        return path if path.is_dir() else None
+
+    def install_model(self, version: str, files_dir: str | Path, parent: str = "") -> Path:
+        """Copy a verified bundle's extracted files into ``DIR/models/<version>`` and make it the active model.
+
+        The copy is written beside its place and renamed into it (after an fsync), so a crash leaves either
+        the complete model or none; installing a version that is already there only re-activates it.
+        """
+        source = Path(files_dir)
+        if not source.is_dir():
+            raise ConfigError(f"{source} is not a directory of model files", "pass the extracted bundle's folder")
+        if self.model_dir(version) is None:
+            root = self.dir / MODELS_DIR
+            root.mkdir(exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=root))
+            try:
+                for f in sorted(source.iterdir()):
+                    if f.is_file():
+                        shutil.copyfile(f, tmp / f.name)
+                        with open(tmp / f.name, "rb") as fh:
+                            os.fsync(fh.fileno())
+                _fsync_dir(tmp)
+                os.rename(tmp, root / version)
+                _fsync_dir(root)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+        self.set_model(version, parent)
+        return self.dir / MODELS_DIR / version
+
+    def activate(self, version: str) -> None:
+        """Run an installed model again (a rollback to the parent): it becomes active, with the current one as
+        its parent in the record."""
+        if self.model_dir(version) is None:
+            raise ConfigError(f"model {version} is not installed on this device",
+                              f"install it first (a rollout); installed: {', '.join(self.installed()) or 'none'}")
+        models = self.models()
+        current = models[0].version if models else ""
+        if current != version:
+            self.set_model(version, current)
+
+    def installed(self) -> list[str]:
+        root = self.dir / MODELS_DIR
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+            if root.is_dir() else []
+
     # ---- samples and status ------------------------------------------------------------------------
+    def held_out(self) -> list[str]:
+        """Content ids of the device's held-out pool (an ``.npz``'s ``x_test``, an image folder's ``test/``): samples
+        it keeps out of training, the non-members of its on-board forget check. Empty for a single-pool device."""
+        rows = self._conn.execute("SELECT sha256 FROM samples WHERE source LIKE 'x\\_test[%' ESCAPE '\\' "
+                                  "OR source LIKE 'test/%' ORDER BY source").fetchall()
+        return [r[0] for r in rows]
+
+    def contributed_pool(self) -> list[str]:
+        """Content ids of every sample outside the held-out pool (what the device can have contributed)."""
+        held = set(self.held_out())
+        return [r[0] for r in self._conn.execute("SELECT sha256 FROM samples ORDER BY source") if r[0] not in held]
+
+    def request_hashes(self, request_ids: Iterable[str]) -> dict[str, list[str]]:
+        """The content ids each of these requests covers, from the device's own records: the hashes a samples or
+        class request named (as signed), or for a leave request every sample outside the held-out pool."""
+        out: dict[str, list[str]] = {}
+        for rid in request_ids:
+            row = self._conn.execute("SELECT kind, payload FROM requests WHERE request_id = ?", (rid,)).fetchone()
+            if row is None:
+                raise ForgetRequestError(f"no request {rid!r:.80} on this device",
+                                         "name only requests this device filed")
+            out[rid] = self.contributed_pool() if row[0] == "leave" else list(json.loads(row[1])["hashes"])
+        return out
+
+    def covered(self) -> list[str]:
+        """Content ids that the device's acknowledged or honoured requests cover (what the fleet must forget)."""
+        rids = [r.request_id for r in self.requests() if r.status in ("acknowledged", "honoured")]
+        return sorted({h for hashes in self.request_hashes(rids).values() for h in hashes})
+
+    def pixels(self, hashes: Sequence[str], image_size: int | None = None,
+               color: str = "auto") -> tuple[Any, Any, float]:
+        """The device's own samples ``hashes``, read from its data root with the server's loader: uint8 images
+        (N, C, H, W), int64 labels and the pixel scale (``images / scale`` lies in [0, 1]), in the given order.
+
+        ``image_size`` and ``color`` apply to image folders as ``--image-size`` / ``--color`` do on the server
+        (the model's input decides them). A hash the device does not hold, or whose file changed since
+        ``init``, is an error.
+        """
+        import numpy as np
+
+        from edge_qmul import data
+
+        unknown = self._unknown(list(hashes))
+        if unknown:
+            raise ForgetRequestError(f"{len(unknown)} sample(s) are not among this device's samples: "
+                                     f"{_preview(unknown)}", "name only samples this device holds")
+        kwargs: dict[str, Any] = {} if self.dataset == "npz" else {"image_size": image_size, "color": color}
+        source = data.load_dataset(self.dataset, self.data_root, **kwargs)
+        where: dict[str, tuple[Any, int]] = {}
+        for ds in (source.train, source.test):
+            if ds is not None:
+                for i, cid in enumerate(data.content_ids(ds)):
+                    where.setdefault(cid, (ds, i))
+        missing = [h for h in hashes if h not in where]
+        if missing:
+            raise DataError(f"{len(missing)} sample(s) of this device changed or vanished from {self.data_root} "
+                            f"since it was set up: {_preview(missing)}",
+                            "restore the files, or set the device up again (edge-qmul device init)")
+        if not hashes:
+            c, h, w = source.train.images.shape[1:]
+            return np.zeros((0, c, h, w), np.uint8), np.zeros(0, np.int64), float(source.train.scale)
+        images = np.stack([where[h][0].images[where[h][1]] for h in hashes])
+        labels = np.array([where[h][0].labels[where[h][1]] for h in hashes], dtype=np.int64)
+        return images, labels, float(where[hashes[0]][0].scale)
+
 
     def sample_count(self) -> int:
         return int(self._conn.execute("SELECT COUNT(*) FROM samples").fetchone()[0])

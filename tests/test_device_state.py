@@ -481,3 +481,80 @@ def test_errors_are_typed(device: DeviceState) -> None:
     with pytest.raises(EdgeQmulError) as info:
         device.forget(label=99)
     assert info.value.exit_code == 5
+
+
+# ---- what the network side reads: held-out pool, covered samples, pixels, installed models ----------
+
+
+def test_held_out_pool_covered_samples_and_pixels(tmp_path: Path, npz_file: Path) -> None:
+    server = data.load_dataset("npz", npz_file)
+    assert server.test is not None
+    train_ids, test_ids = data.content_ids(server.train), data.content_ids(server.test)
+    with DeviceState.init(tmp_path / "s", DataSpec("npz", npz_file), fleet_key()) as d:
+        assert sorted(d.held_out()) == sorted(test_ids)
+        assert sorted(d.contributed_pool()) == sorted(set(train_ids) - set(test_ids))
+        some = d.forget(hashes=train_ids[:4])
+        klass = d.forget(label=int(server.train.labels[10]))
+        leave = d.forget(leave=True)
+        assert d.covered() == []  # nothing acknowledged yet
+        d.mark(some.request_id, "acknowledged")
+        d.mark(klass.request_id, "refused", "not-owner: test")
+        assert d.covered() == sorted(set(train_ids[:4]))
+        cover = d.request_hashes([leave.request_id, klass.request_id])
+        assert sorted(cover[leave.request_id]) == sorted(d.contributed_pool())
+        assert set(cover[klass.request_id]) == {h for h, y in zip(train_ids + test_ids, list(server.train.labels)
+                                                                   + list(server.test.labels), strict=True)
+                                                if y == server.train.labels[10]}
+        with pytest.raises(ForgetRequestError, match="no request"):
+            d.request_hashes(["f" * 32])
+        picked = [test_ids[3], train_ids[7], train_ids[0]]
+        images, labels, scale = d.pixels(picked)
+        assert images.dtype == np.uint8 and images.shape == (3, *server.train.images.shape[1:])
+        np.testing.assert_array_equal(images[0], server.test.images[3])
+        np.testing.assert_array_equal(images[1], server.train.images[7])
+        assert labels.tolist() == [server.test.labels[3], server.train.labels[7], server.train.labels[0]]
+        assert scale == server.train.scale
+        with pytest.raises(ForgetRequestError, match="not among this device's samples"):
+            d.pixels(["0" * 64])
+
+
+def test_pixels_of_an_image_folder_and_a_changed_file(device: DeviceState, folder: tuple[Path, list[Path], np.ndarray],
+                                                      tmp_path: Path) -> None:
+    root, paths, _ = folder
+    server = data.load_dataset("imagefolder", root)
+    ids = data.content_ids(server.train)
+    images, labels, scale = device.pixels(ids[5:8])
+    np.testing.assert_array_equal(images, server.train.images[5:8])
+    assert labels.tolist() == server.train.labels[5:8].tolist() and scale == 255.0
+    assert device.held_out() == []  # one pool: nothing held out
+    copy = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(root, copy)
+    with DeviceState.init(tmp_path / "s2", DataSpec("imagefolder", copy), fleet_key()) as d2:
+        target = copy / paths[0].relative_to(root)
+        other = copy / paths[1].relative_to(root)
+        target.write_bytes(other.read_bytes())  # the file's content changed since init
+        with pytest.raises(DataError, match="changed or vanished"):
+            d2.pixels([hashlib.sha256(paths[0].read_bytes()).hexdigest()])
+
+
+def test_models_install_atomically_and_roll_back(device: DeviceState, tmp_path: Path) -> None:
+    files = tmp_path / "bundle"
+    files.mkdir()
+    (files / "model.onnx").write_bytes(b"v1")
+    assert device.model_dir() is None and device.installed() == []
+    path = device.install_model("m-1", files)
+    assert device.model_dir() == path and (path / "model.onnx").read_bytes() == b"v1"
+    (files / "model.onnx").write_bytes(b"v2")
+    device.install_model("m-2", files, parent="m-1")
+    assert device.status().active_model == "m-2" and device.status().parent_model == "m-1"
+    assert (device.model_dir("m-1") / "model.onnx").read_bytes() == b"v1"  # type: ignore[operator]
+    device.activate("m-1")
+    assert device.status().active_model == "m-1" and device.status().parent_model == "m-2"
+    assert device.installed() == ["m-1", "m-2"]
+    with pytest.raises(ConfigError, match="not installed"):
+        device.activate("m-3")
+    with pytest.raises(ConfigError, match="not a version name"):
+        device.model_dir("../escape")
+    assert not [p for p in (device.dir / "models").iterdir() if p.name.startswith(".")]  # no temp dirs left
