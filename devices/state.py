@@ -517,6 +517,8 @@ class DeviceState(SqliteStore):
             if not models:
                 return None
             version = models[0].version
+            if not version:  # deactivated: the factory model runs
+                return None
         if not _VERSION_RE.match(version):
             raise ConfigError(f"model version {version!r:.80} is not a version name",
                               "use the server's model version (letters, digits and ._:+-)")
@@ -561,6 +563,17 @@ class DeviceState(SqliteStore):
         current = models[0].version if models else ""
         if current != version:
             self.set_model(version, current)
+
+    def deactivate(self) -> None:
+        """Stop running any installed model: the factory model (what ran before the first rollout) runs again.
+        A rollback of the first model a rollout installed; ``models()`` then lists a record with version ""
+        (and the rolled-back version as its parent) first, and ``model_dir()`` is None."""
+        models = self.models()
+        current = models[0].version if models else ""
+        if current:
+            with self._tx() as conn:
+                conn.execute("INSERT INTO models (version, parent, activated) VALUES ('', ?, ?)",
+                             (current, int(time.time())))
 
     def installed(self) -> list[str]:
         root = self.dir / MODELS_DIR
@@ -653,6 +666,8 @@ def render_status(st: DeviceStatus) -> str:
     counts = st.counts()
     if st.active_model:
         model = st.active_model + (f" (parent {st.parent_model})" if st.parent_model else " (the first model)")
+    elif st.parent_model:
+        model = f"the factory model (rolled back from {st.parent_model})"
     else:
         model = "none yet (no rollout has reached this device)"
     lines = [

@@ -1,65 +1,106 @@
-"""The Flower ClientApp: one device. Each handler loads the device, does one protocol step, saves it.
+"""The Flower ClientApp: one device. Each handler opens the device's own state, does one protocol step, replies.
+
+The device is ``DeviceState.open(node_config["state-dir"])``: the directory ``edge-qmul device init`` made,
+holding its key, the pinned fleet key, the index of its own samples, its request queue and its installed
+models (``edge_qmul.devices.state``). Handlers read only that state and the message; nothing here reads the
+server's run directory. Under Flower's simulation engine, whose nodes' config is only ``partition-id`` /
+``num-partitions``, a ``state-root`` (node config, or run config for the whole simulated fleet) stands in:
+the state dir is then ``<state-root>/device-<partition-id>`` (``DeviceConfig.state_path``).
 
 Handlers (message type ``query.<action>``; see ``messages``):
 
-- ``forget``: sign every pending deletion request and send them as one batch;
-- ``ack``: settle the batch with the server's per-request outcomes (recorded requests leave the queue);
-- ``receipt``: record which model version honours which of the device's requests;
+- ``forget``: reply the device id, every pending signed request (``DeviceState.pending()``, as stored) and
+  the ids still awaiting a receipt; the sent requests are marked ``sent`` once the reply is built;
+- ``ack``: record the server's answer to each request (``mark``: acknowledged, or refused with the reason);
+- ``receipt``: mark requests honoured by the model version the server names;
 - ``rollout``: verify, check and install a signed bundle, or roll back to the parent model (``rollout``);
 - ``evaluate`` / ``train`` (federated mode): one round of federated Q-MUL on the device's own samples
-  (``fedqmul``): statistics at the broadcast weights / one local epoch, replying the new weights.
+  (``fedqmul``).
 """
 
 from __future__ import annotations
 
+import logging
+
+from edge_qmul.devices.state import DeviceState
 from edge_qmul.federated import messages
 from edge_qmul.federated.config import DeviceConfig, FederatedConfig
-from edge_qmul.federated.task import Device
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+
+from edge_qmul.errors import ForgetRequestError
+
+log = logging.getLogger(__name__)
 
 app = ClientApp()
 
 
-def _device(context: Context) -> Device:
-    return Device.open(
-        DeviceConfig.from_node_config(context.node_config),
-        FederatedConfig.from_run_config(context.run_config),
-        context.state,
-    )
+def device_state(context: Context) -> DeviceState:
+    """The device this SuperNode is: its state dir from the node config (``state-dir``, or ``state-root`` +
+    ``partition-id`` under the simulation engine)."""
+    cfg = DeviceConfig.from_node_config(context.node_config)
+    return DeviceState.open(cfg.state_path(context.run_config))
 
 
-def send_queue(device: Device, message: Message) -> Message:
-    """The reply to ``query.forget``: every pending request, signed, as one batch."""
-    device.refresh_queue()
-    batch = device.outgoing()
-    device.save()  # the in-flight list must be on disk before the batch leaves the device
-    return Message(messages.batch_to_content(batch), reply_to=message)
+def send_queue(state: DeviceState, message: Message) -> Message:
+    """The reply to ``query.forget``: the device id, every unanswered request exactly as signed and stored,
+    and the acknowledged requests that still wait for a receipt. The requests are marked ``sent`` only
+    after the reply is built; an answer (``settle``) or the next query decides what becomes of them."""
+    entries = state.pending()
+    awaiting = [r.request_id for r in state.requests() if r.status == "acknowledged"]
+    reply = Message(messages.entries_to_content(state.device_id, entries, awaiting), reply_to=message)
+    for entry in entries:
+        state.mark(entry["request_id"], "sent")
+    return reply
 
 
-def settle(device: Device, message: Message) -> Message:
-    """The reply to ``query.ack``: the in-flight batch settled against the server's outcomes."""
-    counts = device.apply_outcomes(messages.content_to_acks(message.content))
-    device.save()
-    return Message(messages.summary(**counts), reply_to=message)
+def settle(state: DeviceState, answers: list[tuple[str, str, str]]) -> dict[str, int]:
+    """Record the server's answers (``query.ack``); answers naming a request this device does not hold, or
+    one already in a final state, are counted as ignored (a stale or repeated acknowledgement)."""
+    counts = {"acknowledged": 0, "refused": 0, "ignored": 0}
+    for request_id, status, reason in answers:
+        try:
+            state.mark(request_id, status, reason=reason if status == "refused" else "")
+        except ForgetRequestError as err:
+            log.warning("acknowledgement of %s ignored: %s", request_id[:40], err.message)
+            counts["ignored"] += 1
+            continue
+        counts[status] += 1
+    return counts
+
+
+def record_receipts(state: DeviceState, honoured: dict[str, str]) -> dict[str, int]:
+    """Mark each named request honoured by its model version (``query.receipt``)."""
+    counts = {"receipts": 0, "ignored": 0}
+    for request_id, version in sorted(honoured.items()):
+        try:
+            state.mark(request_id, "honoured", model_version=version)
+        except ForgetRequestError as err:
+            log.warning("receipt for %s ignored: %s", request_id[:40], err.message)
+            counts["ignored"] += 1
+            continue
+        counts["receipts"] += 1
+    return counts
 
 
 @app.query("forget")
 def forget(message: Message, context: Context) -> Message:
-    return send_queue(_device(context), message)
+    with device_state(context) as state:
+        return send_queue(state, message)
 
 
 @app.query("ack")
 def ack(message: Message, context: Context) -> Message:
-    return settle(_device(context), message)
+    answers = messages.content_to_answers(message.content)
+    with device_state(context) as state:
+        return Message(messages.summary(**settle(state, answers)), reply_to=message)
 
 
 @app.query("receipt")
 def receipt(message: Message, context: Context) -> Message:
-    device = _device(context)
-    count = device.apply_receipt(messages.content_to_receipt(message.content))
-    device.save()
-    return Message(messages.summary(receipts=count), reply_to=message)
+    honoured = messages.content_to_receipt(message.content)
+    with device_state(context) as state:
+        return Message(messages.summary(**record_receipts(state, honoured)), reply_to=message)
 
 
 def _round(message: Message, context: Context, train: bool) -> RecordDict:
@@ -80,10 +121,10 @@ def _round(message: Message, context: Context, train: bool) -> RecordDict:
 
 @app.query("rollout")
 def rollout(message: Message, context: Context) -> Message:
-    from edge_qmul.federated import rollout as rollout_mod
+    from edge_qmul.federated import rollout as rollout_mod  # numpy + the on-board runtime
 
-    device = _device(context)
-    return Message(rollout_mod.device_handle(device, message.content), reply_to=message)
+    with device_state(context) as state:
+        return Message(rollout_mod.device_handle(state, message.content), reply_to=message)
 
 
 @app.evaluate()

@@ -24,14 +24,6 @@ def _field_key(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _ids(text: str, key: str) -> tuple[int, ...]:
-    """A comma-separated list of partition ids ("" = none): Flower run config has no list type."""
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not all(p.isdigit() for p in parts):
-        raise ConfigError(f"{key}={text!r} must be comma-separated partition ids", f'write e.g. {key}="0,2"')
-    return tuple(sorted({int(p) for p in parts}))
-
-
 # Field annotation (a string under ``from __future__ import annotations``) -> accepted Python types.
 _TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
 
@@ -58,17 +50,12 @@ class FederatedConfig:
 
     run_dir: str = ""  # absolute path of the edge-qmul run directory (split.json, models, ledger)
     mode: str = "central"
-    num_clients: int = 3  # fleet size = number of training partitions
+    num_clients: int = 3  # fleet size: the number of devices (SuperNodes) a round waits for
     connect_timeout: float = 60.0  # seconds to wait for num-clients SuperNodes before going ahead with fewer
     reply_timeout: float = 60.0  # seconds to wait for replies in each message round
-    max_request_age: int = 86400  # seconds a signed request stays acceptable (replay window)
-    key_file: str = ""  # JSON {partition id: public key hex} of pre-registered device keys ("" = none)
-    # Deterministic request generation on the devices (tests and demos; a real device files what its user asks).
-    seed: int = 0
-    requests_per_client: int = 2
-    samples_per_request: int = 3
-    class_partitions: str = ""  # devices that also ask to forget their samples of one class
-    leave_partitions: str = ""  # devices that leave the fleet (kind "client")
+    # Simulation engine only (its nodes' config is partition-id / num-partitions): the devices' state dirs are
+    # <state-root>/device-<partition-id>. Read by the devices (client_app.device_state), never by the server.
+    state_root: str = ""
     hold_after_ack: float = 0.0  # seconds the server waits between acknowledging and unlearning (crash tests)
     # Q-MUL settings for both unlearning modes (0 = the method's recommended default)
     unlearn_epochs: int = 0
@@ -93,16 +80,15 @@ class FederatedConfig:
             raise ConfigError(
                 f"wave-pass-rate={self.wave_pass_rate}, max-forget-auc={self.max_forget_auc} must be in (0, 1]"
             )
-        if self.key_file and not Path(self.key_file).is_absolute():
-            raise ConfigError(f"key-file={self.key_file!r} must be an absolute path", "pass the key file's full path")
         if self.mode not in MODES:
             raise ConfigError(f"mode={self.mode!r} is not supported", f"choose one of: {', '.join(MODES)}")
-        for key in ("num_clients", "max_request_age"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{_field_key(key)}={getattr(self, key)} must be >= 1")
-        for key in ("requests_per_client", "samples_per_request", "unlearn_epochs"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{_field_key(key)}={getattr(self, key)} must be >= 0")
+        if self.num_clients < 1:
+            raise ConfigError(f"num-clients={self.num_clients} must be >= 1")
+        if self.unlearn_epochs < 0:
+            raise ConfigError(f"unlearn-epochs={self.unlearn_epochs} must be >= 0", "use 0 for the default")
+        if self.state_root and not Path(self.state_root).is_absolute():
+            raise ConfigError(f"state-root={self.state_root!r} must be an absolute path",
+                              "pass -c 'state-root=\"/abs/path/to/device/states\"'")
         for key in ("connect_timeout", "reply_timeout"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{_field_key(key)}={getattr(self, key)} must be > 0 seconds")
@@ -111,10 +97,6 @@ class FederatedConfig:
         for key in ("unlearn_lr", "hold_after_ack"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{_field_key(key)}={getattr(self, key)} must be >= 0", "use 0 for the default")
-        for key in ("class_partitions", "leave_partitions"):
-            bad = [p for p in _ids(getattr(self, key), _field_key(key)) if p >= self.num_clients]
-            if bad:
-                raise ConfigError(f"{_field_key(key)} names partition(s) {bad} but num-clients={self.num_clients}")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederatedConfig:
@@ -139,35 +121,46 @@ class FederatedConfig:
 
         return Run(self.run_path).path("ledger")
 
-    @property
-    def class_ids(self) -> tuple[int, ...]:
-        return _ids(self.class_partitions, "class-partitions")
-
-    @property
-    def leave_ids(self) -> tuple[int, ...]:
-        return _ids(self.leave_partitions, "leave-partitions")
-
 
 @dataclass(frozen=True)
 class DeviceConfig:
-    """Per-board settings (SuperNode ``--node-config``)."""
+    """Per-board settings (SuperNode ``--node-config``): where the device's own state is.
 
+    A real SuperNode names its state directory (``state-dir``, made by ``edge-qmul device init --state DIR``).
+    Under Flower's simulation engine every virtual node's config is only ``partition-id`` / ``num-partitions``;
+    then a ``state-root`` (node config, or run config for the whole simulated fleet) gives the state
+    directory ``<state-root>/device-<partition-id>``.
+    """
+
+    state_dir: str = ""
+    state_root: str = ""
     partition_id: int = -1
     num_partitions: int = 0
-    # Where the device keeps its key and request queue across runs and reboots ("" = in Flower's per-run
-    # node state only: the key is then new every run and the server refuses it as a key mismatch).
-    state_dir: str = ""
-    fleet_key: str = ""  # the fleet's bundle-signing public key: 64 hex chars, or the path of public_key.hex
 
     def __post_init__(self) -> None:
-        if self.num_partitions < 1 or not 0 <= self.partition_id < self.num_partitions:
-            raise ConfigError(
-                f"node config partition-id={self.partition_id}, num-partitions={self.num_partitions} is invalid",
-                'start the SuperNode with --node-config "partition-id=0 num-partitions=3"',
-            )
-        if self.state_dir and not Path(self.state_dir).is_absolute():
-            raise ConfigError(f"state-dir={self.state_dir!r} must be an absolute path")
+        for key in ("state_dir", "state_root"):
+            value = getattr(self, key)
+            if value and not Path(value).is_absolute():
+                raise ConfigError(f"SuperNode --node-config {_field_key(key)}={value!r} must be an absolute path",
+                                  f"pass the full path: --node-config '{_field_key(key)}=\"/abs/path\"'")
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> DeviceConfig:
         return cls(**_typed(cls, node_config, "SuperNode --node-config"))
+
+    def state_path(self, run_config: Mapping[str, Any]) -> Path:
+        """The device's state directory: ``state-dir``, else ``<state-root>/device-<partition-id>`` with the
+        node's or the run's ``state-root`` (simulation). Only the run config's ``state-root`` key is read."""
+        if self.state_dir:
+            return Path(self.state_dir)
+        root = self.state_root or run_config.get("state-root", "")
+        if not isinstance(root, str) or (root and not Path(root).is_absolute()):
+            raise ConfigError(f"run config state-root={root!r} must be an absolute path",
+                              "pass -c 'state-root=\"/abs/path/to/device/states\"'")
+        if root and self.partition_id >= 0:
+            return Path(root) / f"device-{self.partition_id}"
+        raise ConfigError(
+            "SuperNode --node-config has no state-dir: this device does not know where its state is",
+            "set the device up with `edge-qmul device init --state DIR --dataset npz|imagefolder --data-root PATH "
+            "--fleet-key HEX` and start the SuperNode with --node-config 'state-dir=\"DIR\"' (simulation engine: "
+            "run config state-root=\"/abs/dir\" with one state per node at <state-root>/device-<partition-id>)")

@@ -1,19 +1,25 @@
-"""One federated forget round on the server: collect, verify, record, acknowledge, unlearn, issue receipts.
+"""One federated forget round on the server: collect, record, acknowledge, unlearn, issue receipts.
 
 ``run_round(grid, cfg)`` is what the ServerApp's ``main`` calls; it only needs a Flower ``Grid``, so tests
 drive it with an in-process grid as well as through a real SuperLink.
 
 1. wait until ``num-clients`` SuperNodes are connected (or ``connect-timeout`` passes, then go ahead with
    those present);
-2. ``query.forget`` to every node, one message each; each device answers with all its signed requests;
-3. ``Intake.process`` verifies them and commits accepted ones to the forget ledger;
-4. ``query.ack`` to every node that answered: one outcome per request (after the commit in step 3);
+2. ``query.forget`` to every node, one message each; each device answers with its device id, every signed
+   request of its queue (``DeviceState.pending()``) and the ids of its requests awaiting a receipt. The
+   node -> device mapping of this round comes from these replies (never from configuration);
+3. ``receive.receive`` files each entry: it checks the signature under the device key the body names,
+   ownership of every content id against the training provenance, and request-id conflicts, and commits
+   an accepted request to the forget ledger before answering. A request sent again (a lost
+   acknowledgement, or its signed bytes replayed) is acknowledged again without a second ledger row;
+4. ``query.ack`` to every node that answered: one answer per entry (after the commit in step 3);
 5. if any request in the ledger is not yet honoured, unlearn every request in it, then
    ``Ledger.mark_honoured`` with the new model's version (``Run.model_version``: its exported int8 ONNX):
    central mode: ``pipeline.run_unlearn`` with Q-MUL on the server;
-   federated mode: ``unlearn_federated``, Q-MUL rounds with the devices (``fedqmul``), which needs every
-   device holding a forget sample to take part; otherwise the requests stay pending for a later round;
-6. ``query.receipt`` to the nodes that filed requests: which model version honours which of their ids.
+   federated mode: ``unlearn_federated``, Q-MUL rounds with the devices (``fedqmul``);
+6. ``query.receipt`` to each device with honoured requests it has not got a receipt for (those acknowledged
+   now, or listed as awaiting): request id -> the model version that first honoured it. The ledger says
+   which device filed which request (its ``spec["device"]``), so a device only ever learns about its own.
 
 A node that fails or does not answer within ``reply-timeout`` is logged with its node id and left out of
 the later steps; what was already recorded for it stays recorded (step 3 happens before any later step).
@@ -32,8 +38,8 @@ from typing import Any
 
 from edge_qmul.federated import messages
 from edge_qmul.federated.config import FederatedConfig
-from edge_qmul.federated.intake import Intake
-from edge_qmul.federated.protocol import ACCEPTED, ALREADY_RECORDED, REFUSED, ProtocolError, load_key_file
+from edge_qmul.federated.messages import ProtocolError
+from edge_qmul.federated.receive import receive
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
@@ -51,11 +57,12 @@ class RoundSummary:
     mode: str
     nodes: int = 0  # connected when the round started
     replied: int = 0  # answered the forget query with a decodable batch
+    devices: int = 0  # distinct device ids among the replies
     acked_nodes: int = 0  # confirmed the acknowledgement
-    accepted: int = 0
-    already_recorded: int = 0
+    accepted: int = 0  # acknowledged and recorded now
+    already_recorded: int = 0  # acknowledged again: the ledger held the request already (a resend or replay)
     refused: int = 0
-    refusals: dict[str, int] = field(default_factory=dict)  # reason -> count
+    refusals: dict[str, int] = field(default_factory=dict)  # reason code -> count
     model_version: str | None = None
     honoured: int = 0  # requests whose honoured_by is this round's model version
     receipts: int = 0  # nodes that confirmed their receipt
@@ -109,27 +116,26 @@ def run_round(grid: Grid, cfg: FederatedConfig, *, flower_run_id: int = 0) -> Ro
     replies = _exchange(grid, {n: messages.forget_query(time.time()) for n in nodes}, messages.QUERY_FORGET,
                         cfg.reply_timeout)
     acks: dict[int, RecordDict] = {}
-    filed: dict[int, int] = {}  # node -> partition id of the device that filed through it
+    devices: dict[int, str] = {}  # node -> the device id it answered with (this round only)
+    awaiting: dict[int, set[str]] = {}  # node -> request ids its device waits to get a receipt for
     reasons: Counter[str] = Counter()
-    with Intake(cfg.run_path, cfg.num_clients, max_request_age=cfg.max_request_age) as intake:
-        if cfg.key_file:
-            intake.pin_keys(load_key_file(cfg.key_file))
-        for node, reply in sorted(replies.items()):
-            try:
-                batch = messages.content_to_batch(reply.content)
-            except ProtocolError as err:
-                log.warning("node %d: batch refused (%s); nothing recorded for it", node, err.reason)
-                continue
-            result = intake.process(batch, node)
-            acks[node] = messages.acks_to_content(result.outcomes)
-            if result.authenticated:
-                filed[node] = batch.partition_id
-            for o in result.outcomes:
-                summary.accepted += o.status == ACCEPTED
-                summary.already_recorded += o.status == ALREADY_RECORDED
-                if o.status == REFUSED:
-                    reasons[o.reason] += 1
+    for node, reply in sorted(replies.items()):
+        try:
+            device_id, entries, waiting = messages.content_to_entries(reply.content)
+        except ProtocolError as err:
+            log.warning("node %d: reply refused (%s: %s); nothing recorded for it", node, err.reason, err.message)
+            continue
+        answers = receive(cfg.run_path, entries)
+        acks[node] = messages.answers_to_content([(a.request_id, a.status, a.reason) for a in answers])
+        devices[node] = device_id
+        awaiting[node] = set(waiting) | {a.request_id for a in answers if a.status == "acknowledged"}
+        for a in answers:
+            summary.accepted += a.status == "acknowledged" and a.recorded
+            summary.already_recorded += a.status == "acknowledged" and not a.recorded
+            if a.status == "refused":
+                reasons[refusal_code(a.reason)] += 1
     summary.replied = len(acks)
+    summary.devices = len(set(devices.values()))
     summary.refused = sum(reasons.values())
     summary.refusals = dict(sorted(reasons.items()))
     summary.seconds["collect"] = time.perf_counter() - t
@@ -155,12 +161,12 @@ def run_round(grid: Grid, cfg: FederatedConfig, *, flower_run_id: int = 0) -> Ro
         summary.seconds["unlearn"] = time.perf_counter() - t
     elif cfg.mode == "federated":
         t = time.perf_counter()
-        summary.model_version, summary.honoured = unlearn_federated(grid, cfg, filed)
+        summary.model_version, summary.honoured = unlearn_federated(grid, cfg, devices)
         summary.seconds["unlearn"] = time.perf_counter() - t
 
     # -- receipts ------------------------------------------------------------------------------------
     t = time.perf_counter()
-    receipts = _receipts(cfg, filed)
+    receipts = _receipts(cfg, devices, awaiting)
     summary.receipts = len(_exchange(grid, receipts, messages.QUERY_RECEIPT, cfg.reply_timeout))
     summary.seconds["receipt"] = time.perf_counter() - t
 
@@ -205,7 +211,7 @@ def unlearn_pending(cfg: FederatedConfig) -> tuple[str | None, int]:
     return _honour(cfg, meta)
 
 
-def unlearn_federated(grid: Grid, cfg: FederatedConfig, participants: dict[int, int]) -> tuple[str | None, int]:
+def unlearn_federated(grid: Grid, cfg: FederatedConfig, participants: dict[int, Any]) -> tuple[str | None, int]:
     """Federated mode: Q-MUL rounds with the devices (``fedqmul``) over the whole ledger.
 
     ``participants`` maps node id -> partition id of the devices that authenticated this round. Each
@@ -279,14 +285,23 @@ def unlearn_federated(grid: Grid, cfg: FederatedConfig, participants: dict[int, 
     return _honour(cfg, meta)
 
 
-def _receipts(cfg: FederatedConfig, filed: dict[int, int]) -> dict[int, RecordDict]:
-    """Per node: each honoured request of the device that filed through it, with the model version that
-    first honoured it (what a deletion certificate cites)."""
+def refusal_code(reason: str) -> str:
+    """The code of a refusal reason ("not-owner: ..." -> "not-owner")."""
+    return reason.split(":", 1)[0].strip() or "refused"
+
+
+def _receipts(cfg: FederatedConfig, devices: dict[int, str], awaiting: dict[int, set[str]]) -> dict[int, RecordDict]:
+    """Per node: the honoured requests its device filed (the ledger row's ``spec["device"]``) among those it
+    waits for, each with the model version that first honoured it (what a deletion certificate cites)."""
     with Ledger(cfg.ledger_path) as ledger:
-        requests = ledger.requests()
+        honoured = {r.request_id: (r.spec.get("device"), r.honoured_by) for r in ledger.requests() if r.honoured_by}
     out: dict[int, RecordDict] = {}
-    for node, pid in filed.items():
-        mine = {r.request_id: r.honoured_by for r in requests if r.source == f"device:{pid}" and r.honoured_by}
+    for node, device_id in devices.items():
+        mine: dict[str, str] = {}
+        for rid in awaiting.get(node, ()):
+            owner, version = honoured.get(rid, (None, None))
+            if owner == device_id and version:
+                mine[rid] = version
         if mine:
             out[node] = messages.receipt_to_content(mine)
     return out

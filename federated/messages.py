@@ -3,24 +3,30 @@
 Message types (``query.<action>``; each is one round trip, ~6 s on a real deployment, so everything a
 node needs in a step goes into one message):
 
-``query.forget``   server -> device: "send your pending requests"; reply: one ``DeviceBatch``
-``query.ack``      server -> device: one ``Outcome`` per batch entry, sent after the ledger commit
-``query.receipt``  server -> device: per recorded request, the model version that first honours it
+``query.forget``   server -> device: "send your pending requests"; reply: the device id, every entry of
+                   ``DeviceState.pending()`` (request id, the signed canonical body, its signature) and the
+                   ids of its acknowledged requests still awaiting a receipt
+``query.ack``      server -> device: one answer per entry (``receive.Answer``: acknowledged, or refused with
+                   a reason), sent after the ledger commit
+``query.receipt``  server -> device: per honoured request, the model version that first honours it
 ``evaluate``       server -> device (federated mode): the head's QAT state + the device's forget ids;
                    reply: gradient-norm statistics and accuracies at those weights (``fedqmul``)
 ``train``          server -> device (federated mode): the same + the round's (w_f, w_r, lr);
                    reply: the device's updated head state and sample count
 
-Signed payloads and signatures travel as ``bytes`` lists in a ConfigRecord; the server re-parses them from
-those bytes, so nothing in a record is trusted without its signature.
+Signed payloads (canonical JSON) and signatures (hex) travel as string lists in a ConfigRecord, exactly as
+the device stored them; the server verifies each one (``receive``), so nothing in a record is trusted
+without its signature. The device id beside them only says where to send receipts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from edge_qmul.federated.protocol import STATUSES, DeviceBatch, Outcome, ProtocolError, SignedRequest
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from edge_qmul.errors import ForgetRequestError
 
 QUERY_FORGET = "query.forget"
 QUERY_ACK = "query.ack"
@@ -36,6 +42,17 @@ _SUMMARY = "summary"
 _HEAD = "head"
 _ROUND = "fedqmul-round"
 _STATS = "fedqmul-stats"
+
+
+ANSWER_STATUSES = ("acknowledged", "refused")
+
+
+class ProtocolError(ForgetRequestError):
+    """A message's content is not what the protocol says; ``reason`` is a short code ("malformed-batch")."""
+
+    def __init__(self, reason: str, message: str, fix: str | None = None) -> None:
+        self.reason = reason
+        super().__init__(message, fix)
 
 
 def _bad(what: str) -> ProtocolError:
@@ -70,55 +87,51 @@ def forget_query(server_time: float) -> RecordDict:
     return RecordDict({_QUERY: ConfigRecord({"server-time": float(server_time)})})
 
 
-def batch_to_content(batch: DeviceBatch) -> RecordDict:
-    record: dict[str, Any] = {
-        "partition-id": batch.partition_id,
-        "num-partitions": batch.num_partitions,
-        "public-key": batch.public_key,
-        "key-proof": batch.key_proof,
-    }
-    if batch.entries:
-        record["payloads"] = [e.payload for e in batch.entries]
-        record["signatures"] = [e.signature for e in batch.entries]
+def entries_to_content(device_id: str, entries: Sequence[Mapping[str, str]],
+                       awaiting: Sequence[str] = ()) -> RecordDict:
+    """A device's reply to ``query.forget``: its id, its pending signed entries, and the ids of its
+    acknowledged requests that no receipt has reached yet (the server answers those with receipts)."""
+    record: dict[str, Any] = {"device-id": device_id}
+    if entries:
+        record["request-ids"] = [str(e["request_id"]) for e in entries]
+        record["payloads"] = [str(e["payload"]) for e in entries]
+        record["signatures"] = [str(e["signature"]) for e in entries]
+    if awaiting:
+        record["awaiting"] = [str(r) for r in awaiting]
     return RecordDict({_BATCH: ConfigRecord(record)})
 
 
-def content_to_batch(content: RecordDict) -> DeviceBatch:
+def content_to_entries(content: RecordDict) -> tuple[str, list[dict[str, str]], list[str]]:
+    """(device id, entries as ``DeviceState.pending()`` gives them, awaiting request ids) of a forget reply."""
     record = _config(content, _BATCH)
-    payloads = _get_list(record, "payloads", bytes)
-    signatures = _get_list(record, "signatures", bytes)
-    if len(payloads) != len(signatures):
-        raise _bad(f"{len(payloads)} payloads but {len(signatures)} signatures")
-    return DeviceBatch(
-        partition_id=_get(record, "partition-id", int),
-        num_partitions=_get(record, "num-partitions", int),
-        public_key=_get(record, "public-key", bytes),
-        key_proof=_get(record, "key-proof", bytes),
-        entries=[SignedRequest(p, s) for p, s in zip(payloads, signatures, strict=True)],
-    )
+    device_id = _get(record, "device-id", str)
+    columns = [_get_list(record, k, str) for k in ("request-ids", "payloads", "signatures")]
+    if len({len(c) for c in columns}) != 1:
+        raise _bad("request-ids, payloads and signatures differ in length")
+    entries = [{"request_id": r, "payload": p, "signature": s} for r, p, s in zip(*columns, strict=True)]
+    return device_id, entries, _get_list(record, "awaiting", str)
 
 
-def acks_to_content(outcomes: list[Outcome]) -> RecordDict:
-    record: dict[str, Any] = {"count": len(outcomes)}
-    if outcomes:
-        record["index"] = [o.index for o in outcomes]
-        record["request-id"] = [o.request_id for o in outcomes]
-        record["status"] = [o.status for o in outcomes]
-        record["reason"] = [o.reason for o in outcomes]
+def answers_to_content(answers: list[tuple[str, str, str]]) -> RecordDict:
+    """The server's ``query.ack``: (request id, "acknowledged" | "refused", reason) per entry, in order."""
+    record: dict[str, Any] = {"count": len(answers)}
+    if answers:
+        record["request-id"] = [a[0] for a in answers]
+        record["status"] = [a[1] for a in answers]
+        record["reason"] = [a[2] for a in answers]
     return RecordDict({_ACK: ConfigRecord(record)})
 
 
-def content_to_acks(content: RecordDict) -> list[Outcome]:
+def content_to_answers(content: RecordDict) -> list[tuple[str, str, str]]:
     record = _config(content, _ACK)
     count = _get(record, "count", int)
-    columns = [_get_list(record, k, t) for k, t in (("index", int), ("request-id", str), ("status", str),
-                                                     ("reason", str))]
+    columns = [_get_list(record, k, str) for k in ("request-id", "status", "reason")]
     if any(len(c) != count for c in columns):
         raise _bad("acknowledgement columns differ in length")
-    outcomes = [Outcome(*row) for row in zip(*columns, strict=True)]
-    if [o.index for o in outcomes] != list(range(count)) or any(o.status not in STATUSES for o in outcomes):
-        raise _bad("acknowledgement indices or statuses are invalid")
-    return outcomes
+    answers = list(zip(*columns, strict=True))
+    if any(status not in ANSWER_STATUSES for _, status, _ in answers):
+        raise _bad(f"an acknowledgement status is not one of {ANSWER_STATUSES}")
+    return answers
 
 
 def receipt_to_content(honoured: dict[str, str]) -> RecordDict:

@@ -2,29 +2,31 @@
 
 Server (``run_rollout``, the ServerApp in ``mode="rollout"``):
 
-1. ``query.rollout`` phase ``status`` to every connected node: each device answers its partition id and
-   the model version it runs;
-2. waves: ``waves="5,25,100"`` are cumulative percentages of the fleet (``num-clients`` partitions in
-   partition-id order; each wave has at least one device). The bundle goes to the wave's devices that do
-   not run it yet (phase ``install``); each verifies it (signature, hashes), runs the on-board check,
-   checks the profile's latency / memory budget, and — if it filed deletion requests — checks that its
-   own forgotten samples now score like its unseen samples (loss-attack AUC, forget versus local
-   held-out data, at most ``max-forget-auc``). Only then does it switch to the new model, keeping the
-   parent for rollback. The forget check's result carries a level named like a certificate's:
-   ``approximate-verified`` when it is conclusive at the device's sample counts and passed,
+1. ``query.rollout`` phase ``status`` to every connected node: each device answers its device id (its
+   public key hex) and the model version it runs. The node -> device mapping comes from these replies;
+2. waves: ``waves="5,25,100"`` are cumulative percentages of the fleet: the devices that answered, plus those
+   an interrupted run of this rollout already recorded, in device-id order (each wave has at least one
+   device). The bundle goes to the wave's devices that do not run it yet (phase ``install``); each verifies
+   it against its pinned fleet key (signature, hashes), runs the on-board check, checks the profile's
+   latency / memory budget, and — if it filed deletion requests the server acknowledged — checks that its
+   own forgotten samples now score like its held-out samples (loss-attack AUC of ``covered()`` against
+   ``held_out()``, at most ``max-forget-auc``). Only then does it install the model into its state dir and
+   switch to it, keeping the parent for rollback. The forget check's result carries a level named like a
+   certificate's: ``approximate-verified`` when it is conclusive at the device's sample counts and passed,
    ``approximate-inconclusive`` when the sampling noise of so few samples exceeds the limit's margin over
    0.5 (reported; the limit still applies), ``failed`` when it is conclusive and over the limit;
 3. a wave passes when its pass rate (passed / wave devices; silence is a failure) is at least
    ``wave-pass-rate``; then the next wave starts. Otherwise that wave's devices roll back to the parent
    (phase ``rollback``) and the rollout stops as ``rolled-back``.
 
-Every step is written to ``<run-dir>/rollout.sqlite`` (WAL, synchronous) before the next one starts, so a
-server that crashes resumes the rollout where it stopped: finished waves are not repeated and devices
-already running the bundle are not sent it again. A rolled-back or completed rollout is final; ship a fixed
-model as a new bundle.
+Every step is written to ``<run-dir>/rollout.sqlite`` (WAL, synchronous), keyed by device id, before the
+next one starts, so a server that crashes resumes the rollout where it stopped: finished waves are not
+repeated and devices already running the bundle are not sent it again. A rolled-back or completed rollout
+is final; ship a fixed model as a new bundle.
 
-Device (``device_*``): everything on the board side uses only the on-board runtime (numpy + onnxruntime)
-and the device's state dir; the bundle must verify against the fleet key pinned in the node config.
+Device (``device_handle``): only the message (the bundle's bytes) and the device's state dir
+(``edge_qmul.devices.state``): its pinned fleet key, its own samples, its installed models. The checks use
+the on-board runtime (numpy + onnxruntime); nothing reads the server's run directory.
 """
 
 from __future__ import annotations
@@ -33,23 +35,25 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from edge_qmul.federated import messages, partition
+from edge_qmul.federated import messages
 from edge_qmul.federated.config import FederatedConfig
-from edge_qmul.federated.task import Device
 from flwr.app import ConfigRecord, RecordDict
 
-from edge_qmul import data
 from edge_qmul.atomic import write_json
 from edge_qmul.errors import BundleError, ConfigError
 from edge_qmul.ledger import SqliteStore
 from edge_qmul.run import Run
+
+if TYPE_CHECKING:
+    from edge_qmul.devices.state import DeviceState
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +73,15 @@ CREATE TABLE IF NOT EXISTS rollouts (
     created        TEXT NOT NULL,
     updated        TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS rollout_devices (
+CREATE TABLE IF NOT EXISTS rollout_device_results (
     rollout_id   TEXT NOT NULL,
-    partition_id INTEGER NOT NULL,
+    device_id    TEXT NOT NULL,         -- the device's public key hex, as it answered the status query
     wave         INTEGER NOT NULL,
-    status       TEXT NOT NULL,         -- installed | failed | rolled-back
+    status       TEXT NOT NULL,         -- installed | failed | rolled-back | rollback-unconfirmed
     reasons      TEXT NOT NULL,         -- JSON list
     result       TEXT NOT NULL,         -- JSON: on-board figures
     updated      TEXT NOT NULL,
-    PRIMARY KEY (rollout_id, partition_id)
+    PRIMARY KEY (rollout_id, device_id)
 );
 """
 
@@ -125,17 +129,18 @@ class RolloutStore(SqliteStore):
             conn.execute("UPDATE rollouts SET status = ?, next_wave = ?, updated = ? WHERE rollout_id = ?",
                          (status, next_wave, _now(), rollout_id))
 
-    def record(self, rollout_id: str, pid: int, wave: int, status: str, reasons: list[str],
+    def record(self, rollout_id: str, device_id: str, wave: int, status: str, reasons: list[str],
                result: dict[str, Any]) -> None:
         with self._tx() as conn:
-            conn.execute("INSERT OR REPLACE INTO rollout_devices VALUES (?, ?, ?, ?, ?, ?, ?)",
-                         (rollout_id, pid, wave, status, json.dumps(reasons), json.dumps(result), _now()))
+            conn.execute("INSERT OR REPLACE INTO rollout_device_results VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         (rollout_id, device_id, wave, status, json.dumps(reasons), json.dumps(result), _now()))
 
-    def devices(self, rollout_id: str) -> dict[int, dict[str, Any]]:
+    def devices(self, rollout_id: str) -> dict[str, dict[str, Any]]:
+        """device id -> its wave, status, reasons and on-board figures in this rollout."""
         rows = self._conn.execute(
-            "SELECT partition_id, wave, status, reasons, result FROM rollout_devices WHERE rollout_id = ?",
+            "SELECT device_id, wave, status, reasons, result FROM rollout_device_results WHERE rollout_id = ?",
             (rollout_id,)).fetchall()
-        return {int(r[0]): {"wave": r[1], "status": r[2], "reasons": json.loads(r[3]), "result": json.loads(r[4])}
+        return {r[0]: {"wave": r[1], "status": r[2], "reasons": json.loads(r[3]), "result": json.loads(r[4])}
                 for r in rows}
 
 
@@ -149,8 +154,9 @@ def parse_waves(text: str) -> list[int]:
     return waves
 
 
-def wave_partitions(waves: list[int], fleet: int) -> list[list[int]]:
-    """Cumulative partition ids per wave: the first ceil(p% x fleet) partitions, at least one per wave."""
+def wave_members(waves: list[int], fleet: int) -> list[list[int]]:
+    """Cumulative positions (in the fleet's device-id order) per wave: the first ceil(p% x fleet) devices, at
+    least one more per wave."""
     out, prev = [], 0
     for pct in waves:
         upto = min(fleet, max(prev + 1, math.ceil(pct * fleet / 100)))
@@ -205,41 +211,50 @@ def run_rollout(grid: Any, cfg: FederatedConfig, exchange: Any, wait_for_nodes: 
 
     nodes = wait_for_nodes(grid, cfg.num_clients, cfg.connect_timeout)
     replies = exchange(grid, {n: _request("status") for n in nodes}, QUERY_ROLLOUT, cfg.reply_timeout)
-    where: dict[int, int] = {}  # partition -> node
-    for node, reply in replies.items():
-        info = _result(reply.content)
-        where[int(info["partition-id"])] = node
-    plan = wave_partitions(state.waves, cfg.num_clients)
+    where: dict[str, int] = {}  # device id -> the node it answered on
+    for node, reply in sorted(replies.items()):
+        device = str(_result(reply.content).get("device-id", ""))
+        if not device:
+            log.warning("node %d answered the status query without a device id; left out", node)
+        elif device in where:
+            log.warning("device %s answered on nodes %d and %d; using %d", device[:16], where[device], node,
+                        where[device])
+        else:
+            where[device] = node
+    fleet = sorted(set(where) | set(done))
+    plan = [[fleet[i] for i in wave] for wave in wave_members(state.waves, len(fleet))] if fleet else []
+    if not fleet:
+        log.warning("rollout %s: no device answered the status query", rollout_id)
     for k in range(state.next_wave, len(plan)):
-        targets = [p for p in plan[k] if done.get(p, {}).get("status") != "installed"]
-        missing = [p for p in targets if p not in where]
+        targets = [d for d in plan[k] if done.get(d, {}).get("status") != "installed"]
         content = _request("install", **{"rollout-id": rollout_id, "bundle": blob,
                                          "max-forget-auc": cfg.max_forget_auc})
-        answers = exchange(grid, {where[p]: content for p in targets if p in where}, QUERY_ROLLOUT,
+        answers = exchange(grid, {where[d]: content for d in targets if d in where}, QUERY_ROLLOUT,
                            cfg.reply_timeout)
         by_node = {n: _result(r.content) for n, r in answers.items()}
-        passed: list[int] = []
-        forget_checks: dict[int, dict[str, Any]] = {}
+        passed: list[str] = []
+        forget_checks: dict[str, dict[str, Any]] = {}
         with RolloutStore(Run(cfg.run_path).path("rollout_db")) as store:
-            for p in targets:
-                res = by_node.get(where.get(p, -1))
-                if res is None:
-                    reasons = ["not connected" if p in missing else "no reply"]
-                    store.record(rollout_id, p, k, "failed", reasons, {})
-                    done[p] = {"status": "failed", "reasons": reasons}
+            for d in targets:
+                res = by_node.get(where.get(d, -1))
+                if res is None or res.get("device-id") != d:
+                    reasons = ["not connected" if d not in where else "no reply" if res is None
+                               else "replied as another device"]
+                    store.record(rollout_id, d, k, "failed", reasons, {})
+                    done[d] = {"status": "failed", "reasons": reasons}
                     continue
                 ok = bool(res["passed"])
                 reasons = json.loads(str(res["reasons"]))
-                store.record(rollout_id, p, k, "installed" if ok else "failed", reasons,
+                store.record(rollout_id, d, k, "installed" if ok else "failed", reasons,
                              {key: v for key, v in res.items() if key not in ("reasons", "passed")})
-                done[p] = {"status": "installed" if ok else "failed", "reasons": reasons}
+                done[d] = {"status": "installed" if ok else "failed", "reasons": reasons}
                 if "forget-level" in res:
-                    forget_checks[p] = {"auc": res["forget-auc"], "samples": res["forget-samples"],
+                    forget_checks[d] = {"auc": res["forget-auc"], "samples": res["forget-samples"],
                                         "held_out": res["forget-held-out"], "level": res["forget-level"]}
                 if ok:
-                    passed.append(p)
+                    passed.append(d)
                 else:
-                    log.warning("rollout %s wave %d: device %d refused or failed: %s", rollout_id, k + 1, p,
+                    log.warning("rollout %s wave %d: device %s refused or failed: %s", rollout_id, k + 1, d[:16],
                                 "; ".join(reasons))
         rate = len(passed) / len(targets) if targets else 1.0
         wave = {"wave": k + 1, "percent": state.waves[k], "devices": targets, "passed": passed, "pass_rate": rate,
@@ -252,12 +267,13 @@ def run_rollout(grid: Any, cfg: FederatedConfig, exchange: Any, wait_for_nodes: 
                      len(targets))
             continue
         # the wave failed: its devices that switched go back to the parent, and the rollout stops
-        back = exchange(grid, {where[p]: _request("rollback", **{"rollout-id": rollout_id}) for p in passed},
-                        QUERY_ROLLOUT, cfg.reply_timeout)
+        back = exchange(grid, {where[d]: _request("rollback", **{"rollout-id": rollout_id,
+                                                                 "version": manifest["model_version"]})
+                               for d in passed}, QUERY_ROLLOUT, cfg.reply_timeout)
         with RolloutStore(Run(cfg.run_path).path("rollout_db")) as store:
-            for p in passed:
-                ok = where[p] in back
-                store.record(rollout_id, p, k, "rolled-back" if ok else "rollback-unconfirmed", [], {})
+            for d in passed:
+                ok = where[d] in back
+                store.record(rollout_id, d, k, "rolled-back" if ok else "rollback-unconfirmed", [], {})
             store.set_state(rollout_id, "rolled-back", k)
         wave["rolled_back"] = passed
         log.warning("rollout %s wave %d failed (pass rate %.2f < %.2f): rolled back %d device(s); stopped",
@@ -266,7 +282,10 @@ def run_rollout(grid: Any, cfg: FederatedConfig, exchange: Any, wait_for_nodes: 
         break
     else:
         summary.status = "completed"
-        log.info("rollout %s of %s completed", rollout_id, manifest["model_version"])
+        if plan:
+            log.info("rollout %s of %s completed", rollout_id, manifest["model_version"])
+    if not plan:
+        summary.status = "running"  # nothing reached: the rollout stays open for a run that finds devices
     write_json(Run(cfg.run_path).path("rollouts") / f"{rollout_id}-run{flower_run_id}.json", asdict(summary))
     return summary
 
@@ -284,48 +303,49 @@ def _result(content: RecordDict) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def device_handle(device: Device, content: RecordDict) -> RecordDict:
-    """The ClientApp's ``query.rollout`` handler body."""
+def _active(state: DeviceState) -> str:
+    models = state.models()
+    return models[0].version if models else ""
+
+
+def device_handle(state: DeviceState, content: RecordDict) -> RecordDict:
+    """The ClientApp's ``query.rollout`` handler body: status, install or rollback on this device's state."""
     record = content.get(_ROLLOUT)
     if not isinstance(record, ConfigRecord):
         raise messages.ProtocolError("malformed-batch", "no rollout record", "update the server")
     phase = str(record["phase"])
-    models = device.state.setdefault("model", {"active": None, "previous": None, "rollout": None})
     if phase == "status":
-        out: dict[str, Any] = {"partition-id": device.partition_id, "active": models["active"] or ""}
+        out: dict[str, Any] = {"device-id": state.device_id, "active": _active(state)}
     elif phase == "install":
-        out = _install(device, str(record["rollout-id"]), bytes(record["bundle"]),  # type: ignore[arg-type]
-                       float(record["max-forget-auc"]))  # type: ignore[arg-type]
+        out = _install(state, bytes(record["bundle"]), float(record["max-forget-auc"]))  # type: ignore[arg-type]
     elif phase == "rollback":
-        rolled = models["rollout"] == record["rollout-id"]
+        models = state.models()
+        rolled = bool(models) and models[0].version == str(record["version"])
         if rolled:
-            models.update(active=models["previous"], rollout=None)
-        out = {"partition-id": device.partition_id, "active": models["active"] or "", "rolled-back": rolled}
+            parent = models[0].parent
+            if parent:
+                state.activate(parent)
+            else:
+                state.deactivate()  # the bundle was the first rollout here: back to the factory model
+        out = {"device-id": state.device_id, "active": _active(state), "rolled-back": rolled}
     else:
         raise messages.ProtocolError("malformed-batch", f"unknown rollout phase {phase!r}", "update the device")
-    device.save()
     return RecordDict({_RESULT: ConfigRecord(out)})
 
 
-def _install(device: Device, rollout_id: str, blob: bytes, max_auc: float) -> dict[str, Any]:
+def _install(state: DeviceState, blob: bytes, max_auc: float) -> dict[str, Any]:
     from edge_qmul.devices import runtime  # numpy + onnxruntime only
 
-    models = device.state["model"]
-    # The verified model stays in the device's state dir (it is what the device now runs); a device
-    # without one keeps it in a private temporary directory for this process only.
-    root = Path(device.cfg.state_dir) if device.cfg.state_dir else Path(tempfile.mkdtemp(prefix="edge-qmul-device-"))
-    base = root / "rollouts" / rollout_id
-    base.mkdir(parents=True, exist_ok=True)
-    (base / "bundle.tar").write_bytes(blob)
-    out: dict[str, Any] = {"partition-id": device.partition_id, "passed": False, "version": ""}
+    out: dict[str, Any] = {"device-id": state.device_id, "passed": False, "version": ""}
     reasons: list[str] = []
+    # The bundle is unpacked in a private directory in the device's own state dir; only a verified, checked
+    # model is installed (DeviceState.install_model), the rest is removed.
+    work = Path(tempfile.mkdtemp(prefix=".rollout-", dir=state.dir))
     try:
-        if not device.cfg.fleet_key:
-            raise runtime.BadInputError("no fleet key is pinned on this device", "set node config fleet-key")
-        key = runtime.load_public_key(device.cfg.fleet_key)
-        result = runtime.check_bundle_in_fresh_process(base / "bundle.tar", key, base / "files", runs=20,
-                                                        warmup=2)
-        manifest = json.loads((base / "files" / runtime.MANIFEST).read_text())
+        (work / "bundle.tar").write_bytes(blob)
+        result = runtime.check_bundle_in_fresh_process(work / "bundle.tar", runtime.load_public_key(state.fleet_key),
+                                                        work / "files", runs=20, warmup=2)
+        manifest = json.loads((work / "files" / runtime.MANIFEST).read_text())
         out["version"] = manifest["model_version"]
         reasons += result["reasons"]
         profile = manifest.get("profile", {})
@@ -336,7 +356,7 @@ def _install(device: Device, rollout_id: str, blob: bytes, max_auc: float) -> di
         rss = result.get("peak_rss_mb")
         if profile.get("memory_budget_mb") and rss is not None and rss > profile["memory_budget_mb"]:
             reasons.append(f"peak memory {rss} MB over the budget {profile['memory_budget_mb']} MB")
-        forget = forget_check(device, base / "files" / runtime.MODEL_FILE)
+        forget = forget_check(state, work / "files" / runtime.MODEL_FILE)
         if forget is not None:
             auc, n_forgotten, n_held = forget
             out["forget-auc"], out["forget-samples"], out["forget-held-out"] = auc, n_forgotten, n_held
@@ -344,33 +364,17 @@ def _install(device: Device, rollout_id: str, blob: bytes, max_auc: float) -> di
             if auc > max_auc:
                 reasons.append(f"own forgotten samples still look like members: loss-attack AUC {auc:.3f} "
                                f"> {max_auc}")
+        if not reasons:
+            active = _active(state)
+            if active != out["version"]:
+                state.install_model(out["version"], work / "files", parent=active)
     except runtime.BadInputError as err:  # refused bundle (BundleRefused) or a broken board
         reasons.append(err.message)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     out["reasons"] = json.dumps(reasons)
-    if not reasons:
-        out["passed"] = True
-        if models["active"] != out["version"]:
-            models.update(previous=models["active"], active=out["version"], rollout=rollout_id)
+    out["passed"] = not reasons
     return out
-
-
-def filed_samples(device: Device) -> list[int]:
-    """Training samples of this device that its acknowledged deletion requests cover."""
-    own = partition.partition(data.Split.load(Run(device.run_cfg.run_path).require("split")).train,
-                              device.cfg.num_partitions, device.partition_id)
-    ids: set[int] = set()
-    labels = None
-    for req in device.state.get("filed", {}).values():
-        if req["kind"] == "samples":
-            ids.update(req["sample_ids"])
-        elif req["kind"] == "client":
-            ids.update(own)
-        elif req["kind"] == "class":
-            if labels is None:
-                split = data.Split.load(Run(device.run_cfg.run_path).require("split"))
-                labels = data.load_dataset(split.dataset, split.root, seed=split.seed).train.labels
-            ids.update(i for i in own if int(labels[i]) == req["class"])
-    return sorted(ids)
 
 
 def forget_check_level(auc: float, n_forgotten: int, n_held: int, max_auc: float, confidence: float = 0.95) -> str:
@@ -384,33 +388,36 @@ def forget_check_level(auc: float, n_forgotten: int, n_held: int, max_auc: float
     return "approximate-verified" if auc <= max_auc else "failed"
 
 
-def forget_check(device: Device, model: Path) -> tuple[float, int, int] | None:
+def forget_check(state: DeviceState, model: Path) -> tuple[float, int, int] | None:
     """Loss-attack AUC of the device's forgotten samples against its held-out samples, with both sample
-    counts (None: nothing filed).
+    counts (None: no acknowledged request, or no held-out pool to compare with).
 
-    AUC = P(loss of a forgotten sample < loss of a held-out sample): 0.5 when the model treats them alike,
-    towards 1 when it still fits the forgotten ones as it fits training data. Held-out samples are the
-    device's share of the validation split (never trained on).
+    Forgotten = ``covered()``: the samples its acknowledged or honoured requests name (for a leave request,
+    its whole contributed pool); held-out = ``held_out()``: its pool that it never contributed. Both are read
+    from its own data root (``pixels``), at the model's input size. AUC = P(loss of a forgotten sample <
+    loss of a held-out sample): 0.5 when the model treats them alike, towards 1 when it still fits the
+    forgotten ones as it fits training data.
     """
-    forgotten = filed_samples(device)
+    forgotten, held = state.covered(), state.held_out()
     if not forgotten:
+        return None
+    if not held:
+        log.warning("device %s has no held-out samples: its forget check cannot run", state.device_id[:16])
         return None
     from edge_qmul.devices import runtime
 
-    split = data.Split.load(Run(device.run_cfg.run_path).require("split"))
-    source = data.load_dataset(split.dataset, split.root, seed=split.seed)
-    held = partition.partition(split.val, device.cfg.num_partitions, device.partition_id) if len(split.val) >= \
-        device.cfg.num_partitions else list(split.val)
     session = runtime.create_session(model.read_bytes(), model, threads=1)
+    shape = session.get_inputs()[0].shape  # (batch, C, H, W): the size and colour the model takes
+    size = shape[2] if isinstance(shape[2], int) and shape[2] == shape[3] else None
+    color = {1: "grayscale", 3: "rgb"}.get(shape[1], "auto") if isinstance(shape[1], int) else "auto"
 
-    def losses(ids: list[int]) -> np.ndarray:
-        pool = source.pool("train")
-        x = pool.images[np.asarray(ids)].astype(np.float32) / np.float32(pool.scale)
-        y = pool.labels[np.asarray(ids)].astype(np.int64)
-        logits = runtime.infer_all(session, model, np.ascontiguousarray(x), 0).astype(np.float64)
+    def losses(hashes: list[str]) -> np.ndarray:
+        images, labels, scale = state.pixels(hashes, image_size=size, color=color)
+        x = np.ascontiguousarray(images.astype(np.float32) / np.float32(scale))
+        logits = runtime.infer_all(session, model, x, 0).astype(np.float64)
         top = logits.max(axis=1, keepdims=True)
         lse = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
-        return np.asarray(lse - logits[np.arange(len(y)), y])
+        return np.asarray(lse - logits[np.arange(len(labels)), labels])
 
     lf, lh = losses(forgotten), losses(held)
     # Mann-Whitney: fraction of (forgotten, held-out) pairs where the forgotten sample has the lower loss

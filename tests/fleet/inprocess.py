@@ -8,7 +8,7 @@ same app through a real SuperLink and SuperNodes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from uuid import uuid4
 
@@ -97,14 +97,10 @@ class LocalGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
-def local_grid(run: Path, state_root: Path, run_config: dict[str, object], n: int = 3,
+def local_grid(run: Path, states: Sequence[Path], run_config: dict[str, object],
                drop: Callable[[Message], bool] = lambda m: False,
                node_config: dict[str, object] | None = None, app: ClientApp = client_app.app) -> LocalGrid:
-    """``n`` devices (node ids NODE + partition id), each with its state dir under ``state_root`` and the
-    extra ``node_config`` keys (e.g. a pinned fleet key), all running ``app``."""
-    nodes = {
-        NODE + p: {"partition-id": p, "num-partitions": n, "state-dir": str(state_root / f"device{p}"),
-                   **(node_config or {})}
-        for p in range(n)
-    }
-    return LocalGrid(nodes, {"run-dir": str(run), "num-clients": n, **run_config}, drop, app)
+    """One node per device state dir in ``states`` (node id NODE + its index; node config ``state-dir`` plus
+    the extra ``node_config`` keys, e.g. a fault of fleet/faults.py), all running ``app``."""
+    nodes = {NODE + i: {"state-dir": str(state), **(node_config or {})} for i, state in enumerate(states)}
+    return LocalGrid(nodes, {"run-dir": str(run), "num-clients": len(nodes), **run_config}, drop, app)
