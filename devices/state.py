@@ -204,7 +204,7 @@ def verify_request(signed: Mapping[str, Any]) -> dict[str, Any]:
         signature = bytes.fromhex(str(signed["signature"]))
         body = json.loads(payload)
         device = bytes.fromhex(body["device_id"])
-    except (KeyError, TypeError, ValueError, UnicodeError) as err:
+    except (KeyError, TypeError, ValueError, UnicodeError, RecursionError) as err:  # RecursionError: [[[...]]]
         raise ForgetRequestError("signed request is malformed (payload, signature or device_id)",
                                  "send the entries of DeviceState.pending() as they are") from err
     if not isinstance(body, dict) or body.get("protocol") != PROTOCOL or canonical_json(body) != payload:

@@ -2,8 +2,8 @@
 forget-id parser and hashes file of `edge-qmul forget`, and the signed request messages devices send.
 
 Each target must return normally or raise its documented error (an ``EdgeQmulError`` subclass, argparse's usage
-error for a flag, ``ProtocolError`` for a message); anything else is a traceback the user would see. A fixed
-budget of derandomized examples keeps the run short and repeatable.
+error for a flag, ``ProtocolError`` / ``ForgetRequestError`` for a message); anything else is a traceback the user
+would see. A fixed budget of derandomized examples keeps the run short and repeatable.
 """
 
 from __future__ import annotations
@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from edge_qmul.devices.profiles import FIELDS, load_profile
+from edge_qmul.devices.state import PROTOCOL, canonical_json, verify_request
 from edge_qmul.export.budgets import CHECKS, load_budgets
-from edge_qmul.federated import messages, protocol
+from edge_qmul.federated import messages
 from flwr.app import ConfigRecord, RecordDict
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -152,22 +155,24 @@ def test_hashes_file_reader_refuses_a_directory(scratch: Path) -> None:
 
 # --- the request messages devices send -----------------------------------------------------------------------------
 
-BATCH_KEYS = ["partition-id", "num-partitions", "public-key", "key-proof", "payloads", "signatures"]
+BATCH_KEYS = ["device-id", "request-ids", "payloads", "signatures", "awaiting"]
+ACK_KEYS = ["count", "request-id", "status", "reason"]
 int64 = st.integers(-(2**63), 2**63 - 1)
 record_values = st.one_of(
     int64, st.floats(), st.text(max_size=20), st.binary(max_size=80), st.booleans(),
     st.lists(int64, max_size=4), st.lists(st.binary(max_size=120), max_size=4),
-    st.lists(st.text(max_size=8), max_size=3),
+    st.lists(st.text(max_size=80), max_size=3),
 )
-DEVICE_KEY = protocol.generate_key()
+DEVICE_KEY = Ed25519PrivateKey.generate()
+DEVICE_ID = DEVICE_KEY.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
 
 
-def _check_batch(batch: protocol.DeviceBatch) -> None:
-    """What the intake does with a decoded batch before it touches the ledger: key, proof, each signature."""
-    public = protocol.public_key_from_bytes(batch.public_key)
-    protocol.verify_key_proof(public, batch.partition_id, batch.key_proof)
-    for entry in batch.entries:
-        _refused_or_fine(lambda entry=entry: protocol.verify(entry, public))
+def _record(name: str, fields: dict[str, Any]) -> RecordDict:
+    try:
+        return RecordDict({name: ConfigRecord(fields)})
+    except (TypeError, ValueError):  # Flower refuses to build such a record: it never reaches the server
+        assume(False)
+        raise
 
 
 @FUZZ
@@ -175,12 +180,24 @@ def _check_batch(batch: protocol.DeviceBatch) -> None:
                               max_size=8),
        name=st.sampled_from(["forget-batch", "forget-batch", "other"]))
 def test_device_batch_decoder(fields: dict[str, Any], name: str) -> None:
-    try:
-        content = RecordDict({name: ConfigRecord(fields)})
-    except (TypeError, ValueError):  # Flower refuses to build such a record: it never reaches the server
-        assume(False)
-        return
-    _refused_or_fine(lambda: _check_batch(messages.content_to_batch(content)))
+    """What the server does with a forget reply before it touches the ledger: decode it, check each signature."""
+    content = _record(name, fields)
+
+    def check() -> None:
+        _, entries, _ = messages.content_to_entries(content)
+        for entry in entries:
+            _refused_or_fine(lambda entry=entry: verify_request(entry))
+
+    _refused_or_fine(check)
+
+
+@FUZZ
+@given(fields=st.dictionaries(st.one_of(st.sampled_from(ACK_KEYS), st.text(max_size=6)), record_values,
+                              max_size=6))
+def test_acknowledgement_decoder(fields: dict[str, Any]) -> None:
+    """What a device does with a query.ack before it marks anything."""
+    content = _record("forget-ack", fields)
+    _refused_or_fine(lambda: messages.content_to_answers(content))
 
 
 json_values = st.recursive(
@@ -189,11 +206,11 @@ json_values = st.recursive(
     max_leaves=8,
 )
 request_fields = st.fixed_dictionaries(
-    {f: json_values for f in protocol._FIELDS}
-).map(lambda obj: {**obj, "protocol": protocol.PROTOCOL})
+    {f: json_values for f in ("request_id", "kind", "hashes", "class", "created")}
+).map(lambda obj: {**obj, "protocol": PROTOCOL, "device_id": DEVICE_ID})
 payloads = st.one_of(
     st.binary(max_size=300),
-    request_fields.map(protocol.canonical_json),
+    request_fields.map(canonical_json),
     request_fields.map(lambda obj: json.dumps(obj).encode("utf-8")),
     st.integers(1, 5000).map(lambda n: b"[" * n + b"]" * n),
 )
@@ -202,6 +219,6 @@ payloads = st.one_of(
 @FUZZ
 @given(payload=payloads)
 def test_signed_request_parser(payload: bytes) -> None:
-    signed = protocol.SignedRequest(payload, DEVICE_KEY.sign(payload))  # a genuine signature: parsing is reached
-    _refused_or_fine(lambda: protocol.verify(signed, DEVICE_KEY.public_key()))
-    _refused_or_fine(lambda: protocol.ForgetRequest.from_bytes(payload))
+    """A genuine signature over arbitrary bytes: verification and parsing are reached, and refuse or pass."""
+    entry = {"request_id": "r", "payload": payload.decode("latin-1"), "signature": DEVICE_KEY.sign(payload).hex()}
+    _refused_or_fine(lambda: verify_request(entry))
