@@ -72,6 +72,9 @@ PROBE_BATCH = 256  # probe samples per session.run in the agreement pass
 BUNDLE_FORMAT = "edge-qmul/bundle/1"
 MANIFEST, SIGNATURE = "manifest.json", "manifest.sig"
 MODEL_FILE, PROBE_FILE = "model.int8.onnx", "probe.npz"
+# Optional (bundles of models with a classifier head to cut at): the int8 model up to its head's input, output
+# ``features`` float32 [batch, F]; devices compute their own samples' features with it for federated Q-MUL.
+FEATURES_FILE, FEATURES_OUTPUT = "features.onnx", "features"
 MAX_MEMBER_BYTES = 512 * 1024 * 1024
 
 EXIT_PASSED = 0
@@ -304,6 +307,27 @@ def infer_all(session: ort.InferenceSession, model_path: Path, pixels: np.ndarra
     """Logits for every probe sample, ``batch`` (or PROBE_BATCH) samples per run."""
     step = batch or PROBE_BATCH
     return np.concatenate([_run(session, model_path, pixels[i : i + step]) for i in range(0, len(pixels), step)])
+
+
+def compute_features(model_path: Path, pixels: np.ndarray, threads: int = 1, batch: int = PROBE_BATCH) -> np.ndarray:
+    """``features`` of a bundle's ``features.onnx`` for float32 NCHW ``pixels`` in [0, 1], ``batch`` per run."""
+    blob, _ = read_model(Path(model_path), None)
+    session = create_session(blob, Path(model_path), threads)
+    names = [o.name for o in session.get_outputs()]
+    if [i.name for i in session.get_inputs()] != [INPUT_NAME] or FEATURES_OUTPUT not in names:
+        raise BadInputError(f"{model_path} is not a feature extractor (input {INPUT_NAME!r}, output "
+                            f"{FEATURES_OUTPUT!r}); it has outputs {names}",
+                            f"use the {FEATURES_FILE} shipped in the model's bundle")
+    out = []
+    for i in range(0, len(pixels), batch):
+        chunk = np.ascontiguousarray(pixels[i : i + batch], dtype=np.float32)
+        try:
+            (values,) = session.run([FEATURES_OUTPUT], {INPUT_NAME: chunk})
+        except ORT_ERRORS as err:
+            raise BadInputError(f"{model_path} failed on a batch of shape {list(chunk.shape)}: {err}",
+                                "pass images of the shape the model was trained on") from err
+        out.append(np.asarray(values, dtype=np.float32).reshape(len(chunk), -1))
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
 def top_classes(logits: np.ndarray) -> np.ndarray:

@@ -544,9 +544,14 @@ def int8_features(qat: nn.Module, dequantize: bool = True, head: str = "") -> fx
     ``dequantize=False`` the output is the quantized tensor itself (uint8 values + scale/zero point),
     which is how the pipeline caches them compactly.
     """
-    int8 = convert(qat)
+    return features_of_int8(convert(qat), dequantize, head)
+
+
+def features_of_int8(int8: nn.Module, dequantize: bool = True, head: str = "") -> fx.GraphModule:
+    """``int8_features`` of an already converted int8 model (``convert``): e.g. the model a run exports, whose
+    feature extractor ships beside it (``features.onnx``) for devices that unlearn its head with the server."""
     if not isinstance(int8, fx.GraphModule):
-        raise ConfigError("conversion did not return an FX graph", "prepare the model with prepare_qat")
+        raise ConfigError("the int8 model is not an FX graph", "convert a model prepared with prepare_qat")
     _, prefix = _split_at(int8, nnq.Linear, head)
     out = list(prefix.nodes)[-1]
     if dequantize:

@@ -4,6 +4,8 @@ A bundle is one uncompressed tar archive holding
 
 - ``model.int8.onnx`` — the validated int8 model;
 - ``probe.npz`` — probe inputs with the reference outputs the validation recorded;
+- ``features.onnx`` — the int8 model up to its head's input (when export wrote one): devices compute their own
+  samples' features with it for federated Q-MUL (``edge_qmul.federated.fedqmul``);
 - ``runtime.py`` and ``ed25519.py`` — the on-board runtime (numpy + onnxruntime only) and its signature
   check, for boards that do not have it installed yet;
 - ``manifest.json`` — format, model version, parent model version, device profile, the sha256 and size
@@ -245,6 +247,9 @@ def build_bundle(
         "runtime.py": (devices_dir / "runtime.py").read_bytes(),
         "ed25519.py": (devices_dir / "ed25519.py").read_bytes(),
     }
+    features = _features_file(run, model_bytes)
+    if features is not None:
+        files[runtime.FEATURES_FILE] = features
     manifest: dict[str, Any] = {
         "format": runtime.BUNDLE_FORMAT,
         "model_version": version,
@@ -274,6 +279,23 @@ def build_bundle(
     path = out or run.path("bundles") / f"{version}-{profile.name}.tar"
     write_bytes(path, _tar({**files, runtime.MANIFEST: blob, runtime.SIGNATURE: signature}))
     return path
+
+
+def _features_file(run: Run, model_bytes: bytes) -> bytes | None:
+    """The run's ``features.onnx`` (what devices run for federated Q-MUL), if export wrote one, checked to be cut
+    from exactly this model and to run int8 like it; None for a model without one (exported before it existed,
+    or without a classifier head to cut at): such a bundle installs and runs, but its devices cannot take part in
+    federated Q-MUL."""
+    path = run.path("features_onnx")
+    if not path.exists():
+        return None
+    blob = run.verified("features_onnx").read_bytes()
+    meta = {p.key: p.value for p in onnx.load_from_string(blob).metadata_props}
+    if meta.get("model_sha256") != hashlib.sha256(model_bytes).hexdigest():
+        raise BundleError(f"{path} was exported with another model than {run.path('int8_onnx').name}",
+                          f"export again (`edge-qmul export --run {run.root}`), validate, then bundle")
+    check_fusion(path)
+    return blob
 
 
 def _tar(files: dict[str, bytes]) -> bytes:

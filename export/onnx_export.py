@@ -10,6 +10,7 @@ its op type and the fix (``float_ops_in_int8_region``).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tempfile
@@ -29,6 +30,7 @@ from edge_qmul.errors import CheckpointError, ExportError
 
 OPSET = 17
 INPUT, OUTPUT = "pixels", "logits"
+FEATURES = "features"  # the feature extractor's output: the int8 head's input, dequantized (``export_models``)
 FLOAT_COMPUTE = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add"}  # refused on dequantized input anywhere
 QDQ = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 # Pure data movement: no arithmetic, whatever the element type (on uint8 they are outside any float path anyway).
@@ -114,9 +116,10 @@ class ExportResult:
     fp32_path: Path
     op_counts: dict[str, int]  # op types of the optimised int8 graph
     int8_kernels: int
+    features_path: Path | None = None  # the int8 feature extractor (``features.onnx``), when exported
 
 
-def _export_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
+def _export_bytes(model: nn.Module, example: torch.Tensor, output: str = OUTPUT) -> bytes:
     buf = io.BytesIO()
     torch.onnx.export(  # the TorchScript exporter also writes to file-like objects
         model,
@@ -125,8 +128,8 @@ def _export_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
         opset_version=OPSET,
         dynamo=False,  # the TorchScript exporter understands torch.ao's converted int8 modules
         input_names=[INPUT],
-        output_names=[OUTPUT],
-        dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+        output_names=[output],
+        dynamic_axes={INPUT: {0: "batch"}, output: {0: "batch"}},
     )
     return buf.getvalue()
 
@@ -228,12 +231,15 @@ def check_contract(
     return proto
 
 
-def onnx_bytes(model: nn.Module, input_shape: tuple[int, int, int], metadata: dict[str, Any]) -> bytes:
-    """``model`` as ONNX bytes under the I/O contract, with ``metadata`` (JSON-encoded values) attached."""
+def onnx_bytes(
+    model: nn.Module, input_shape: tuple[int, int, int], metadata: dict[str, Any], output: str = OUTPUT
+) -> bytes:
+    """``model`` as ONNX bytes under the I/O contract (output ``output``: ``logits``, or ``features`` for the
+    feature extractor), with ``metadata`` (JSON-encoded values) attached."""
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     meta.setdefault("toolkit_version", __version__)
     meta.setdefault("input_shape", json.dumps([None, *input_shape]))
-    return _with_metadata(_export_bytes(model.eval(), torch.rand(1, *input_shape)), meta)
+    return _with_metadata(_export_bytes(model.eval(), torch.rand(1, *input_shape), output), meta)
 
 
 def export_models(
@@ -243,17 +249,44 @@ def export_models(
     fp32_path: Path,
     input_shape: tuple[int, int, int],
     metadata: dict[str, Any],
+    *,
+    features: nn.Module | None = None,
+    features_path: Path | None = None,
 ) -> ExportResult:
-    """Write the int8 and the float model's ONNX atomically, the int8 one only once its graph checks out."""
+    """Write the int8 and the float model's ONNX atomically, the int8 one only once its graph checks out.
+
+    With ``features`` (the int8 model up to its head's input, dequantized: ``quant.features_of_int8``) and
+    ``features_path``, that feature extractor is exported too (output ``features``, float32 [batch, F]) and
+    checked like the model: no float op inside its int8 region, only the final DequantizeLinear to the output.
+    Its metadata names the int8 model it was cut from (``model_sha256``), so a bundle can refuse a stale one.
+    Devices run it to compute their own samples' head inputs for federated Q-MUL (``federated/fedqmul.py``).
+    """
     int8_blob = onnx_bytes(int8, input_shape, metadata)
     fp32_blob = onnx_bytes(float_model, input_shape, {**metadata, "precision": "fp32"})
+    features_blob = None
+    if (features is None) != (features_path is None):
+        raise ExportError("export_models needs both features and features_path, or neither",
+                          "pass the feature extractor together with where it goes")
+    if features is not None:
+        features_blob = onnx_bytes(features, input_shape, {
+            "part": "features: the int8 model up to its head's input, dequantized",
+            "model_sha256": hashlib.sha256(int8_blob).hexdigest(),
+            **{k: v for k, v in metadata.items() if k in ("dataset", "input_scale", "quantization_backend", "method")},
+        }, output=FEATURES)
     with tempfile.TemporaryDirectory() as tmp:  # check before anything lands in the run directory
         probe = Path(tmp) / int8_path.name
         probe.write_bytes(int8_blob)
         counts = check_fusion(probe)
+        if features_blob is not None:
+            probe = Path(tmp) / "features.probe.onnx"
+            probe.write_bytes(features_blob)
+            check_fusion(probe)
     write_bytes(int8_path, int8_blob)
     write_bytes(fp32_path, fp32_blob)
-    return ExportResult(int8_path, fp32_path, dict(counts), sum(counts[k] for k in INT8_KERNELS if k in counts))
+    if features_blob is not None and features_path is not None:
+        write_bytes(features_path, features_blob)
+    return ExportResult(int8_path, fp32_path, dict(counts), sum(counts[k] for k in INT8_KERNELS if k in counts),
+                        features_path)
 
 
 def require_file(path: Path, fix: str) -> Path:

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from edge_qmul.export.onnx_export import ExportResult, check_fusion, export_models, onnx_bytes
 
-from edge_qmul import pipeline
+from edge_qmul import pipeline, quant
 from edge_qmul.atomic import write_bytes
+from edge_qmul.errors import ConfigError
 from edge_qmul.run import Run
 from edge_qmul.train import load_checkpoint
+
+log = logging.getLogger(__name__)
 
 
 def export_onnx(
@@ -57,7 +61,18 @@ def export_run(run_dir: Run | Path, method: str | None = None) -> ExportResult:
     if run.exists("result_float", method=method):
         float_model = load_checkpoint(run.verified("result_float", method=method))[0]
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
-    exported = export_models(result.int8, float_model, run.path("int8_onnx"), run.path("fp32_onnx"), shape, metadata)
+    try:  # what devices run to unlearn the head with the server (federated mode); a model without a cut has none
+        features = quant.features_of_int8(result.int8, dequantize=True, head=cfg.head)
+    except ConfigError as err:
+        log.warning("no features.onnx for this model (%s): federated Q-MUL cannot run on it", err.message)
+        features = None
+    if features is None and run.path("features_onnx").exists():
+        run.path("features_onnx").unlink()  # a stale extractor of an earlier model must not ship beside this one
+        run.forget_digest("features_onnx")
+    exported = export_models(result.int8, float_model, run.path("int8_onnx"), run.path("fp32_onnx"), shape, metadata,
+                             features=features, features_path=run.path("features_onnx") if features else None)
     run.record("int8_onnx")
     run.record("fp32_onnx")
+    if features is not None:
+        run.record("features_onnx")
     return exported

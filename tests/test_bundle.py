@@ -101,7 +101,8 @@ def test_bundle_manifest_covers_every_file_and_verifies_on_the_board(bundle: Pat
                                                                      tmp_path: Path) -> None:
     manifest = read_manifest(bundle)
     files = members(bundle)
-    assert set(files) == {"manifest.json", "manifest.sig", "model.int8.onnx", "probe.npz", "runtime.py", "ed25519.py"}
+    assert set(files) == {"manifest.json", "manifest.sig", "model.int8.onnx", "features.onnx", "probe.npz",
+                          "runtime.py", "ed25519.py"}
     for name, entry in manifest["files"].items():
         assert hashlib.sha256(files[name]).hexdigest() == entry["sha256"] and len(files[name]) == entry["bytes"]
     assert manifest["device"] == "x86-server" and manifest["method"] == "qmul"
@@ -111,12 +112,20 @@ def test_bundle_manifest_covers_every_file_and_verifies_on_the_board(bundle: Pat
     result = runtime.check_bundle(bundle, public_key(keys), tmp_path / "board", runs=5, warmup=1)
     assert result["passed"] and result["sha256_verified"] and result["top1_agreement"] == 1.0
     assert result["bundle"]["model_version"] == manifest["model_version"]
+    # the feature extractor is extracted beside the model, hash-checked like it, and runs on the board
+    board = tmp_path / "board"
+    assert hashlib.sha256((board / "features.onnx").read_bytes()).hexdigest() == manifest["files"]["features.onnx"][
+        "sha256"]
+    with np.load(board / "probe.npz") as probe:
+        feats = runtime.compute_features(board / "features.onnx", probe["pixels"][:5])
+    assert feats.shape[0] == 5 and feats.dtype == np.float32 and np.isfinite(feats).all()
 
 
 @pytest.mark.parametrize(
     ("tamper", "reason"),
     [
         ("onnx-byte", "hash-mismatch"),
+        ("features-byte", "hash-mismatch"),
         ("manifest-edit", "bad-signature"),
         ("other-key", "bad-signature"),
         ("extra-file", "unlisted-file"),
@@ -133,6 +142,10 @@ def test_board_refuses_tampered_bundles(bundle: Path, keys: Path, tmp_path: Path
         model = bytearray(files["model.int8.onnx"])
         model[len(model) // 2] ^= 0xFF  # one byte in the middle of the weights
         rewrite(bundle, bad, {"model.int8.onnx": bytes(model)})
+    elif tamper == "features-byte":
+        features = bytearray(files["features.onnx"])
+        features[len(features) // 2] ^= 0xFF
+        rewrite(bundle, bad, {"features.onnx": bytes(features)})
     elif tamper == "manifest-edit":
         manifest = json.loads(files["manifest.json"])
         manifest["metrics"]["FA"] = 0.0

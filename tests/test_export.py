@@ -38,6 +38,36 @@ def test_export_writes_both_models_with_metadata(exported: Path) -> None:
     assert (exported / "model.fp32.onnx").stat().st_size > (exported / "model.int8.onnx").stat().st_size
 
 
+def test_features_onnx_is_the_int8_models_head_input(exported: Path) -> None:
+    """features.onnx (what devices run for federated Q-MUL) computes the torch int8 model's head input within
+    one quantization step, runs int8 like the model, and names the model it was cut from."""
+    import hashlib
+
+    import onnxruntime as ort
+    import torch
+
+    from edge_qmul import data, pipeline, quant
+
+    path = exported / "features.onnx"
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert meta["model_sha256"] == hashlib.sha256((exported / "model.int8.onnx").read_bytes()).hexdigest()
+    counts = check_fusion(path)  # the final DequantizeLinear -> features is the only float output
+    assert counts["QLinearConv"] == 2 and not {"Conv", "Gemm", "MatMul"} & set(counts)
+    q = pipeline.load_quantized(exported)
+    rd = pipeline.load_run_data(exported)
+    result = pipeline.load_result_full(exported, "qmul", q, rd.split.forget)
+    x, _ = data.to_tensors(rd.source.train, rd.split.train[:200])
+    with torch.no_grad():
+        quantized = quant.features_of_int8(result.int8, dequantize=False, head=q.model_cfg.head)(x)
+    want = quantized.dequantize().flatten(1).numpy()
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = sess.run(["features"], {"pixels": x.numpy()})
+    assert got.shape == want.shape
+    step = float(quantized.q_scale())
+    assert np.abs(got - want).max() <= step * 1.01  # at most one int8 step apart (rounding in the kernels)
+    assert np.mean(np.isclose(got, want, atol=step * 0.01)) > 0.95  # and almost all exactly equal
+
+
 def test_optimised_int8_graph_runs_int8_kernels_only(exported: Path) -> None:
     counts = check_fusion(exported / "model.int8.onnx")
     assert counts["QLinearConv"] == 2 and counts["QGemm"] == 2
