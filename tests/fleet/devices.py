@@ -9,8 +9,8 @@ has its own content id):
 - ``server.npz``: the devices' ``x_train`` together, plus server-only test samples;
 - ``provenance.csv``: ``device_id,sha256`` for each device's samples that the server's split puts in training
   (its validation share is in no one's training set, so no provenance names it);
-- ``run``: a digits-sized model trained on ``server.npz`` with ``--provenance`` (and quantized unless asked
-  not to), so ``receive`` checks every request against who contributed what;
+- ``run``: a digits-sized model trained on ``server.npz`` with ``edge-qmul train --provenance`` (and quantized
+  unless asked not to), so ``receive`` checks every request against who contributed what;
 - ``keys``: the fleet's signing key (``edge-qmul keygen``), whose public half every device pins.
 
 Tests copy a fleet (``copy_fleet``) before changing anything: the device states and the run are both mutable.
@@ -63,10 +63,7 @@ def make_fleet(root: Path, n: int = 3, *, train: int = 400, held_out: int = 100,
     """``n`` devices with ``train`` contributed and ``held_out`` kept samples each; see the module docstring."""
     from edge_qmul.devices.state import DeviceState
 
-    from edge_qmul import pipeline
     from edge_qmul.cli import main
-    from edge_qmul.config import DataConfig, QuantConfig
-    from edge_qmul.train import TrainConfig
 
     images, labels = _unique_digits()
     per = train + held_out
@@ -103,10 +100,10 @@ def make_fleet(root: Path, n: int = 3, *, train: int = 400, held_out: int = 100,
         rows += [f"{ids[i]},{h}" for h in trained[-1]]
     (root / "provenance.csv").write_text("\n".join(rows) + "\n")
     run = root / "run"
-    pipeline.train(run, DataConfig(dataset="npz", root=str(server)), TrainConfig(epochs=epochs),
-                   provenance=root / "provenance.csv", quiet=True)
+    assert main(["train", "--run", str(run), "--dataset", "npz", "--data-root", str(server), "--epochs", str(epochs),
+                 "--provenance", str(root / "provenance.csv"), "--quiet"]) == 0
     if quantize:
-        pipeline.quantize(run, QuantConfig(calibration_size=256), quiet=True)
+        assert main(["quantize", "--run", str(run), "--calibration-size", "256", "--quiet"]) == 0
     return Fleet(root, run, root / "keys", states, ids, npzs, trained, kept)
 
 

@@ -61,13 +61,15 @@ def _reap(proc: subprocess.Popen[Any], timeout: float) -> None:
 class Deployment:
     """A SuperLink and ``nodes`` SuperNodes on 127.0.0.1, plus the `flwr` CLI pointed at them."""
 
-    def __init__(self, root: Path, nodes: int = 3, node_extra: dict[int, str] | None = None) -> None:
+    def __init__(self, root: Path, nodes: int = 3, node_extra: dict[int, str] | None = None,
+                 states: list[Path] | None = None) -> None:
         self.root = root
         self.nodes = nodes
-        self.node_extra = dict(node_extra or {})  # partition -> extra node-config entries
+        self.node_extra = dict(node_extra or {})  # device index -> extra node-config entries
+        self.states = list(states or [])  # device index -> its DeviceState dir (edge-qmul device init)
         self.port = free_port()
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.node_ids: dict[int, int] = {}  # partition -> Flower node id of its registered key
+        self.node_ids: dict[int, int] = {}  # device index -> Flower node id of its registered key
         self._logs: list[Any] = []
         (root / "tmp").mkdir(parents=True)
         self.certs: FleetCerts = make_certs(root / "certs", hosts=("127.0.0.1",), days=1)
@@ -143,15 +145,16 @@ class Deployment:
 
     def start_node(self, i: int, extra: str = "", name: str | None = None, register: bool = True,
                    root_certificates: Path | None = None) -> None:
-        """Start SuperNode ``i`` (device partition i) over TLS with its own key (``keys/node<i>``, registered
-        first unless ``register`` is False); ``extra`` adds node-config entries, e.g. 'fleet-key="..."'.
+        """Start SuperNode ``i`` (the device whose state is ``states[i]``) over TLS with its own key
+        (``keys/node<i>``, registered first unless ``register`` is False); its node config is that state dir,
+        and ``extra`` adds entries, e.g. a fault of fleet/faults.py: 'faults="requests"'.
         ``name`` (default ``node<i>``) names the process, its key, its FLWR_HOME and its log;
         ``root_certificates`` replaces the fleet CA the node trusts."""
         name = name or f"node{i}"
         key = self.node_key(name)
         if register and i not in self.node_ids:
             self.node_ids[i] = self.register(key)
-        config = f'partition-id={i} num-partitions={self.nodes} state-dir="{self.state_dir(i, name)}" {extra}'.strip()
+        config = f'state-dir="{self.state_dir(i, name)}" {extra}'.strip()
         self._spawn(name, [
             str(BIN / "flower-supernode"), "--root-certificates", str(root_certificates or self.certs.ca_cert),
             "--superlink", f"127.0.0.1:{self.port}", "--auth-supernode-private-key", str(key.private),
@@ -159,11 +162,17 @@ class Deployment:
         ])
 
     def state_dir(self, i: int, name: str | None = None) -> Path:
+        """Device ``i``'s state dir (``states[i]``); another process ``name`` gets a dir of its own under root."""
+        if name in (None, f"node{i}") and i < len(self.states):
+            return self.states[i]
         return self.root / (f"device{i}" if name in (None, f"node{i}") else f"device-{name}")
 
-    def device_state(self, i: int) -> dict[str, Any]:
-        path = self.state_dir(i) / "device.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+    def statuses(self, i: int) -> dict[str, str]:
+        """Device ``i``'s requests: request id -> status (pending, sent, acknowledged, refused, honoured)."""
+        from edge_qmul.devices.state import DeviceState
+
+        with DeviceState.open(self.state_dir(i)) as d:
+            return {r.request_id: r.status for r in d.requests()}
 
     @property
     def cli(self) -> FlwrCli:
