@@ -175,8 +175,9 @@ class RolloutSummary:
     rollout_id: str
     model_version: str
     status: str
-    waves: list[dict[str, Any]] = field(default_factory=list)
+    waves: list[dict[str, Any]] = field(default_factory=list)  # each with its wall "seconds" (send to verdict)
     evidence_level: str | None = None  # the bundle's: the level of the requests the model honours
+    status_seconds: float = 0.0  # the status query round (which device runs what)
 
 
 def _request(phase: str, **fields: Any) -> RecordDict:
@@ -210,7 +211,9 @@ def run_rollout(grid: Any, cfg: FederatedConfig, exchange: Any, wait_for_nodes: 
         log.info("resuming rollout %s at wave %d of %d", rollout_id, state.next_wave + 1, len(waves))
 
     nodes = wait_for_nodes(grid, cfg.num_clients, cfg.connect_timeout)
+    t = time.perf_counter()
     replies = exchange(grid, {n: _request("status") for n in nodes}, QUERY_ROLLOUT, cfg.reply_timeout)
+    summary.status_seconds = time.perf_counter() - t
     where: dict[str, int] = {}  # device id -> the node it answered on
     for node, reply in sorted(replies.items()):
         device = str(_result(reply.content).get("device-id", ""))
@@ -226,6 +229,7 @@ def run_rollout(grid: Any, cfg: FederatedConfig, exchange: Any, wait_for_nodes: 
     if not fleet:
         log.warning("rollout %s: no device answered the status query", rollout_id)
     for k in range(state.next_wave, len(plan)):
+        t = time.perf_counter()
         targets = [d for d in plan[k] if done.get(d, {}).get("status") != "installed"]
         content = _request("install", **{"rollout-id": rollout_id, "bundle": blob,
                                          "max-forget-auc": cfg.max_forget_auc})
@@ -258,7 +262,7 @@ def run_rollout(grid: Any, cfg: FederatedConfig, exchange: Any, wait_for_nodes: 
                                 "; ".join(reasons))
         rate = len(passed) / len(targets) if targets else 1.0
         wave = {"wave": k + 1, "percent": state.waves[k], "devices": targets, "passed": passed, "pass_rate": rate,
-                "forget_checks": forget_checks}
+                "forget_checks": forget_checks, "seconds": time.perf_counter() - t}
         summary.waves.append(wave)
         if rate >= cfg.wave_pass_rate:
             with RolloutStore(Run(cfg.run_path).path("rollout_db")) as store:
