@@ -34,9 +34,10 @@ import os
 import resource
 import shutil
 import sys
+import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -253,27 +254,103 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def rss_mb(pid: int) -> float:
+    """Resident set size of process ``pid`` in MiB (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def current_rss_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return rss_mb(os.getpid())
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (from /proc's parent links)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+class RssSampler:
+    """Peak of the summed RSS of the processes ``pids()`` names, sampled every ``interval`` seconds in a thread
+    while the ``with`` block runs (the server's peak memory over a round)."""
+
+    def __init__(self, pids: Any, interval: float = 0.25) -> None:
+        self.pids, self.interval, self.peak_mb = pids, interval, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.peak_mb = max(self.peak_mb, sum(rss_mb(p) for p in self.pids()))
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 @dataclass
 class SimResult:
     wall_seconds: float
     rss_before_mb: float
-    peak_rss_mb: float
+    peak_rss_mb: float  # sampled while the simulation ran (the server thread's process)
+    warmup_seconds: float = 0.0  # engine start-up: Ray, its actors, the ClientApp import (before the app's rounds)
 
 
-def simulate(copy: FleetCopy, run_config: dict[str, Any], *, actors: int = 2,
-             object_store_mb: int = 256) -> SimResult:
+def warmed_server_app(warm_nodes: int, record: dict[str, float]) -> Any:
+    """The production ServerApp behind a warm-up: the simulation engine starts Ray and its actors while the
+    ServerApp already sends, so the app's first message round would carry ~20 s of start-up. The warm-up asks
+    ``warm_nodes`` devices the read-only rollout ``status`` query (the production handler; nothing on the
+    device changes) and records its duration in ``record["warmup"]``; then the production app runs unchanged."""
+    from edge_qmul.federated import rollout, server_app
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.serverapp import ServerApp
+
+    wrapper = ServerApp()
+
+    @wrapper.main()
+    def main(grid: Any, context: Any) -> None:
+        t = time.perf_counter()
+        while len(grid.get_node_ids()) < warm_nodes and time.perf_counter() - t < 600:
+            time.sleep(0.2)  # the engine registers its virtual nodes after the ServerApp thread starts
+        nodes = sorted(grid.get_node_ids())[:warm_nodes]
+        status = RecordDict({"rollout": ConfigRecord({"phase": "status"})})
+        grid.send_and_receive([Message(status, n, rollout.QUERY_ROLLOUT) for n in nodes], timeout=600)
+        record["warmup"] = time.perf_counter() - t
+        server_app.app(grid, context)
+
+    return wrapper
+
+
+def simulate(copy: FleetCopy, run_config: dict[str, Any], *, actors: int = 2, object_store_mb: int = 256,
+             warm_up: bool = True) -> SimResult:
     """Run the production ServerApp and ClientApp under Flower's simulation engine with ``copy.size`` virtual
     SuperNodes, ``run_config`` over the pyproject's defaults (as ``flwr run -c`` does; ``run-dir``,
     ``state-root`` and ``num-clients`` are set here). ``actors`` Ray actors run the ClientApps (one CPU each).
 
     The engine is Flower's own (``flwr.simulation.run_simulation._run_simulation``, the function behind both
     ``run_simulation`` and ``flwr run`` on a simulation SuperLink); it is called directly because the public
-    wrapper takes no run config. A ServerApp failure is raised here.
+    wrapper takes no run config. A ServerApp failure is raised here. ``warm_up``: see ``warmed_server_app``.
     """
     from edge_qmul.federated import client_app, server_app
     from flwr.app import Context, RecordDict
@@ -305,11 +382,14 @@ def simulate(copy: FleetCopy, run_config: dict[str, Any], *, actors: int = 2,
                       "logging_level": "error", "log_to_driver": True, "include_dashboard": False},
     }
     before = current_rss_mb()
+    record: dict[str, float] = {}
+    app = warmed_server_app(min(copy.size, 2 * actors), record) if warm_up else server_app.app
     t = time.perf_counter()
-    _run_simulation(num_supernodes=copy.size, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-                    client_app=client_app.app, server_app=server_app.app, backend_config=backend_config,
-                    server_app_context=context, app_dir=str(_repo()), run=run, is_app=True)
-    return SimResult(time.perf_counter() - t, before, peak_rss_mb())
+    with RssSampler(lambda: [os.getpid()]) as rss:
+        _run_simulation(num_supernodes=copy.size, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                        client_app=client_app.app, server_app=app, backend_config=backend_config,
+                        server_app_context=context, app_dir=str(_repo()), run=run, is_app=True)
+    return SimResult(time.perf_counter() - t, before, rss.peak_mb, record.get("warmup", 0.0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -364,3 +444,95 @@ def add_tests_to_path() -> None:
     tests = str(_repo() / "tests")
     if tests not in sys.path:
         sys.path.insert(0, tests)
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole protocol on one fleet: intake, central unlearning with receipts, a bundle, a 3-wave rollout
+# --------------------------------------------------------------------------------------------------
+
+WAVES = "5,25,100"
+# The bundle's validation budgets: this harness measures the protocol, not the model; the fleet-scale model
+# forgets half its training set in one go and is shipped whatever its metrics.
+LOOSE_BUDGETS = "[budgets]\nmia_gap_to_retrain = 100\nfa_minus_ta = 100\nloss_auc = 1\n"
+
+Runner = Any  # (run config dict) -> SimResult: one run of the apps on the fleet (simulation or loopback)
+
+
+def simulation_runner(copy: FleetCopy, actors: int = 2) -> Runner:
+    return lambda run_config: simulate(copy, run_config, actors=actors)
+
+
+def make_bundle(copy: FleetCopy, method: str = "qmul") -> Path:
+    """Validate (loose budgets) and sign the run's current ``method`` result with the fleet's key."""
+    from edge_qmul.cli import main as cli
+
+    budgets = copy.root / "loose-budgets.toml"
+    budgets.write_text(LOOSE_BUDGETS)
+    out = copy.root / f"{method}.bundle.tar"
+    for argv in (["validate", "--run", str(copy.run), "--device", "x86-server", "--budgets", str(budgets),
+                  "--method", method],
+                 ["bundle", "--run", str(copy.run), "--device", "x86-server", "--key", str(copy.fleet.signing_key),
+                  "--out", str(out)]):
+        if cli(argv) != 0:
+            raise RuntimeError(f"edge-qmul {' '.join(argv)} failed")
+    return out
+
+
+def _newest(folder: Path, pattern: str) -> dict[str, Any]:
+    files = sorted(folder.glob(pattern), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise RuntimeError(f"no {pattern} in {folder}: the ServerApp wrote no summary")
+    return dict(json.loads(files[-1].read_text()))
+
+
+def run_protocol(copy: FleetCopy, runner: Runner, per_device: int, *, reply_timeout: float = 3600.0,
+                 max_forget_auc: float = 1.0, log: Any = print) -> dict[str, Any]:
+    """File ``per_device`` requests on every device, then three runs of the apps: ``intake`` (collect, verify,
+    record, acknowledge), ``central`` (nothing new to collect; Q-MUL on the server, receipts to the devices),
+    and ``rollout`` of the signed result in waves ``WAVES``. Returns each run's figures and the audits."""
+    from edge_qmul.export.bundle import read_manifest
+
+    out: dict[str, Any] = {"devices": copy.size, "requests_per_device": per_device}
+    t = time.perf_counter()
+    out["filed"] = file_requests(copy, per_device)
+    out["file_seconds"] = time.perf_counter() - t
+    log(f"{copy.size} devices: filed {out['filed']} requests in {out['file_seconds']:.1f}s")
+    common = {"reply-timeout": reply_timeout, "connect-timeout": 600.0}
+
+    sim = runner({"mode": "intake", **common})
+    summary = _newest(copy.run / "federated", "round-*.json")
+    busy = summary["seconds"]["collect"] + summary["seconds"]["ack"]
+    out["intake"] = {"wall_seconds": sim.wall_seconds, "peak_rss_mb": sim.peak_rss_mb, "summary": summary,
+                     "warmup_seconds": sim.warmup_seconds,
+                     "intake_seconds": busy, "requests_per_second": summary["accepted"] / busy if busy else 0.0}
+    out["audit_after_intake"] = asdict(audit(copy))
+    log(f"intake: {summary['accepted']} accepted in {busy:.1f}s ({out['intake']['requests_per_second']:.1f}/s), "
+        f"wall {sim.wall_seconds:.1f}s, peak RSS {sim.peak_rss_mb:.0f} MiB; {out['audit_after_intake']}")
+
+    sim = runner({"mode": "central", **common})
+    summary = _newest(copy.run / "federated", "round-*.json")
+    out["central"] = {"wall_seconds": sim.wall_seconds, "peak_rss_mb": sim.peak_rss_mb, "summary": summary}
+    log(f"central: model {summary['model_version']} honours {summary['honoured']}; receipts {summary['receipts']}; "
+        f"{summary['seconds']}")
+
+    bundle = make_bundle(copy)
+    version = read_manifest(bundle)["model_version"]
+    out["bundle"] = {"model_version": version, "bytes": bundle.stat().st_size}
+    # max-forget-auc 1: every device still runs its forget check and reports it (counted below by level), but
+    # with a handful of samples per device the AUC is mostly noise, and a protocol load test must not stop on it
+    sim = runner({"mode": "rollout", "bundle": str(bundle), "waves": WAVES, "max-forget-auc": max_forget_auc,
+                  **common})
+    summary = _newest(copy.run / "rollouts", "*.json")
+    out["rollout"] = {"wall_seconds": sim.wall_seconds, "peak_rss_mb": sim.peak_rss_mb, "status": summary["status"],
+                      "status_seconds": summary.get("status_seconds"),
+                      "waves": [{"wave": w["wave"], "percent": w["percent"], "devices": len(w["devices"]),
+                                 "passed": len(w["passed"]), "seconds": w.get("seconds")} for w in summary["waves"]],
+                      "forget_check_levels": dict(Counter(c["level"] for w in summary["waves"]
+                                                          for c in w["forget_checks"].values())),
+                      "warmup_seconds": sim.warmup_seconds}
+    final = audit(copy)
+    out["audit"] = asdict(final)
+    out["on_new_model"] = final.models.get(version, 0)
+    log(f"rollout {summary['status']}: {out['rollout']['waves']}; {out['on_new_model']}/{copy.size} devices on "
+        f"{version}; final audit {out['audit']}")
+    return out
