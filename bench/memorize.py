@@ -376,16 +376,33 @@ def scenario(
 ) -> dict[str, Any]:
     """Tune on the tuning sets, then per reported set: its references, every chosen method, a partial save."""
     tune_masks, report_masks = forget_masks(b, kind, args)
-    log(f"[{kind}] retrain references for {len(tune_masks)} tuning + {len(report_masks)} reported sets")
-    tuning = [references(b, name, m, list(range(args.tune_refs)), "val") for name, m in tune_masks]
-    candidates = [c for c in CANDIDATES if not args.methods or c[0] in args.methods]
-    untouched = float(np.mean([avg_gap(metrics_torch(deployed.int8, eval_sets(b, fs.mask, "val")),
-                                       mean_metrics(fs.refs)) for fs in tuning]))
-    log(f"  untouched model on the tuning sets: gap {untouched:.2f}")
-    chosen = tune(b, deployed, tuning, candidates, log, untouched_gap=untouched)
+    prior = (getattr(args, "prior", None) or {}).get(kind)
     rows: dict[str, dict[str, list[dict[str, Any]]]] = {}
     reported: list[ForgetSet] = []
+    if prior:  # --resume: the earlier run's tuning, and every reported set it finished, are taken as they are
+        chosen, tuning_names, tuning_refs = prior["chosen"], prior["tuning_sets"], prior["tuning_retrain"]
+        tuning = [ForgetSet(n, m, r) for (n, m), r in zip(tune_masks, tuning_refs, strict=True)]
+        labels = [*chosen, *(["auto (escalating)"] if args.auto else [])]
+        for name, mask in report_masks:
+            done = all(len(prior["rows"].get(k, {}).get(name, [])) == n
+                       for k, n in [("retrain", args.refs), ("none", 1), *[(k, args.seeds) for k in labels]])
+            if done:
+                for k in ("retrain", "none", *labels):
+                    rows.setdefault(k, {})[name] = prior["rows"][k][name]
+                reported.append(ForgetSet(name, mask, prior["rows"]["retrain"][name]))
+        log(f"[{kind}] resumed: tuning of {len(chosen)} candidates on {tuning_names}, "
+            f"{len(reported)} reported sets done")
+    else:
+        log(f"[{kind}] retrain references for {len(tune_masks)} tuning + {len(report_masks)} reported sets")
+        tuning = [references(b, name, m, list(range(args.tune_refs)), "val") for name, m in tune_masks]
+        candidates = [c for c in CANDIDATES if not args.methods or c[0] in args.methods]
+        untouched = float(np.mean([avg_gap(metrics_torch(deployed.int8, eval_sets(b, fs.mask, "val")),
+                                           mean_metrics(fs.refs)) for fs in tuning]))
+        log(f"  untouched model on the tuning sets: gap {untouched:.2f}")
+        chosen = tune(b, deployed, tuning, candidates, log, untouched_gap=untouched)
     for name, mask in report_masks:
+        if any(fs.name == name for fs in reported):
+            continue
         fs = references(b, name, mask, list(range(args.refs)), "test")
         reported.append(fs)
         log(f"  {fs.name}: {len(fs.refs)} references, retrain {np.mean([r['seconds'] for r in fs.refs]):.0f} s")
@@ -481,6 +498,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"{prov['date']}; torch {prov['versions']['torch']}, onnxruntime {prov['versions']['onnxruntime']}, "
         f"{prov['threads']} torch threads on {prov['cores']} cores. Command: `python bench/memorize.py "
         f"{' '.join(prov['argv'])}`. Protocol: the module docstring of bench/memorize.py.",
+        *([f"Resumed (`--resume`) from a run at commit {prov['resumed_from']['commit'][:12]}, "
+           f"{prov['resumed_from']['date']}: its tuning and finished reported sets are kept as measured."]
+          if prov.get("resumed_from") else []),
         "",
         f"Deployed model: {orig['model']} ({orig['params']:,} weights; head {orig['head_params']:,} = "
         f"{orig['head_share']:.2f}%), float training accuracy {orig['train_acc']:.2f}%, int8 test accuracy "
@@ -643,6 +663,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="only train and cache the retrain references (run it beside the main run)")
     parser.add_argument("--study", action="store_true",
                         help="Q-MUL's recipe study instead (extra budget, tuning sets only; see recipe_study)")
+    parser.add_argument("--resume", type=Path, default=None, metavar="JSON",
+                        help="continue a run that stopped: take its tuning and finished reported sets from its "
+                        "results JSON (same setting and deployed model), run the rest")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: retrain and the methods are timed alike, and a busy 2-core machine "
                         "is not oversubscribed)")
@@ -684,6 +707,15 @@ def main(argv: list[str] | None = None) -> int:
         return prefetch(b, args, log)
     if args.supplement:
         return supplement(b, deployed, args, stem, log)
+    if args.resume:
+        prior = json.loads(args.resume.read_text())
+        same = {k: prior["original"][k] for k in ("model", "params", "train_acc", "int8_test_acc")}
+        if same != {k: original[k] for k in same}:
+            raise SystemExit(f"{args.resume} was measured on another deployed model ({same}); it cannot be resumed "
+                             "here: run without --resume")
+        result["provenance"]["resumed_from"] = prior["provenance"]
+        args.prior = {("random" if label == "random 10%" else "class"): part
+                      for label, part in prior["scenarios"].items() if "chosen" in part}
     for kind in args.scenarios.split(","):
         label = "random 10%" if kind == "random" else "one class"
 

@@ -117,3 +117,24 @@ def test_quick_run_writes_results_with_provenance(tmp_path: Path, memorize) -> N
     assert np.isfinite(sc["summary"]["qmul all"]["avg_gap"])
     assert len(sc["rows"]["retrain"]["random-r0"]) == 2  # --quick: 2 references
     assert "Noise floor" in (tmp_path / "memorize-random-quick.md").read_text()
+    # --resume: a run that stopped after its first reported set continues from its results file; the tuning and
+    # the finished set are kept as measured, the rest is run.
+    partial = json.loads(json.dumps(result))
+    part = partial["scenarios"]["random 10%"]
+    for by_set in part["rows"].values():
+        by_set.pop("random-r1", None)
+    part["sets"], part["complete"] = ["random-r0"], False
+    stopped = tmp_path / "stopped.json"
+    stopped.write_text(json.dumps(partial))
+    code = memorize.main(["--quick", "--scenarios", "random", "--methods", "qmul classifier", "qmul all",
+                          "--out", str(tmp_path / "resumed"), "--cache", str(tmp_path / "cache"), "--threads", "2",
+                          "--resume", str(stopped)])
+    assert code == 0
+    again = json.loads((tmp_path / "resumed" / "memorize-random-quick.json").read_text())
+    sc2 = again["scenarios"]["random 10%"]
+    assert again["provenance"]["resumed_from"]["commit"] == result["provenance"]["commit"]
+    assert sc2["complete"] and sc2["sets"] == ["random-r0", "random-r1"]
+    assert sc2["chosen"] == sc["chosen"]  # not tuned again
+    assert sc2["rows"]["qmul all"]["random-r0"] == sc["rows"]["qmul all"]["random-r0"]  # kept as measured
+    assert len(sc2["rows"]["qmul all"]["random-r1"]) == 1 and len(sc2["rows"]["retrain"]["random-r1"]) == 2
+    assert "Resumed" in (tmp_path / "resumed" / "memorize-random-quick.md").read_text()
