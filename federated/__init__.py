@@ -41,5 +41,7 @@ recipe has every step)::
         --node-config 'state-dir="/var/lib/edge-qmul/device0"'  # made by `edge-qmul device init`
     flwr run . <connection> -c 'run-dir="/abs/path/to/run"'
 
-``mode`` is one of ``config.MODES``: intake, central, federated (Q-MUL rounds on the devices), rollout.
+``mode`` is one of ``config.MODES``: intake, central, federated (Q-MUL rounds on the devices: the
+``strategy.FedQMul`` Flower strategy; ``fedqmul`` has the device side, which needs ``edge-qmul[federated]``),
+rollout.
 """

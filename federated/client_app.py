@@ -24,7 +24,7 @@ import logging
 
 from edge_qmul.devices.state import DeviceState
 from edge_qmul.federated import messages
-from edge_qmul.federated.config import DeviceConfig, FederatedConfig
+from edge_qmul.federated.config import DeviceConfig
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -104,19 +104,14 @@ def receipt(message: Message, context: Context) -> Message:
 
 
 def _round(message: Message, context: Context, train: bool) -> RecordDict:
+    """One federated Q-MUL round on the device's own state (``fedqmul.device_round``): the head's QAT state and
+    the round's settings come in the message; features, forget and retain sets come from the state dir."""
     from edge_qmul.federated import fedqmul  # torch: only the unlearning handlers need it
 
-    device_cfg = DeviceConfig.from_node_config(context.node_config)
-    run_cfg = FederatedConfig.from_run_config(context.run_config)
-    state, spec = messages.content_to_round(message.content)
-    cfg = fedqmul.config_from_json(spec["unlearn-config"])
-    q, head = fedqmul.load_for_device(run_cfg.run_path)
-    head.load_state_dict(state, strict=True)
-    local = fedqmul.local_data(q, run_cfg.run_path, device_cfg, spec["forget-ids"])
-    if not train:
-        return messages.stats_to_content(fedqmul.local_stats(head, local, cfg, spec["seed"]))
-    metrics = fedqmul.local_update(q, head, local, cfg, spec["w-f"], spec["w-r"], spec["lr"], spec["seed"])
-    return messages.update_to_content(fedqmul.state_of(head), metrics)
+    head_state, spec = fedqmul.read_round(message.content)
+    with device_state(context) as state:
+        metrics, new_state = fedqmul.device_round(state, head_state, spec, train)
+        return fedqmul.reply_content(state.device_id, metrics, new_state)
 
 
 @app.query("rollout")

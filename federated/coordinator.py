@@ -44,7 +44,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from edge_qmul.atomic import write_json
-from edge_qmul.config import QMul, build, method_config
+from edge_qmul.config import method_config
 from edge_qmul.ledger import Ledger
 from edge_qmul.run import Run
 
@@ -211,78 +211,23 @@ def unlearn_pending(cfg: FederatedConfig) -> tuple[str | None, int]:
     return _honour(cfg, meta)
 
 
-def unlearn_federated(grid: Grid, cfg: FederatedConfig, participants: dict[int, Any]) -> tuple[str | None, int]:
-    """Federated mode: Q-MUL rounds with the devices (``fedqmul``) over the whole ledger.
+def unlearn_federated(grid: Grid, cfg: FederatedConfig, participants: dict[int, str]) -> tuple[str | None, int]:
+    """Federated mode: Q-MUL rounds with the devices over the whole ledger (``strategy.FedQMul``, a Flower
+    Strategy run by its own ``start``; ``fedqmul`` has the maths and the device side).
 
-    ``participants`` maps node id -> partition id of the devices that authenticated this round. Each
-    device is sent only the ids of its own samples to forget. If a device holding forget samples is
-    absent or stops answering, no model is made and the requests stay pending for a later round.
+    ``participants`` maps node id -> the device id it answered this round's forget query with. Each device
+    is sent the ids of its own requests to honour and resolves them to its own samples; the forget samples
+    never leave the devices. If a device holding forget samples is absent or stops answering, or a request
+    in the ledger was filed by no device, no model is made and the requests stay pending for a later round.
     """
-    from edge_qmul.federated import fedqmul, partition
-
-    from edge_qmul import data, pipeline, quant
-    from edge_qmul.methods import UnlearnResult
+    from edge_qmul.federated.strategy import run_fedqmul
 
     if not _pending(cfg):
         return None, 0
-    t0 = time.perf_counter()
-    with Ledger(cfg.ledger_path) as ledger:
-        request_ids = [r.request_id for r in ledger.requests()]
-        forget_ids = ledger.forget_ids()
-    split = data.Split.load(Run(cfg.run_path).require("split"))
-    owner = partition.assignment(split.train, cfg.num_clients)
-    by_partition: dict[int, list[int]] = {}
-    for i in forget_ids:
-        by_partition.setdefault(owner[i], []).append(i)
-    holders = set(by_partition)
-
-    def complete(nodes: Iterable[int], step: str) -> bool:
-        missing = holders - {participants[n] for n in nodes}
-        if missing:
-            log.warning("federated unlearning stopped at %s: device(s) %s hold forget samples and did not take "
-                        "part; the requests stay pending", step, sorted(missing))
-        return not missing
-
-    if not complete(participants, "the start"):
+    record = run_fedqmul(grid, cfg, participants)
+    if record is None:
         return None, 0
-    q = pipeline.load_quantized(cfg.run_path)
-    head = fedqmul.head_of(q)
-    ucfg = build(QMul, {**cfg.unlearn_overrides, "layers": "classifier"}, "[tool.flwr.app.config] unlearn-*")
-    cfg_json = fedqmul.config_json(ucfg)
-    nodes = dict(participants)
-    rounds: list[dict[str, Any]] = []
-    for epoch in range(ucfg.epochs):
-        lr = fedqmul.cosine(ucfg.lr, epoch, ucfg.epochs)
-        state = fedqmul.state_of(head)
-
-        def content(node: int, w_f: float = 0.0, w_r: float = 0.0, lr: float = 0.0, *, epoch: int = epoch,
-                    state: dict[str, Any] = state, nodes: dict[int, int] = nodes) -> RecordDict:
-            pid = nodes[node]
-            ids = by_partition.get(pid, [])
-            return messages.round_to_content(state, ids, cfg_json, epoch, ucfg.seed + 1000 * epoch + pid, w_f, w_r, lr)
-
-        replies = _exchange(grid, {n: content(n) for n in nodes}, messages.EVALUATE, cfg.reply_timeout)
-        stats = {n: messages.content_to_stats(r.content, fedqmul.STAT_KEYS) for n, r in replies.items()}
-        if not complete(stats, f"round {epoch} (evaluate)"):
-            return None, 0
-        w_f, w_r, gf, gr = fedqmul.adaptive_weights(list(stats.values()))
-        nodes = {n: nodes[n] for n in stats}  # retain-only devices that dropped out are left out
-        replies = _exchange(grid, {n: content(n, w_f, w_r, lr) for n in nodes}, messages.TRAIN, cfg.reply_timeout)
-        updates = {n: messages.content_to_update(r.content) for n, r in replies.items()}
-        if not complete(updates, f"round {epoch} (train)"):
-            return None, 0
-        server_lr = cfg.server_lr
-        fedqmul.average_states(head, list(updates.values()), server_lr)
-        nodes = {n: nodes[n] for n in updates}
-        rounds.append({"epoch": epoch, "lr": lr, "server_lr": server_lr, "w_f": w_f, "w_r": w_r, "g_f": gf, "g_r": gr,
-                       "devices": len(updates), **fedqmul.summary_of(stats)})
-        log.info("federated Q-MUL round %d: %d devices, w_f %.3f, w_r %.3f, forget acc %s", epoch, len(updates),
-                 w_f, w_r, rounds[-1]["forget_acc"])
-    int8 = quant.convert(q.qat)
-    seconds = time.perf_counter() - t0
-    result = UnlearnResult("fedqmul", q.qat, int8, {"seconds": seconds, "config": ucfg.to_dict(), "rounds": rounds})
-    meta = pipeline.save_result(cfg.run_path, "fedqmul", q, result, request_ids, forget_ids)
-    return _honour(cfg, meta)
+    return _honour(cfg, record)
 
 
 def refusal_code(reason: str) -> str:

@@ -9,10 +9,11 @@ node needs in a step goes into one message):
 ``query.ack``      server -> device: one answer per entry (``receive.Answer``: acknowledged, or refused with
                    a reason), sent after the ledger commit
 ``query.receipt``  server -> device: per honoured request, the model version that first honours it
-``evaluate``       server -> device (federated mode): the head's QAT state + the device's forget ids;
-                   reply: gradient-norm statistics and accuracies at those weights (``fedqmul``)
+``evaluate``       server -> device (federated mode): the head's QAT state + the device's request ids to honour;
+                   reply: gradient-norm statistics and accuracies at those weights
 ``train``          server -> device (federated mode): the same + the round's (w_f, w_r, lr);
                    reply: the device's updated head state and sample count
+                   (both are Flower's own message types; their records are ``fedqmul``'s, sent by ``strategy``)
 
 Signed payloads (canonical JSON) and signatures (hex) travel as string lists in a ConfigRecord, exactly as
 the device stored them; the server verifies each one (``receive``), so nothing in a record is trusted
@@ -24,24 +25,19 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from edge_qmul.errors import ForgetRequestError
 
 QUERY_FORGET = "query.forget"
 QUERY_ACK = "query.ack"
 QUERY_RECEIPT = "query.receipt"
-EVALUATE = "evaluate"
-TRAIN = "train"
 
 _BATCH = "forget-batch"
 _ACK = "forget-ack"
 _RECEIPT = "forget-receipt"
 _QUERY = "forget-query"
 _SUMMARY = "summary"
-_HEAD = "head"
-_ROUND = "fedqmul-round"
-_STATS = "fedqmul-stats"
 
 
 ANSWER_STATUSES = ("acknowledged", "refused")
@@ -163,54 +159,3 @@ def read_summary(content: RecordDict) -> dict[str, int]:
     if not isinstance(record, MetricRecord):
         raise _bad(f"no {_SUMMARY!r} metric record")
     return {k: int(v) for k, v in record.items() if isinstance(v, int | float)}
-
-
-def round_to_content(state: dict[str, Any], forget_ids: list[int], unlearn_config: str, epoch: int, seed: int,
-                     w_f: float = 0.0, w_r: float = 0.0, lr: float = 0.0) -> RecordDict:
-    """A federated Q-MUL round message: the head's QAT state (torch tensors) and the round's settings."""
-    record: dict[str, Any] = {"unlearn-config": unlearn_config, "epoch": epoch, "seed": seed, "w-f": float(w_f),
-                              "w-r": float(w_r), "lr": float(lr)}
-    if forget_ids:
-        record["forget-ids"] = [int(i) for i in forget_ids]
-    return RecordDict({_HEAD: ArrayRecord(torch_state_dict=state), _ROUND: ConfigRecord(record)})
-
-
-def content_to_round(content: RecordDict) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(head state as torch tensors, settings) of a round message."""
-    head = content.get(_HEAD)
-    if not isinstance(head, ArrayRecord):
-        raise _bad(f"no {_HEAD!r} array record")
-    record = _config(content, _ROUND)
-    spec = {
-        "unlearn-config": _get(record, "unlearn-config", str),
-        "epoch": _get(record, "epoch", int),
-        "seed": _get(record, "seed", int),
-        "w-f": _get(record, "w-f", float),
-        "w-r": _get(record, "w-r", float),
-        "lr": _get(record, "lr", float),
-        "forget-ids": _get_list(record, "forget-ids", int),
-    }
-    return head.to_torch_state_dict(), spec
-
-
-def stats_to_content(stats: dict[str, float]) -> RecordDict:
-    return RecordDict({_STATS: MetricRecord({k: float(v) for k, v in stats.items()})})
-
-
-def content_to_stats(content: RecordDict, keys: tuple[str, ...]) -> dict[str, float]:
-    record = content.get(_STATS)
-    if not isinstance(record, MetricRecord) or any(k not in record for k in keys):
-        raise _bad(f"no complete {_STATS!r} metric record")
-    return {k: float(record[k]) for k in keys}  # type: ignore[arg-type]
-
-
-def update_to_content(state: dict[str, Any], metrics: dict[str, float]) -> RecordDict:
-    return RecordDict({_HEAD: ArrayRecord(torch_state_dict=state), _STATS: MetricRecord(dict(metrics))})
-
-
-def content_to_update(content: RecordDict) -> tuple[dict[str, Any], float]:
-    """(updated head state, number of samples it was trained on)."""
-    head = content.get(_HEAD)
-    if not isinstance(head, ArrayRecord):
-        raise _bad(f"no {_HEAD!r} array record")
-    return head.to_torch_state_dict(), content_to_stats(content, ("num-examples",))["num-examples"]
