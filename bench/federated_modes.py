@@ -117,8 +117,9 @@ def provenance_info() -> dict[str, Any]:
             return ""
 
     return {
-        "commit": run("git", "rev-parse", "HEAD"), "dirty": bool(run("git", "status", "--porcelain", "--", "federated",
-                                                                     "edge_qmul", "export", "devices", "bench")),
+        "commit": run("git", "rev-parse", "HEAD"),
+        "dirty": bool(run("git", "status", "--porcelain", "--", "federated", "edge_qmul", "export", "devices",
+                          "bench/federated_modes.py", "tests/fleet")),
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "seed": SEED, "python": platform.python_version(),
         "versions": {p: metadata.version(p) for p in ("edge-qmul", "torch", "flwr", "onnxruntime", "numpy")},
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
@@ -141,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("flwr", "edge_qmul.federated.receive"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     seconds: dict[str, float] = {}
+    prov = provenance_info()  # of the code as it starts
 
     if args.work.exists():
         shutil.rmtree(args.work)
@@ -207,7 +209,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Avg Gap to retrain: central qmul {rows_['qmul']['avg_gap']:.2f}, "
           f"federated {rows_['fedqmul']['avg_gap']:.2f}")
 
-    prov = provenance_info()
     caches = {s.name: sum(p.stat().st_size for p in (s / "fedqmul").glob("*.npz")) for s in states}
     result: dict[str, Any] = {
         "provenance": prov,
