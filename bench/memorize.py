@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +129,8 @@ class Bench:
     train_cfg: TrainConfig
     cache: Path
     quiet: bool = True
+    refs_file: Path | None = None  # the retrain references measured so far (``references``), kept with the results
+    provenance: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -238,15 +240,49 @@ class ForgetSet:
 
 
 def references(b: Bench, name: str, mask: torch.Tensor, seeds: list[int], split: str) -> ForgetSet:
+    """The retrain references of one forget set: each one's metrics (on the ONNX model for ``split="test"``),
+    its training + quantization time and training accuracy. Each is recorded in ``b.refs_file`` (kept with the
+    results) as soon as it is measured, so a run that stops, or the next session, never retrains it again."""
     sets = eval_sets(b, mask, split)
     refs = []
     for seed in seeds:
-        model, log = train_cached(b, name, ~mask, seed)
-        dep, q_wall, q_cpu = deploy(b, model, ~mask)
-        m = metrics_onnx(dep.int8, sets) if split == "test" else metrics_torch(dep.int8, sets)
-        refs.append({"seed": seed, **m, "seconds": log["seconds"] + q_wall, "cpu_seconds": log["cpu_seconds"] + q_cpu,
-                     "train_acc": log["train_acc"]})
+        key = f"{name}/seed{seed}/{split}"
+        known = _read_refs(b).get(key)
+        if known is None:
+            model, log = train_cached(b, name, ~mask, seed)
+            dep, q_wall, q_cpu = deploy(b, model, ~mask)
+            m = metrics_onnx(dep.int8, sets) if split == "test" else metrics_torch(dep.int8, sets)
+            known = {"seed": seed, **m, "seconds": log["seconds"] + q_wall,
+                     "cpu_seconds": log["cpu_seconds"] + q_cpu, "train_acc": log["train_acc"]}
+            _record_ref(b, key, known)
+        refs.append(known)
     return ForgetSet(name, mask, refs)
+
+
+def _read_refs(b: Bench) -> dict[str, Any]:
+    if b.refs_file is None or not b.refs_file.exists():
+        return {}
+    return dict(json.loads(b.refs_file.read_text())["references"])
+
+
+def _record_ref(b: Bench, key: str, ref: dict[str, Any]) -> None:
+    """Add one reference to ``b.refs_file`` (read, merge, atomic replace, under an exclusive lock: the main run
+    and ``--prefetch`` both write it)."""
+    if b.refs_file is None:
+        return
+    import fcntl
+
+    b.refs_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(b.refs_file.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        doc: dict[str, Any] = json.loads(b.refs_file.read_text()) if b.refs_file.exists() else {
+            "about": "retrain references of bench/memorize.py, one per forget set x seed x split, as measured "
+                     "(metrics, training + quantization seconds and CPU seconds); reused by later runs",
+            "provenance": b.provenance, "references": {}}
+        doc["references"][key] = ref
+        tmp = b.refs_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(doc, indent=1, sort_keys=True))
+        os.replace(tmp, b.refs_file)
 
 
 def run_method(b: Bench, deployed: Deployed, fs: ForgetSet, cfg: MethodConfig, split: str) -> dict[str, Any]:
@@ -292,7 +328,8 @@ def config_of(method: str, fixed: dict[str, Any], point: dict[str, Any], seed: i
 
 
 def tune(b: Bench, deployed: Deployed, tuning: list[ForgetSet], candidates: list[Any], log: Any,
-         untouched_gap: float = float("inf")) -> dict[str, Any]:
+         untouched_gap: float = float("inf"), done: dict[str, Any] | None = None,
+         progress: Any = None) -> dict[str, Any]:
     """Each candidate's grid on the tuning sets; the chosen point is the smallest mean tuning Avg Gap among the
     points that (1) did not fail, (2) ended no farther from retrain than the untouched model (``untouched_gap``:
     a point that does is a collapse, not a way of forgetting) and (3) fit the budget. Each condition is dropped,
@@ -302,6 +339,9 @@ def tune(b: Bench, deployed: Deployed, tuning: list[ForgetSet], candidates: list
     retrain_s = float(np.mean([r["cpu_seconds"] for fs in tuning for r in fs.refs]))
     chosen: dict[str, Any] = {}
     for label, method, fixed, grid in candidates:
+        if done and label in done:  # --resume: this candidate's grid was run and chosen from before
+            chosen[label] = done[label]
+            continue
         trials = []
         for point in grid:
             rows = [run_method(b, deployed, fs, config_of(method, fixed, point, 0), "val") for fs in tuning]
@@ -320,6 +360,8 @@ def tune(b: Bench, deployed: Deployed, tuning: list[ForgetSet], candidates: list
         best = min(ok, key=lambda t: t["avg_gap"] if np.isfinite(t["avg_gap"]) else np.inf)
         chosen[label] = {"method": method, "fixed": fixed, "point": best["point"], "trials": trials,
                          "retrain_seconds": retrain_s}
+        if progress is not None:
+            progress(chosen)
     return chosen
 
 
@@ -363,11 +405,11 @@ def prefetch(b: Bench, args: argparse.Namespace, log: Any) -> int:
     this while the first one tunes; each reference is timed in its own process either way (CPU time)."""
     for kind in args.scenarios.split(","):
         tune_masks, report_masks = forget_masks(b, kind, args)
-        todo = [(n, m, s) for n, m in tune_masks for s in range(args.tune_refs)]
-        todo += [(n, m, s) for n, m in report_masks for s in range(args.refs)]
-        for name, mask, seed in todo:
-            _, tlog = train_cached(b, name, ~mask, seed)
-            log(f"  {name} seed {seed}: {tlog['cpu_seconds']:.0f} s CPU")
+        todo = [(n, m, s, "val") for n, m in tune_masks for s in range(args.tune_refs)]
+        todo += [(n, m, s, "test") for n, m in report_masks for s in range(args.refs)]
+        for name, mask, seed, split in todo:
+            ref = references(b, name, mask, [seed], split).refs[0]
+            log(f"  {name} seed {seed}: {ref['cpu_seconds']:.0f} s CPU")
     return 0
 
 
@@ -376,30 +418,32 @@ def scenario(
 ) -> dict[str, Any]:
     """Tune on the tuning sets, then per reported set: its references, every chosen method, a partial save."""
     tune_masks, report_masks = forget_masks(b, kind, args)
-    prior = (getattr(args, "prior", None) or {}).get(kind)
+    prior = (getattr(args, "prior", None) or {}).get(kind) or {}  # --resume: what an earlier run finished
+    candidates = [c for c in CANDIDATES if not args.methods or c[0] in args.methods]
+    labels = [c[0] for c in candidates] + (["auto (escalating)"] if args.auto else [])
     rows: dict[str, dict[str, list[dict[str, Any]]]] = {}
     reported: list[ForgetSet] = []
-    if prior:  # --resume: the earlier run's tuning, and every reported set it finished, are taken as they are
-        chosen, tuning_names, tuning_refs = prior["chosen"], prior["tuning_sets"], prior["tuning_retrain"]
-        tuning = [ForgetSet(n, m, r) for (n, m), r in zip(tune_masks, tuning_refs, strict=True)]
-        labels = [*chosen, *(["auto (escalating)"] if args.auto else [])]
-        for name, mask in report_masks:
-            done = all(len(prior["rows"].get(k, {}).get(name, [])) == n
-                       for k, n in [("retrain", args.refs), ("none", 1), *[(k, args.seeds) for k in labels]])
-            if done:
-                for k in ("retrain", "none", *labels):
-                    rows.setdefault(k, {})[name] = prior["rows"][k][name]
-                reported.append(ForgetSet(name, mask, prior["rows"]["retrain"][name]))
-        log(f"[{kind}] resumed: tuning of {len(chosen)} candidates on {tuning_names}, "
-            f"{len(reported)} reported sets done")
-    else:
-        log(f"[{kind}] retrain references for {len(tune_masks)} tuning + {len(report_masks)} reported sets")
-        tuning = [references(b, name, m, list(range(args.tune_refs)), "val") for name, m in tune_masks]
-        candidates = [c for c in CANDIDATES if not args.methods or c[0] in args.methods]
-        untouched = float(np.mean([avg_gap(metrics_torch(deployed.int8, eval_sets(b, fs.mask, "val")),
-                                           mean_metrics(fs.refs)) for fs in tuning]))
-        log(f"  untouched model on the tuning sets: gap {untouched:.2f}")
-        chosen = tune(b, deployed, tuning, candidates, log, untouched_gap=untouched)
+    for name, mask in report_masks:  # reported sets the earlier run finished for every method are kept as measured
+        if prior and all(len(prior["rows"].get(k, {}).get(name, [])) == n for k, n in
+                         [("retrain", args.refs), ("none", 1), *[(k, args.seeds) for k in labels]]):
+            for k in ("retrain", "none", *labels):
+                rows.setdefault(k, {})[name] = prior["rows"][k][name]
+            reported.append(ForgetSet(name, mask, prior["rows"]["retrain"][name]))
+    log(f"[{kind}] retrain references for {len(tune_masks)} tuning + {len(report_masks)} reported sets"
+        + (f" (resumed: {len(prior.get('chosen', {}))} candidates tuned, {len(reported)} sets done)" if prior else ""))
+    tuning = [references(b, name, m, list(range(args.tune_refs)), "val") for name, m in tune_masks]
+    untouched = float(np.mean([avg_gap(metrics_torch(deployed.int8, eval_sets(b, fs.mask, "val")),
+                                       mean_metrics(fs.refs)) for fs in tuning]))
+    log(f"  untouched model on the tuning sets: gap {untouched:.2f}")
+
+    def progress(chosen: dict[str, Any]) -> None:  # a partial save after every tuned candidate
+        if save is not None and not reported:
+            save({"chosen": chosen, "tuned": False, "rows": {}, "summary": {}, "sets": [],
+                  "tuning_sets": [fs.name for fs in tuning], "tuning_retrain": [fs.refs for fs in tuning],
+                  "candidates": len(candidates), "complete": False})
+
+    chosen = tune(b, deployed, tuning, candidates, log, untouched_gap=untouched, done=prior.get("chosen"),
+                  progress=progress)
     for name, mask in report_masks:
         if any(fs.name == name for fs in reported):
             continue
@@ -425,7 +469,8 @@ def scenario(
                 row = run_method(b, deployed, fs, Auto(seed=seed), "test")
                 rows.setdefault("auto (escalating)", {}).setdefault(fs.name, []).append(row)
             log(f"  {fs.name} auto: scopes {[r.get('scope') for r in rows['auto (escalating)'][fs.name]]}")
-        out = {"chosen": chosen, "rows": rows, "summary": summarise(rows), "sets": [fs.name for fs in reported],
+        out = {"chosen": chosen, "tuned": True, "rows": rows, "summary": summarise(rows),
+               "sets": [fs.name for fs in reported],
                "tuning_sets": [fs.name for fs in tuning], "tuning_retrain": [fs.refs for fs in tuning],
                "complete": len(reported) == len(report_masks)}
         if save is not None:
@@ -509,6 +554,11 @@ def markdown(result: dict[str, Any]) -> str:
         "",
     ]
     for kind, sc in result["scenarios"].items():
+        if not sc["sets"]:  # stopped while tuning: only the chosen configurations so far
+            lines += [f"## {kind} (partial: tuning, {len(sc['chosen'])} of {sc.get('candidates', '?')} candidates "
+                      "done; no reported set yet; `--resume` continues it)", ""]
+            lines += tuning_table(sc) + [""]
+            continue
         s = sc["summary"]
         floor = s["retrain"]["avg_gap"]
         lines += [
@@ -537,23 +587,7 @@ def markdown(result: dict[str, Any]) -> str:
             for other, d in sorted(s["_paired"].items(), key=lambda kv: kv[1]["diff"]):
                 verdict = ("Q-MUL better" if d["high"] < 0 else "Q-MUL worse" if d["low"] > 0 else "not separated")
                 lines.append(f"| {other} | {d['diff']:+.2f} | [{d['low']:+.2f}, {d['high']:+.2f}] | {verdict} |")
-        lines += ["", "Chosen configurations (tuning: validation split, tuning sets "
-                  f"{', '.join(sc['tuning_sets'])}; {GRID_SIZE} configurations each):", "",
-                  "| method | chosen | tuning Avg Gap | tuning CPU s | grid (Avg Gap / CPU s; * = over budget) |",
-                  "|---|---|---|---|---|"]
-        for label, c in sc["chosen"].items():
-            t = next(t for t in c["trials"] if t["point"] == c["point"])
-            budget = 0.1 * c["retrain_seconds"]
-
-            def cpu(t: dict[str, Any]) -> float:
-                return float(t.get("cpu_seconds", t["seconds"]))
-
-            grid = "; ".join(f"{t['point']}: {t['avg_gap']:.2f} / {cpu(t):.1f}{'*' if cpu(t) > budget else ''}"
-                             for t in c["trials"])
-            lines.append(f"| {label} | {c['fixed'] | c['point']} | {t['avg_gap']:.2f} | {cpu(t):.1f} | {grid} |")
-        if sc["chosen"]:
-            budget = 0.1 * next(iter(sc["chosen"].values()))["retrain_seconds"]
-            lines += ["", f"Budget: 1/10 of retrain's CPU time on the tuning sets = {budget:.1f} s."]
+        lines += [""] + tuning_table(sc)
         for extra in sc.get("supplements", []):
             lines.append(f"Supplementary row (not chosen by the rule, same sets, seeds and references): `{extra}`.")
         auto = sc["rows"].get("auto (escalating)")
@@ -563,6 +597,28 @@ def markdown(result: dict[str, Any]) -> str:
                       + ", ".join(f"{k}: {scopes.count(k)}" for k in sorted(set(map(str, scopes))))]
         lines.append("")
     return "\n".join(lines)
+
+
+def tuning_table(sc: dict[str, Any]) -> list[str]:
+    """The chosen configuration of every tuned candidate, with its whole grid, and the budget."""
+    lines = ["Chosen configurations (tuning: validation split, tuning sets "
+             f"{', '.join(sc['tuning_sets'])}; {GRID_SIZE} configurations each):", "",
+             "| method | chosen | tuning Avg Gap | tuning CPU s | grid (Avg Gap / CPU s; * = over budget) |",
+             "|---|---|---|---|---|"]
+
+    def cpu(t: dict[str, Any]) -> float:
+        return float(t.get("cpu_seconds", t["seconds"]))
+
+    for label, c in sc["chosen"].items():
+        t = next(t for t in c["trials"] if t["point"] == c["point"])
+        budget = 0.1 * c["retrain_seconds"]
+        grid = "; ".join(f"{t['point']}: {t['avg_gap']:.2f} / {cpu(t):.1f}{'*' if cpu(t) > budget else ''}"
+                         for t in c["trials"])
+        lines.append(f"| {label} | {c['fixed'] | c['point']} | {t['avg_gap']:.2f} | {cpu(t):.1f} | {grid} |")
+    if sc["chosen"]:
+        budget = 0.1 * next(iter(sc["chosen"].values()))["retrain_seconds"]
+        lines += ["", f"Budget: 1/10 of retrain's CPU time on the tuning sets = {budget:.1f} s."]
+    return lines
 
 
 STUDY_VARIANTS: tuple[dict[str, Any], ...] = tuple(
@@ -701,6 +757,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = "memorize" if args.setting == "memorize" else f"memorize-{args.setting}"
     stem += "" if args.scenarios == "random,class" else "-" + args.scenarios.replace(",", "-")
     stem += "-quick" if args.quick else ""
+    b.refs_file, b.provenance = args.out / f"{stem}-refs.json", result["provenance"]
     if args.study:
         return recipe_study(b, deployed, args, result, stem, log)
     if args.prefetch:
@@ -715,7 +772,7 @@ def main(argv: list[str] | None = None) -> int:
                              "here: run without --resume")
         result["provenance"]["resumed_from"] = prior["provenance"]
         args.prior = {("random" if label == "random 10%" else "class"): part
-                      for label, part in prior["scenarios"].items() if "chosen" in part}
+                      for label, part in prior["scenarios"].items()}
     for kind in args.scenarios.split(","):
         label = "random 10%" if kind == "random" else "one class"
 
