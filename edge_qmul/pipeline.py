@@ -528,15 +528,24 @@ def forget(
     source: str = "cli",
     device: str | None = None,
     leave: bool = False,
+    run_data: RunData | None = None,
 ) -> ForgetReceipt:
     """File a deletion request in the ledger (idempotent by request id): training-sample ids, content ids
     (sha256 of the samples' bytes, as recorded at train time), a class, or a random count / fraction.
 
     With ``device`` (a device id of the run's training provenance) the request is that device's: its
     ``hashes`` must all be samples it contributed, ``klass`` selects its own samples of the class, and
-    ``leave=True`` every sample it contributed (the device leaves the fleet)."""
+    ``leave=True`` every sample it contributed (the device leaves the fleet).
+
+    ``run_data``: the run's ``load_run_data``, for a caller filing many requests in a row (the server's intake of a
+    fleet's batch), which otherwise reloads the whole training pool per request; its forget set is re-read from
+    the ledger here, since every request filed before this one changed it."""
     run = as_run(run_dir)
-    rd = load_run_data(run)
+    if run_data is None:
+        rd = load_run_data(run)
+    else:
+        rd = run_data
+        rd.split.forget = run.forget_ids()
     device_spec: dict[str, Any] = {}
     if device is not None:
         device_spec = {"device": device, "kind": "client" if leave else "class" if klass is not None else "samples",

@@ -119,13 +119,18 @@ def run_round(grid: Grid, cfg: FederatedConfig, *, flower_run_id: int = 0) -> Ro
     devices: dict[int, str] = {}  # node -> the device id it answered with (this round only)
     awaiting: dict[int, set[str]] = {}  # node -> request ids its device waits to get a receipt for
     reasons: Counter[str] = Counter()
+    run_data = None  # the run's training pool, loaded once for the round's batches (receive)
     for node, reply in sorted(replies.items()):
         try:
             device_id, entries, waiting = messages.content_to_entries(reply.content)
         except ProtocolError as err:
             log.warning("node %d: reply refused (%s: %s); nothing recorded for it", node, err.reason, err.message)
             continue
-        answers = receive(cfg.run_path, entries)
+        if entries and run_data is None:
+            from edge_qmul import pipeline  # torch: loaded when there is something to file
+
+            run_data = pipeline.load_run_data(cfg.run_path)
+        answers = receive(cfg.run_path, entries, run_data=run_data)
         acks[node] = messages.answers_to_content([(a.request_id, a.status, a.reason) for a in answers])
         devices[node] = device_id
         awaiting[node] = set(waiting) | {a.request_id for a in answers if a.status == "acknowledged"}

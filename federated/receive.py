@@ -46,10 +46,18 @@ class Answer:
         return asdict(self)
 
 
-def receive(run_dir: Run | Path, entries: Iterable[Mapping[str, Any]]) -> list[Answer]:
-    """File each signed device request in the run's forget ledger; one answer per entry, in order."""
+def receive(run_dir: Run | Path, entries: Iterable[Mapping[str, Any]], *,
+            run_data: pipeline.RunData | None = None) -> list[Answer]:
+    """File each signed device request in the run's forget ledger; one answer per entry, in order.
+
+    ``run_data``: the run's ``pipeline.load_run_data``, loaded once by a caller that receives many batches (a
+    round over the fleet); without it the batch loads it once (not once per request: it holds the training pool).
+    """
     run = Run(run_dir) if not isinstance(run_dir, Run) else run_dir
-    return [_one(run, entry) for entry in entries]
+    entries = list(entries)
+    if run_data is None and entries:
+        run_data = pipeline.load_run_data(run)
+    return [_one(run, entry, run_data) for entry in entries]
 
 
 def _trained_subset(run: Run, hashes: list[str]) -> list[str]:
@@ -61,7 +69,7 @@ def _trained_subset(run: Run, hashes: list[str]) -> list[str]:
     return [h for h in hashes if h in owners]
 
 
-def _one(run: Run, entry: Mapping[str, Any]) -> Answer:
+def _one(run: Run, entry: Mapping[str, Any], run_data: pipeline.RunData | None = None) -> Answer:
     claimed = str(entry.get("request_id", ""))[:64] if isinstance(entry, Mapping) else ""
     try:
         body = verify_request(entry)
@@ -76,14 +84,17 @@ def _one(run: Run, entry: Mapping[str, Any]) -> Answer:
         return Answer(rid, "refused", "malformed: hashes must be a list of content ids")
     try:
         if kind == "leave":
-            receipt = pipeline.forget(run, device=device, leave=True, request_id=rid, source="device")
+            receipt = pipeline.forget(run, device=device, leave=True, request_id=rid, source="device",
+                                       run_data=run_data)
         elif kind == "samples":
-            receipt = pipeline.forget(run, device=device, hashes=hashes, request_id=rid, source="device")
+            receipt = pipeline.forget(run, device=device, hashes=hashes, request_id=rid, source="device",
+                                       run_data=run_data)
         elif kind == "class":  # names the device's local samples of the class (its class ids need not be ours)
             trained = _trained_subset(run, hashes)  # its held-out samples of the class were never trained on
             if not trained:
                 return Answer(rid, "refused", "nothing-to-forget: no sample of the class was trained on")
-            receipt = pipeline.forget(run, device=device, hashes=trained, request_id=rid, source="device")
+            receipt = pipeline.forget(run, device=device, hashes=trained, request_id=rid, source="device",
+                                       run_data=run_data)
         else:
             return Answer(rid, "refused", f"malformed: unknown request kind {kind!r}")
     except (ForgetRequestError, ConfigError) as err:
