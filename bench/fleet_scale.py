@@ -88,9 +88,7 @@ def child_loopback(args: argparse.Namespace, nodes: int) -> dict[str, Any]:
 
     fleet = _template(args)
     copy = fleet_copy(fleet, args.workdir / f"loopback-{nodes}-{int(time.time())}", nodes)
-    dep = Deployment(copy.root / "deploy", nodes)
-    for i in range(nodes):  # the node config's state-dir is <deploy>/device<i>: this fleet's device i
-        dep.state_dir(i).symlink_to(copy.state_dir(i), target_is_directory=True)
+    dep = Deployment(copy.root / "deploy", nodes, states=[copy.state_dir(i) for i in range(nodes)])
     node_peak: dict[str, float] = {"mb": 0.0}
 
     def runner(run_config: dict[str, Any]) -> SimResult:
