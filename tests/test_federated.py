@@ -242,16 +242,21 @@ def test_round_records_genuine_requests_and_refuses_forged_mutated_conflicting(f
     assert len(ledger_rows(fleet)) == 8
 
 
-def test_refusals_reach_the_device_with_their_reason(fleet: Fleet) -> None:
+def test_refusals_reach_the_device_with_their_reason(fleet: Fleet, caplog: pytest.LogCaptureFixture) -> None:
     with DeviceState.open(fleet.states[2]) as d:
         held = d.forget(hashes=fleet.held_out[2][:2]).request_id  # its own, but never contributed
         ok = d.forget(hashes=fleet.trained[2][:2]).request_id
-    summary = round_of(grid_of(fleet))
-    assert (summary.accepted, summary.refused) == (1, 1)
+    with caplog.at_level(logging.INFO, logger="edge_qmul"):
+        summary = round_of(grid_of(fleet))
+    assert (summary.accepted, summary.refused, summary.refusals) == (1, 1, {"not-owner": 1})
     got = requests(fleet.states[2])
     assert got[ok].status == "acknowledged"
     assert got[held].status == "refused" and "not in the training set" in got[held].reason
     assert list(ledger_rows(fleet)) == [ok]
+    # the server's log names the request and the reason code, never a sample's content id
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"refused request {held}" in text and "not-owner" in text
+    assert not any(h in text for h in fleet.held_out[2][:2] + fleet.trained[2][:2])
 
 
 def test_lost_acks_and_dead_nodes_lose_nothing(fleet: Fleet, caplog: pytest.LogCaptureFixture) -> None:
