@@ -1,19 +1,19 @@
 """Intake load check through a real SuperLink with three SuperNodes on loopback (TLS, SuperNode authentication).
 
-Each device files ``--requests`` signed requests (``--samples`` samples each, its own samples) and the
-app runs in intake mode (collect, verify, record, acknowledge; no unlearning), ``--rounds`` times:
-the first run carries the whole load, later runs check that nothing is filed twice. Afterwards:
+Three devices, each set up with `edge-qmul device init` from its own .npz of digits (tests/fleet/devices.py;
+the server's run trained with `--provenance`), each queue ``--requests`` signed requests of ``--samples`` of
+their own trained samples. The app runs in intake mode (collect, verify, record, acknowledge; no
+unlearning), ``--rounds`` times: the first run carries the whole load, later runs check that nothing is filed
+twice. Afterwards:
 
-- lost: acknowledged by the server (device queue) but not in the ledger, or still pending on a device;
-- duplicated: ledger rows with a repeated request id or sample set, or a request accepted twice in the
-  intake log;
+- lost: acknowledged on a device but not in the ledger, still unanswered on a device, or filed and missing;
+- duplicated: ledger rows with a repeated request id or sample set;
 
-both must be zero. Throughput = accepted requests / (collect + acknowledge seconds of the round, from
-the server's round summary); the end-to-end figure includes `flwr run` start-up and the ~6 s message
-round trips.
+both must be zero. Throughput = accepted requests / (collect + acknowledge seconds of the round, from the
+server's round summary); the end-to-end figure includes `flwr run` start-up and the ~6 s message round trips.
 
-    python bench/intake_load.py                       # Fashion-MNIST split, 3 x 2000 requests
-    python bench/intake_load.py --dataset digits --requests 100
+    python bench/intake_load.py                       # 3 x 200 requests of 2 samples
+    python bench/intake_load.py --requests 50
 """
 
 from __future__ import annotations
@@ -27,21 +27,21 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from edge_qmul.federated.store import FleetStore
+from edge_qmul.devices.state import DeviceState
 
-from edge_qmul import data
 from edge_qmul.ledger import Ledger
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test harnesses (they do not ship)
+from fleet.devices import make_fleet  # noqa: E402
 from fleet.loopback import Deployment  # noqa: E402
 
 NODES = 3
+TRAIN, HELD_OUT = 520, 50  # per device: 3 x 570 of the 1,797 digits (50 left for the server's test set)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="fashion-mnist")
-    parser.add_argument("--requests", type=int, default=2000, help="requests per device")
+    parser.add_argument("--requests", type=int, default=200, help="requests per device")
     parser.add_argument("--samples", type=int, default=2, help="samples per request")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -49,19 +49,24 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="edge-qmul-load-") as tmp:
         root = Path(tmp)
-        run = root / "run"
-        run.mkdir()
-        data.make_split(data.load_dataset(args.dataset), seed=0).save(run / "split.json")  # intake needs only this
-        dep = Deployment(root / "deploy", NODES)
+        fleet = make_fleet(root / "fleet", NODES, train=TRAIN, held_out=HELD_OUT, epochs=1, quantize=False)
+        run = fleet.run
+        for i, state in enumerate(fleet.states):
+            mine = fleet.trained[i]
+            if args.requests * args.samples > len(mine):
+                print(f"device {i} contributed {len(mine)} trained samples: fewer than --requests x --samples",
+                      file=sys.stderr)
+                return 2
+            with DeviceState.open(state) as d:
+                for j in range(args.requests):
+                    d.forget(hashes=mine[j * args.samples:(j + 1) * args.samples])
+        dep = Deployment(root / "deploy", NODES, states=fleet.states)
         rounds: list[dict[str, Any]] = []
         try:
             dep.start()
             for _ in range(args.rounds):
                 t0 = time.monotonic()
-                run_id = dep.run_app(
-                    f'run-dir="{run}" mode="intake" requests-per-client={args.requests} '
-                    f'samples-per-request={args.samples} reply-timeout=300.0'
-                )
+                run_id = dep.run_app(f'run-dir="{run}" mode="intake" reply-timeout=300.0')
                 status = dep.wait(run_id)
                 wall = time.monotonic() - t0
                 if status != "finished:completed":
@@ -75,22 +80,22 @@ def main(argv: list[str] | None = None) -> int:
                                "requests_per_second": summary["accepted"] / busy if busy else 0.0})
                 print(f"run {run_id}: {summary['accepted']} accepted, {summary['refused']} refused; "
                       f"intake {busy:.1f}s ({rounds[-1]['requests_per_second']:.0f} req/s), wall {wall:.1f}s")
-            acked = {rid for i in range(NODES) for rid in dep.device_state(i).get("acked", {})}
-            pending = sum(len(dep.device_state(i).get("pending", [])) for i in range(NODES))
+            statuses = [dep.statuses(i) for i in range(NODES)]
+            acked = {rid for st in statuses for rid, s in st.items() if s == "acknowledged"}
+            pending = sum(s in ("pending", "sent") for st in statuses for s in st.values())
         finally:
             dep.stop()
         with Ledger(run / "ledger.sqlite") as ledger:
             rows = ledger.requests()
-        with FleetStore(run / "ledger.sqlite") as store:
-            accepted_log = Counter(r.request_id for r in store.intake_log() if r.outcome == "accepted")
 
     filed = NODES * args.requests
     ids = Counter(r.request_id for r in rows)
     sample_sets = Counter(tuple(r.sample_ids) for r in rows)
     lost = len(acked - set(ids)) + pending + (filed - len(ids))
-    duplicated = (sum(c - 1 for c in ids.values()) + sum(c - 1 for c in sample_sets.values())
-                  + sum(c - 1 for c in accepted_log.values()))
-    result = {"dataset": args.dataset, "nodes": NODES, "filed": filed, "samples_per_request": args.samples,
+    duplicated = sum(c - 1 for c in ids.values()) + sum(c - 1 for c in sample_sets.values())
+    accepted = sum(r["accepted"] for r in rounds)
+    duplicated += max(0, accepted - len(ids))  # a request accepted (recorded) twice
+    result = {"dataset": "digits (per-device npz)", "nodes": NODES, "filed": filed, "samples_per_request": args.samples,
               "ledger_rows": len(rows), "acked_on_devices": len(acked), "pending_on_devices": pending,
               "lost": lost, "duplicated": duplicated, "rounds": rounds}
     print(json.dumps({k: v for k, v in result.items() if k != "rounds"}))
@@ -101,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{r['requests_per_second']:.0f} | {r['wall_seconds']:.1f} |" for r in rounds
     )
     (args.out / "intake_load.md").write_text(
-        f"# Intake load: real SuperLink + {NODES} SuperNodes on loopback, TLS + SuperNode auth ({args.dataset})\n\n"
+        f"# Intake load: real SuperLink + {NODES} SuperNodes on loopback, TLS + SuperNode auth (digits)\n\n"
         f"{filed} signed requests ({args.requests} per device, {args.samples} samples each), intake mode.\n\n"
         "| run | accepted | already recorded | intake s | req/s | wall s |\n|---|---|---|---|---|---|\n"
         f"{lines}\n\nLedger rows {len(rows)}, acknowledged on devices {len(acked)}, pending {pending}: "
