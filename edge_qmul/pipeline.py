@@ -538,14 +538,12 @@ def forget(
     ``leave=True`` every sample it contributed (the device leaves the fleet).
 
     ``run_data``: the run's ``load_run_data``, for a caller filing many requests in a row (the server's intake of a
-    fleet's batch), which otherwise reloads the whole training pool per request; its forget set is re-read from
-    the ledger here, since every request filed before this one changed it."""
+    fleet's batches), which otherwise reloads the whole training pool and re-reads the whole ledger per request
+    (quadratic in the requests of a round). Its forget set is kept current here: each request filed through it
+    adds its samples (requests another process files meanwhile are still recorded; only this receipt's total and
+    the would-forget-everything check do not see them)."""
     run = as_run(run_dir)
-    if run_data is None:
-        rd = load_run_data(run)
-    else:
-        rd = run_data
-        rd.split.forget = run.forget_ids()
+    rd = load_run_data(run) if run_data is None else run_data
     device_spec: dict[str, Any] = {}
     if device is not None:
         device_spec = {"device": device, "kind": "client" if leave else "class" if klass is not None else "samples",
@@ -580,8 +578,10 @@ def forget(
         )
     with run.ledger() as ledger:
         added = ledger.add(rid, kind, spec, chosen, source=source)
-        total = len(ledger.forget_ids())
-    return ForgetReceipt(rid, added, len(chosen), total)
+        if run_data is None:
+            return ForgetReceipt(rid, added, len(chosen), len(ledger.forget_ids()))
+    rd.split.forget = sorted(set(rd.split.forget) | set(chosen))
+    return ForgetReceipt(rid, added, len(chosen), len(rd.split.forget))
 
 
 def _device_selection(run: Run, rd: RunData, device: str, hashes: list[str] | None, klass: int | None, leave: bool,
