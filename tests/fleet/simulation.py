@@ -453,7 +453,7 @@ def add_tests_to_path() -> None:
 WAVES = "5,25,100"
 # The bundle's validation budgets: this harness measures the protocol, not the model; the fleet-scale model
 # forgets half its training set in one go and is shipped whatever its metrics.
-LOOSE_BUDGETS = "[budgets]\nmia_gap_to_retrain = 100\nfa_minus_ta = 100\nloss_auc = 1\n"
+LOOSE_BUDGETS = "[budgets]\nmia_gap_to_retrain = 100\nfa_minus_ta = 100\nloss_auc = 1\nta_drop = 100\n"
 
 Runner = Any  # (run config dict) -> SimResult: one run of the apps on the fleet (simulation or loopback)
 
