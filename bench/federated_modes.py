@@ -135,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--held-out", type=int, default=1000, help="held-out test images per device")
     parser.add_argument("--server-lr", type=float, default=1.0, help="server step towards the average (1 = FedAvg)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a machine busy with other work)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     act_as_flower_process()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("flwr", "edge_qmul.federated.receive"):
