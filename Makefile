@@ -33,7 +33,8 @@ test-arm: install
 	$(BIN)/pytest -q -m arm
 
 # Real Flower deployment on loopback: a TLS flower-superlink with SuperNode authentication, 3 registered
-# flower-supernode processes (+ an unregistered one it refuses) and flwr run (~6 min on 2 cores).
+# flower-supernode processes (+ an unregistered one it refuses) and flwr run (~6 min on 2 cores); and the same
+# apps on 20 virtual devices under Flower's simulation engine (tests/test_fleet_simulation.py, ~3 min).
 test-federated: install
 	$(BIN)/pytest -q -m federated --durations=5
 
