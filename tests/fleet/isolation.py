@@ -28,13 +28,18 @@ def available() -> bool:
 
 
 def hidden(command: Sequence[str], hide: Sequence[Path]) -> list[str]:
-    """``command`` run in a new mount namespace where every directory in ``hide`` is an empty, read-only tmpfs.
+    """``command`` run in a new mount namespace where every directory in ``hide`` is an empty, read-only tmpfs
+    and every file in it reads as empty (``/dev/null`` bound over it).
 
     Paths that do not exist are skipped (nothing to hide). Mount propagation is private, so nothing leaks back
     to the host's mount table; the mounts vanish with the last process of the namespace.
     """
-    mounts = [f"mount -t tmpfs -o size=16k,mode=0555,ro none {shlex.quote(str(p))}"
-              for p in dict.fromkeys(Path(p).resolve() for p in hide) if p.is_dir()]
+    mounts = []
+    for p in dict.fromkeys(Path(p).resolve() for p in hide):
+        if p.is_dir():
+            mounts.append(f"mount -t tmpfs -o size=16k,mode=0555,ro none {shlex.quote(str(p))}")
+        elif p.is_file():
+            mounts.append(f"mount --bind /dev/null {shlex.quote(str(p))}")
     script = " && ".join([*mounts, "exec " + shlex.join(command)])
     return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script]
 
@@ -44,3 +49,28 @@ def listing(pid: int, path: Path) -> list[str] | None:
     out = subprocess.run(["nsenter", "-t", str(pid), "-m", "--", "ls", "-A", str(path)], capture_output=True,
                          text=True)
     return out.stdout.split() if out.returncode == 0 else None
+
+
+def readable_bytes(pid: int, path: Path) -> int | None:
+    """How many bytes process ``pid`` can read from file ``path`` (None: it cannot open it)."""
+    out = subprocess.run(["nsenter", "-t", str(pid), "-m", "--", "sh", "-c", f"cat {shlex.quote(str(path))} | wc -c"],
+                         capture_output=True, text=True)
+    return int(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else None
+
+
+def wait_exec(pid: int, program: str, timeout: float = 30.0) -> None:
+    """Wait until process ``pid`` (started with ``hidden``) runs ``program``: its mounts are all in place then
+    (the shell execs the command only after the last mount)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError as err:
+            raise RuntimeError(f"process {pid} exited before running {program}") from err
+        if any(Path(a.decode(errors="replace")).name == program for a in argv[:2]):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"process {pid} did not start {program} within {timeout} s: {argv!r}")
+        time.sleep(0.05)

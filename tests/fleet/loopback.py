@@ -33,6 +33,8 @@ from typing import Any
 from edge_qmul.federated.certs import FleetCerts, NodeKey, make_certs, make_node_key
 from edge_qmul.federated.flwr_cli import FlwrCli
 
+from fleet import isolation
+
 # The app `flwr run` bundles: this checkout's pyproject (an editable install; tests and benches run there).
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -62,8 +64,11 @@ class Deployment:
     """A SuperLink and ``nodes`` SuperNodes on 127.0.0.1, plus the `flwr` CLI pointed at them."""
 
     def __init__(self, root: Path, nodes: int = 3, node_extra: dict[int, str] | None = None,
-                 states: list[Path] | None = None) -> None:
+                 states: list[Path] | None = None, hide: dict[int, list[Path]] | None = None) -> None:
         self.root = root
+        # device index -> paths its SuperNode must not see: it runs in its own mount namespace with them hidden
+        # (fleet/isolation.py; needs root)
+        self.hide = dict(hide or {})
         self.nodes = nodes
         self.node_extra = dict(node_extra or {})  # device index -> extra node-config entries
         self.states = list(states or [])  # device index -> its DeviceState dir (edge-qmul device init)
@@ -119,6 +124,8 @@ class Deployment:
             if time.monotonic() > deadline or self.procs["superlink"].poll() is not None:
                 raise RuntimeError(f"SuperLink did not become healthy:\n{self.tail('superlink')}")
             time.sleep(0.3)
+        for i in range(self.nodes):  # every key first: a node started in its own namespace then hides the others'
+            self.node_key(f"node{i}")
         for i in range(self.nodes):
             self.start_node(i, self.node_extra.get(i, ""))
 
@@ -155,11 +162,15 @@ class Deployment:
         if register and i not in self.node_ids:
             self.node_ids[i] = self.register(key)
         config = f'state-dir="{self.state_dir(i, name)}" {extra}'.strip()
-        self._spawn(name, [
+        command = [
             str(BIN / "flower-supernode"), "--root-certificates", str(root_certificates or self.certs.ca_cert),
             "--superlink", f"127.0.0.1:{self.port}", "--auth-supernode-private-key", str(key.private),
             "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", config,
-        ])
+        ]
+        if i in self.hide:  # the CA's private key and the other nodes' keys are never a device's to see
+            others = [k for k in (self.root / "keys").glob("*") if k not in (key.private, key.public)]
+            command = isolation.hidden(command, [*self.hide[i], self.certs.ca_key, *others])
+        self._spawn(name, command)
 
     def state_dir(self, i: int, name: str | None = None) -> Path:
         """Device ``i``'s state dir (``states[i]``); another process ``name`` gets a dir of its own under root."""
