@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"dataset": "digits (per-device npz)", "nodes": NODES, "filed": filed, "samples_per_request": args.samples,
               "ledger_rows": len(rows), "acked_on_devices": len(acked), "pending_on_devices": pending,
               "lost": lost, "duplicated": duplicated, "rounds": rounds}
+    result["provenance"] = provenance(argv)
     print(json.dumps({k: v for k, v in result.items() if k != "rounds"}))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "intake_load.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -110,9 +111,32 @@ def main(argv: list[str] | None = None) -> int:
         f"{filed} signed requests ({args.requests} per device, {args.samples} samples each), intake mode.\n\n"
         "| run | accepted | already recorded | intake s | req/s | wall s |\n|---|---|---|---|---|---|\n"
         f"{lines}\n\nLedger rows {len(rows)}, acknowledged on devices {len(acked)}, pending {pending}: "
-        f"**lost {lost}, duplicated {duplicated}**.\n"
+        f"**lost {lost}, duplicated {duplicated}**.\n\n{provenance_line(result['provenance'])}\n"
     )
     return 0 if lost == 0 and duplicated == 0 else 1
+
+
+def provenance(argv: list[str] | None) -> dict[str, object]:
+    """Commit (and whether the tree had changes), package versions, seed, date and command of this run."""
+    import datetime
+    import platform
+    import subprocess
+    from importlib.metadata import version
+
+    here = Path(__file__).parent
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=here).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "edge_qmul", "export", "federated", "devices",
+                            "bench/intake_load.py"], capture_output=True, text=True, cwd=here.parent).stdout.strip()
+    return {"commit": commit, "uncommitted_changes": bool(dirty),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "versions": {p: version(p) for p in ("flwr", "onnxruntime", "torch", "numpy", "cryptography")},
+            "python": platform.python_version(), "seed": 0,
+            "command": "python bench/intake_load.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+
+
+def provenance_line(prov: dict[str, object]) -> str:
+    return (f"Commit {str(prov['commit'])[:12]}{' (+ uncommitted changes)' if prov['uncommitted_changes'] else ''}, "
+            f"{prov['date']}; {prov['versions']}; seed {prov['seed']}; command `{prov['command']}`.")
 
 
 if __name__ == "__main__":
