@@ -21,10 +21,12 @@ from pathlib import Path
 import pytest
 from edge_qmul.devices.state import DeviceState
 from edge_qmul.federated.certs import make_certs
+from edge_qmul.federated.strategy import requests_by_device
 from fleet import isolation
 from fleet.devices import Fleet, copy_fleet, make_fleet
 from fleet.faults import EXPECTED_FAULT_ANSWERS, fault_answers
 from fleet.loopback import BIN, REPO, RUN_TIMEOUT, Deployment
+from fleet.probe import NOBODY
 
 from edge_qmul import pipeline
 from edge_qmul.cli import main
@@ -326,8 +328,9 @@ def test_isolated_devices_take_requests_from_intake_to_certificates(fleet: Fleet
     and data do not exist. Requests are filed with `edge-qmul device forget` on the devices (a sample set on one,
     a class on another, the third leaves the fleet); one device also sends forged, mutated, conflicting,
     held-out and replayed entries. They go through intake, central Q-MUL (receipts), a rollout whose second wave
-    fails on a broken board and rolls back, a repaired rollout to every device, a new request honoured by
-    federated Q-MUL on the devices (each computes features with the model it now runs), and certificates."""
+    fails on a broken board and rolls back, a repaired rollout to every device, a server that asks each device
+    about requests it never filed (fleet/probe.py: every device refuses), a new request honoured by federated
+    Q-MUL on the devices (each computes features with the model it now runs), and certificates."""
     hashes = tmp_path / "mine.txt"
     hashes.write_text("\n".join(fleet.trained[0][:4]) + "\n")
     _device_cli(fleet, 0, "forget", "--hashes", str(hashes))
@@ -389,6 +392,19 @@ def test_isolated_devices_take_requests_from_intake_to_certificates(fleet: Fleet
         for i in range(NODES):
             with DeviceState.open(fleet.states[i]) as d:
                 assert d.status().active_model == v1 and (d.model_dir() / "features.onnx").is_file()  # type: ignore[operator]
+
+        # a server asking each device, in a federated round, about requests it never filed: every one refused
+        before = [device_requests(fleet, i) for i in range(NODES)]
+        probe, _ = _completed(dep, f'run-dir="{fleet.run}" mode="federated"', dep.fault_app("fleet.probe:app"))
+        asked = json.loads((fleet.run.parent / f"probe-{probe}.json").read_text())
+        with Ledger(fleet.run / "ledger.sqlite") as ledger:
+            by_device, _ = requests_by_device(ledger.requests())
+        assert set(asked) == set(fleet.device_ids) == set(by_device)
+        for device in fleet.device_ids:
+            others = {rid for d, rids in by_device.items() if d != device for rid in rids}
+            assert set(asked[device]) == others | {NOBODY} and len(others) >= 2
+            assert all("never filed" in reason for reason in asked[device].values()), asked[device]
+        assert [device_requests(fleet, i) for i in range(NODES)] == before  # nothing changed on the devices
 
         # a new request, honoured by federated Q-MUL: its samples never leave device 0
         more = tmp_path / "more.txt"

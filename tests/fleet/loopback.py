@@ -194,19 +194,23 @@ class Deployment:
         """`flwr run` the app (default: the repository's pyproject) on this deployment; returns the run id."""
         return self.cli.run_app(app, run_config)
 
-    def fault_app(self) -> Path:
+    def fault_app(self, serverapp: str = "") -> Path:
         """A Flower app whose ClientApp is ``fleet.faults:app`` (the production one plus the ``faults``
         node-config key), for runs where devices misbehave on purpose. Its bundle carries tests/fleet, so the
-        SuperNodes import the fault module from the FAB; the ServerApp and all else is the installed package."""
-        app = self.root / "fault-app"
+        SuperNodes import the fault module from the FAB; the ServerApp (unless ``serverapp`` names one in
+        tests/fleet, e.g. ``fleet.probe:app``) and all else is the installed package."""
+        app = self.root / ("fault-app" + (f"-{serverapp.split(':')[0].rsplit('.', 1)[-1]}" if serverapp else ""))
         if app.exists():
             return app
         (app / "fleet").mkdir(parents=True)
-        for name in ("__init__.py", "faults.py"):
+        for name in ("__init__.py", "faults.py", "probe.py"):
             shutil.copy2(HERE / name, app / "fleet" / name)
         text = (REPO / "pyproject.toml").read_text()
-        for old, new in (('clientapp = "edge_qmul.federated.client_app:app"', 'clientapp = "fleet.faults:app"'),
-                         ('fab-include = ["federated/**/*.py", "/README.md"]', 'fab-include = ["fleet/*.py"]')):
+        swaps = [('clientapp = "edge_qmul.federated.client_app:app"', 'clientapp = "fleet.faults:app"'),
+                 ('fab-include = ["federated/**/*.py", "/README.md"]', 'fab-include = ["fleet/*.py"]')]
+        if serverapp:
+            swaps.append(('serverapp = "edge_qmul.federated.server_app:app"', f'serverapp = "{serverapp}"'))
+        for old, new in swaps:
             if old not in text:
                 raise RuntimeError(f"pyproject.toml no longer has {old!r}: update Deployment.fault_app")
             text = text.replace(old, new)
