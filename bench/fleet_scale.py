@@ -18,9 +18,13 @@ states (tests/fleet/simulation.py, ``run_protocol``):
 
 Seconds per round: each Flower message round of the app (forget+receive, ack, receipt, rollout status, each
 wave). Under simulation the engine's start-up (Ray, its actors, the ClientApp import) is taken out by a
-read-only warm-up query before the app starts and reported apart. Server memory: peak RSS of the process running
-the ServerApp and the engine's link state (simulation: this child process; loopback: the SuperLink and the
-ServerApp process it spawns), sampled every 0.25 s; the devices (Ray workers / SuperNodes) are not counted.
+read-only warm-up query before the app starts and reported apart. The simulation engine's link state looks a
+node's messages up by destination (tests/fleet/simulation.py ``indexed_link_state_class``; flwr 1.41's stock
+in-memory state walks its whole message store for each of the N nodes it polls, O(N^2) per round, which
+bench/fleet_profile.py measures); ``--stock-sizes`` runs fleets on the stock state as well, for comparison.
+Server memory: peak RSS of the process running the ServerApp and the engine's link state (simulation: this child
+process; loopback: the SuperLink and the ServerApp process it spawns), sampled every 0.25 s; the devices (Ray
+workers / SuperNodes) are not counted.
 
 Each fleet runs in its own child process (its own peak memory) and writes ``WORKDIR/result-*.json``; the parent
 writes ``bench/results/fleet_scale.md`` and ``.json`` from whatever results exist (``--report-only`` rewrites
@@ -28,6 +32,7 @@ them from the saved results).
 
     python bench/fleet_scale.py                                   # 10, 100, 1000 simulated + 20 real (~1 h)
     python bench/fleet_scale.py --sizes 10 --loopback 0 --per-device 3
+    python bench/fleet_scale.py --sizes 10,100,1000 --stock-sizes 1000 --loopback 0   # + 1,000 on the stock state
 """
 
 from __future__ import annotations
@@ -65,7 +70,7 @@ PACKAGES = ("flwr", "ray", "torch", "onnxruntime", "numpy", "cryptography")
 
 
 def _template(args: argparse.Namespace) -> Fleet:
-    size = max([*args.sizes, args.loopback])
+    size = max([*args.sizes, *args.stock_sizes, args.loopback])
     made = [int(p.name.split("-")[1]) for p in args.workdir.glob("template-*") if (p / "fleet.json").exists()]
     size = min([k for k in made if k >= size], default=size)  # a larger template already made serves as well
     t = time.perf_counter()
@@ -74,12 +79,12 @@ def _template(args: argparse.Namespace) -> Fleet:
     return fleet
 
 
-def child_simulation(args: argparse.Namespace, size: int) -> dict[str, Any]:
+def child_simulation(args: argparse.Namespace, size: int, indexed: bool = True) -> dict[str, Any]:
     fleet = _template(args)
     copy = fleet_copy(fleet, args.workdir / f"sim-{size}-{int(time.time())}", size)
-    out = run_protocol(copy, simulation_runner(copy, actors=args.actors), args.per_device,
+    out = run_protocol(copy, simulation_runner(copy, actors=args.actors, indexed=indexed), args.per_device,
                        log=lambda m: print(m, flush=True))
-    return {"kind": "simulation", **out}
+    return {"kind": "simulation", "link_state": "indexed" if indexed else "flower-stock", **out}
 
 
 def child_loopback(args: argparse.Namespace, nodes: int) -> dict[str, Any]:
@@ -151,7 +156,7 @@ def _row(r: dict[str, Any]) -> dict[str, Any]:
     waves = r["rollout"]["waves"]
     rounds = _rounds(r)
     return {
-        "fleet": f"{r['devices']:,} {'virtual' if r['kind'] == 'simulation' else 'real SuperNodes'}",
+        "fleet": f"{r['devices']:,} {_kind(r)}",
         "requests": r["filed"],
         "accepted": r["intake"]["summary"]["accepted"],
         "intake_s": r["intake"]["intake_seconds"],
@@ -193,6 +198,13 @@ def _provenance(args: argparse.Namespace, command: str) -> dict[str, Any]:
         timespec="seconds"), "python": platform.python_version(), "packages": versions, "seed": args.seed,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
         "command": command, "per_device": args.per_device, "waves": WAVES, "actors": args.actors}
+
+
+def _kind(r: dict[str, Any]) -> str:
+    """``virtual`` (the rows the growth figures compare), ``virtual, stock link state`` or ``real SuperNodes``."""
+    if r["kind"] != "simulation":
+        return "real SuperNodes"
+    return "virtual, stock link state" if r.get("link_state") == "flower-stock" else "virtual"
 
 
 def _size(row: dict[str, Any]) -> int:
@@ -302,10 +314,15 @@ def write_report(args: argparse.Namespace, results: list[dict[str, Any]], comman
         "forgotten vs held-out samples and reports it (levels above), but with 10 forgotten and 5 held-out samples "
         "the AUC is mostly sampling noise, and a protocol load test must not stop on it.",
         "- `empty round`: the central run's acknowledgement round, where no device has anything to settle: the "
-        "message round trip alone. Under the simulation engine its growth is Flower's: flwr 1.41's in-memory link "
-        "state (`InMemoryLinkState.get_message_ins`) scans the whole message store for each node, and the engine "
-        "polls every node in turn, so dispatching a round to N virtual nodes costs O(N^2). A real SuperLink keeps "
-        "its state in SQLite and is not measured by that row.",
+        "message round trip alone.",
+        "- Link state: the simulation engine polls every virtual node every 0.1 s for its next message "
+        "(`vce_api.add_messages_to_queue`), and flwr 1.41's in-memory link state answers each poll by checking "
+        "every stored message (`InMemoryLinkState.get_message_ins`), under the lock the reply thread needs: O(N^2) "
+        "per round of N nodes, not ours (bench/results/fleet_profile.md has the profile). The `virtual` rows run "
+        "the engine with that lookup indexed by destination node, as Flower's SQL link state (a real SuperLink's) "
+        "does it (tests/fleet/simulation.py `indexed_link_state_class`; every other part of the engine is "
+        "Flower's); `virtual, stock link state` rows run Flower's state unchanged. Our apps and the device code are "
+        "the same in both.",
         "- The bundle is validated and signed for a `virtual-device` profile (tests/fleet/simulation.py: one "
         "thread, a 1 s latency budget): devices sharing two loaded cores miss the x86 reference profile's 5 ms p95.",
         "- Server peak RSS: the process holding the ServerApp and the link state (simulation: the benchmark's child "
@@ -318,6 +335,8 @@ def write_report(args: argparse.Namespace, results: list[dict[str, Any]], comman
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10,100,1000", help="simulated fleet sizes")
+    parser.add_argument("--stock-sizes", default="", help="simulated fleet sizes to run on flwr's stock in-memory "
+                        "link state as well (O(N^2) per round; for comparison)")
     parser.add_argument("--loopback", type=int, default=20, help="real SuperNodes (0: none)")
     parser.add_argument("--per-device", type=int, default=10, help="requests each device files")
     parser.add_argument("--actors", type=int, default=2, help="Ray actors running the virtual devices")
@@ -329,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--command", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.sizes = [int(s) for s in str(args.sizes).split(",") if s]
+    args.stock_sizes = [int(s) for s in str(args.stock_sizes).split(",") if s]
     args.workdir = args.workdir.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
     command = args.command or "python bench/fleet_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -336,10 +356,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.child:
         kind, n = args.child.split(":")
-        result = child_simulation(args, int(n)) if kind == "sim" else child_loopback(args, int(n))
+        result = (child_loopback(args, int(n)) if kind == "loopback"
+                  else child_simulation(args, int(n), indexed=kind == "sim"))
         (args.workdir / f"result-{kind}-{n}.json").write_text(json.dumps(result, indent=1, default=str))
         return 0
-    jobs = [f"sim:{n}" for n in args.sizes] + ([f"loopback:{args.loopback}"] if args.loopback else [])
+    jobs = ([f"sim:{n}" for n in args.sizes] + [f"simstock:{n}" for n in args.stock_sizes]
+            + ([f"loopback:{args.loopback}"] if args.loopback else []))
     if not args.report_only:
         _template(args)
         for job in jobs:

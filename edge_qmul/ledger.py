@@ -83,17 +83,30 @@ class SqliteStore:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; any exception in the block (a refusal included) rolls it back."""
+        """One write transaction; any exception in the block (a refusal included) rolls it back. Inside ``batch`` it
+        is a savepoint of the batch's transaction: rolled back alone, committed with the batch."""
+        nested = self._conn.in_transaction
         try:
-            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.execute("SAVEPOINT one" if nested else "BEGIN IMMEDIATE")
             yield self._conn
-            self._conn.execute("COMMIT")
+            self._conn.execute("RELEASE one" if nested else "COMMIT")
         except BaseException as err:
-            if self._conn.in_transaction:
+            if nested and self._conn.in_transaction:
+                self._conn.execute("ROLLBACK TO one")
+                self._conn.execute("RELEASE one")
+            elif self._conn.in_transaction:
                 self._conn.execute("ROLLBACK")
             if isinstance(err, sqlite3.DatabaseError):
                 raise LedgerError(f"{self.what} {self.path}: {err}", "retry; if it persists, restore the file") from err
             raise
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Many writes committed together at the end of the block, with one durable commit instead of one each
+        (a fleet's batch of requests). Each write inside is its own savepoint: one that is refused or fails rolls
+        back alone and the others stay; an exception out of the block rolls back the whole batch."""
+        with self._tx():
+            yield
 
 
 class Ledger(SqliteStore):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +24,7 @@ from edge_qmul import __version__, data, planner, quant, usermodel
 from edge_qmul.atomic import write_bytes, write_json
 from edge_qmul.config import DataConfig, LoopConfig, MethodConfig, QuantConfig, config_hash
 from edge_qmul.errors import CheckpointError, ConfigError, DataError, ForgetRequestError
+from edge_qmul.ledger import Ledger
 from edge_qmul.methods import (
     FeatureCache,
     LoopMethod,
@@ -529,6 +531,8 @@ def forget(
     device: str | None = None,
     leave: bool = False,
     run_data: RunData | None = None,
+    ledger: Ledger | None = None,
+    store: SampleStore | None = None,
 ) -> ForgetReceipt:
     """File a deletion request in the ledger (idempotent by request id): training-sample ids, content ids
     (sha256 of the samples' bytes, as recorded at train time), a class, or a random count / fraction.
@@ -541,14 +545,19 @@ def forget(
     fleet's batches), which otherwise reloads the whole training pool and re-reads the whole ledger per request
     (quadratic in the requests of a round). Its forget set is kept current here: each request filed through it
     adds its samples (requests another process files meanwhile are still recorded; only this receipt's total and
-    the would-forget-everything check do not see them)."""
+    the would-forget-everything check do not see them).
+
+    ``ledger`` / ``store``: the run's forget ledger and sample store, already open, for such a caller (one
+    connection for its batch, whose ``Ledger.batch`` commits the batch's requests together); by default each is
+    opened for this request and the request is committed before this returns."""
     run = as_run(run_dir)
     rd = load_run_data(run) if run_data is None else run_data
     device_spec: dict[str, Any] = {}
     if device is not None:
         device_spec = {"device": device, "kind": "client" if leave else "class" if klass is not None else "samples",
                        **({"class": klass} if klass is not None else {})}
-        ids, hashes, klass = _device_selection(run, rd, device, hashes, klass, leave, ids, count, fraction), None, None
+        ids, hashes, klass = (_device_selection(run, rd, device, hashes, klass, leave, ids, count, fraction, store),
+                              None, None)
     elif leave:
         raise ConfigError("leave=True needs the device that leaves", "pass device=<its id in the provenance>")
     if hashes is not None:
@@ -576,23 +585,24 @@ def forget(
             f"request {rid} would forget every remaining training sample of {run.root}",
             "a model needs at least one training sample: start a new run on the data that remains",
         )
-    with run.ledger() as ledger:
-        added = ledger.add(rid, kind, spec, chosen, source=source)
+    with nullcontext(ledger) if ledger is not None else run.ledger() as led:
+        added = led.add(rid, kind, spec, chosen, source=source)
         if run_data is None:
-            return ForgetReceipt(rid, added, len(chosen), len(ledger.forget_ids()))
+            return ForgetReceipt(rid, added, len(chosen), len(led.forget_ids()))
     rd.split.forget = sorted(set(rd.split.forget) | set(chosen))
     return ForgetReceipt(rid, added, len(chosen), len(rd.split.forget))
 
 
 def _device_selection(run: Run, rd: RunData, device: str, hashes: list[str] | None, klass: int | None, leave: bool,
-                      ids: list[int] | None, count: int | None, fraction: float | None) -> list[int]:
+                      ids: list[int] | None, count: int | None, fraction: float | None,
+                      opened: SampleStore | None = None) -> list[int]:
     """The training-sample ids of a device's request, checked against the run's provenance by content id."""
     if ids is not None or count is not None or fraction is not None or sum(
             (hashes is not None, klass is not None, leave)) != 1:
         raise ConfigError("a device's request is one of: hashes=[...], klass=K or leave=True",
                           "devices name their samples by content id, never by the server's sample ids")
     train = set(rd.split.train)
-    with SampleStore(run.require("samples")) as store:
+    with nullcontext(opened) if opened is not None else SampleStore(run.require("samples")) as store:
         if not store.has_provenance():
             raise ForgetRequestError(f"{run.root} has no training provenance, so no request can be a device's",
                                      "train or import with --provenance FILE.csv (device_id,sha256)")

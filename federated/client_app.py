@@ -49,8 +49,9 @@ def send_queue(state: DeviceState, message: Message) -> Message:
     entries = state.pending()
     awaiting = [r.request_id for r in state.requests() if r.status == "acknowledged"]
     reply = Message(messages.entries_to_content(state.device_id, entries, awaiting), reply_to=message)
-    for entry in entries:
-        state.mark(entry["request_id"], "sent")
+    with state.batch():  # one durable commit for the message, not one per request
+        for entry in entries:
+            state.mark(entry["request_id"], "sent")
     return reply
 
 
@@ -58,28 +59,30 @@ def settle(state: DeviceState, answers: list[tuple[str, str, str]]) -> dict[str,
     """Record the server's answers (``query.ack``); answers naming a request this device does not hold, or
     one already in a final state, are counted as ignored (a stale or repeated acknowledgement)."""
     counts = {"acknowledged": 0, "refused": 0, "ignored": 0}
-    for request_id, status, reason in answers:
-        try:
-            state.mark(request_id, status, reason=reason if status == "refused" else "")
-        except ForgetRequestError as err:
-            log.warning("acknowledgement of %s ignored: %s", request_id[:40], err.message)
-            counts["ignored"] += 1
-            continue
-        counts[status] += 1
+    with state.batch():  # one durable commit for the message; an ignored answer changes nothing
+        for request_id, status, reason in answers:
+            try:
+                state.mark(request_id, status, reason=reason if status == "refused" else "")
+            except ForgetRequestError as err:
+                log.warning("acknowledgement of %s ignored: %s", request_id[:40], err.message)
+                counts["ignored"] += 1
+                continue
+            counts[status] += 1
     return counts
 
 
 def record_receipts(state: DeviceState, honoured: dict[str, str]) -> dict[str, int]:
     """Mark each named request honoured by its model version (``query.receipt``)."""
     counts = {"receipts": 0, "ignored": 0}
-    for request_id, version in sorted(honoured.items()):
-        try:
-            state.mark(request_id, "honoured", model_version=version)
-        except ForgetRequestError as err:
-            log.warning("receipt for %s ignored: %s", request_id[:40], err.message)
-            counts["ignored"] += 1
-            continue
-        counts["receipts"] += 1
+    with state.batch():  # one durable commit for the message; an ignored receipt changes nothing
+        for request_id, version in sorted(honoured.items()):
+            try:
+                state.mark(request_id, "honoured", model_version=version)
+            except ForgetRequestError as err:
+                log.warning("receipt for %s ignored: %s", request_id[:40], err.message)
+                counts["ignored"] += 1
+                continue
+            counts["receipts"] += 1
     return counts
 
 

@@ -8,8 +8,10 @@ under the key it names comes from the device that contributed the samples, with 
 For each entry, in order: the signature and the canonical form (``verify_request``); the entry's request id
 against the body's; then the request is filed with ``pipeline.forget(..., device=...)``, which checks every
 hash against the provenance (a hash the device did not contribute, or one outside the training set, is
-refused) and commits it to the forget ledger (SQLite, synchronous=FULL) before the answer is made, so an
-"acknowledged" always describes a durable row. Sending the same signed entry again is answered
+refused) and records it in the forget ledger (SQLite, synchronous=FULL). A batch is filed through one ledger
+and one sample-store connection, in one transaction (``Ledger.batch``: each request its own savepoint, so a
+refused one leaves the others) committed before any answer is returned, so an "acknowledged" always describes
+a durable row. Sending the same signed entry again is answered
 "acknowledged" again (the ledger is idempotent by request id); a request id reused with other samples is
 refused. A class request names all the device's local samples of the class; those never trained on (its
 held-out samples) are skipped, the rest must all be its own. Reasons are codes plus the error's message;
@@ -20,7 +22,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +32,9 @@ from edge_qmul.devices.state import verify_request
 
 from edge_qmul import pipeline
 from edge_qmul.errors import ConfigError, ForgetRequestError, LedgerError
+from edge_qmul.ledger import Ledger
 from edge_qmul.run import Run
+from edge_qmul.store import SampleStore
 
 log = logging.getLogger(__name__)
 
@@ -55,21 +61,26 @@ def receive(run_dir: Run | Path, entries: Iterable[Mapping[str, Any]], *,
     """
     run = Run(run_dir) if not isinstance(run_dir, Run) else run_dir
     entries = list(entries)
-    if run_data is None and entries:
+    if not entries:
+        return []
+    if run_data is None:
         run_data = pipeline.load_run_data(run)
-    return [_one(run, entry, run_data) for entry in entries]
+    # a run without a sample store has no provenance: each request is then refused as before, by pipeline.forget
+    samples = SampleStore(run.path("samples")) if run.exists("samples") else nullcontext(None)
+    with run.ledger() as ledger, samples as store, ledger.batch():  # committed before the answers are returned
+        answers = [_one(run, entry, run_data, ledger, store) for entry in entries]
+    return answers
 
 
-def _trained_subset(run: Run, hashes: list[str]) -> list[str]:
+def _trained_subset(run: Run, store: SampleStore | None, hashes: list[str]) -> list[str]:
     """The hashes that some device contributed to training (the provenance holds exactly those)."""
-    from edge_qmul.store import SampleStore
-
-    with SampleStore(run.require("samples")) as store:
-        owners = store.owners(hashes)
+    with nullcontext(store) if store is not None else SampleStore(run.require("samples")) as opened:
+        owners = opened.owners(hashes)
     return [h for h in hashes if h in owners]
 
 
-def _one(run: Run, entry: Mapping[str, Any], run_data: pipeline.RunData | None = None) -> Answer:
+def _one(run: Run, entry: Mapping[str, Any], run_data: pipeline.RunData, ledger: Ledger,
+         store: SampleStore | None) -> Answer:
     claimed = str(entry.get("request_id", ""))[:64] if isinstance(entry, Mapping) else ""
     try:
         body = verify_request(entry)
@@ -82,19 +93,18 @@ def _one(run: Run, entry: Mapping[str, Any], run_data: pipeline.RunData | None =
     hashes = body.get("hashes") or []
     if not isinstance(hashes, list) or len(hashes) > MAX_HASHES or not all(isinstance(h, str) for h in hashes):
         return Answer(rid, "refused", "malformed: hashes must be a list of content ids")
+    file = partial(pipeline.forget, run, device=device, request_id=rid, source="device", run_data=run_data,
+                   ledger=ledger, store=store)
     try:
         if kind == "leave":
-            receipt = pipeline.forget(run, device=device, leave=True, request_id=rid, source="device",
-                                       run_data=run_data)
+            receipt = file(leave=True)
         elif kind == "samples":
-            receipt = pipeline.forget(run, device=device, hashes=hashes, request_id=rid, source="device",
-                                       run_data=run_data)
+            receipt = file(hashes=hashes)
         elif kind == "class":  # names the device's local samples of the class (its class ids need not be ours)
-            trained = _trained_subset(run, hashes)  # its held-out samples of the class were never trained on
+            trained = _trained_subset(run, store, hashes)  # its held-out samples of the class were never trained on
             if not trained:
                 return Answer(rid, "refused", "nothing-to-forget: no sample of the class was trained on")
-            receipt = pipeline.forget(run, device=device, hashes=trained, request_id=rid, source="device",
-                                       run_data=run_data)
+            receipt = file(hashes=trained)
         else:
             return Answer(rid, "refused", f"malformed: unknown request kind {kind!r}")
     except (ForgetRequestError, ConfigError) as err:

@@ -23,6 +23,34 @@ def test_same_id_with_other_samples_is_refused(tmp_path) -> None:
         assert ledger.forget_ids() == [1]
 
 
+
+def test_a_batch_commits_once_and_a_refused_request_inside_it_leaves_the_others(tmp_path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    with Ledger(path) as ledger:
+        ledger.add("r1", "samples", {}, [1])
+        with ledger.batch():
+            assert ledger.add("r2", "samples", {}, [2]) is True
+            with pytest.raises(LedgerError, match="different samples"):
+                ledger.add("r1", "samples", {}, [3])  # refused: rolled back alone
+            assert ledger.add("r2", "samples", {}, [2]) is False  # the batch sees its own rows
+            assert ledger.add("r4", "samples", {}, [4]) is True
+            reader = sqlite3.connect(path)  # nothing of the batch is visible (or durable) before it ends
+            assert reader.execute("SELECT request_id FROM requests").fetchall() == [("r1",)]
+            reader.close()
+        with Ledger(path) as other:
+            assert [r.request_id for r in other.requests()] == ["r1", "r2", "r4"]
+            assert other.forget_ids() == [1, 2, 4]
+
+
+def test_an_error_out_of_a_batch_rolls_the_whole_batch_back(tmp_path) -> None:
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        with pytest.raises(OSError), ledger.batch():
+            ledger.add("r1", "samples", {}, [1])
+            raise OSError("disk gone")
+        assert ledger.requests() == []
+        ledger.add("r2", "samples", {}, [2])  # the connection is usable afterwards
+        assert [r.request_id for r in ledger.requests()] == ["r2"]
+
 def test_requests_survive_reopening_and_use_wal(tmp_path) -> None:
     path = tmp_path / "ledger.sqlite"
     with Ledger(path) as ledger:

@@ -37,6 +37,8 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -309,6 +311,81 @@ class RssSampler:
         self._thread.join()
 
 
+# --------------------------------------------------------------------------------------------------
+# The engine's link state: Flower's in-memory one, with its per-node message lookup indexed
+# --------------------------------------------------------------------------------------------------
+
+
+def indexed_link_state_class() -> type:
+    """``InMemoryLinkState`` with ``get_message_ins`` finding a node's messages through an index by destination.
+
+    Why: the simulation engine's dispatcher (``flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue``)
+    calls ``get_message_ins(node, limit=1)`` for every virtual node every 0.1 s, and flwr 1.41's in-memory
+    version walks the whole message store for each call, checking every stored message's validity (expiry,
+    federation) under the state's lock. With one message per node in flight, a sweep over N nodes costs
+    O(N^2): ~5 CPU-s of an 8 s empty round at 1,000 nodes (the profile: bench/results/fleet_scale.md),
+    and while it holds the lock the engine's reply thread cannot store replies. Flower's SQL link state (what a
+    real SuperLink runs) claims a node's messages through an index on the destination node
+    (``idx_message_pending_dst_created_at``) and checks only those; this does the same in memory. Every other
+    method is Flower's own, and ``get_message_ins`` returns what the original returns: the node's undelivered,
+    still valid messages in the order they were stored, marked delivered. The difference is that it checks
+    (and drops when expired) only the node's own messages, not every stored one on every call; the messages a
+    lookup does not touch are checked when the server pulls their replies, as before.
+    """
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+    from flwr.supercore.date import now
+
+    class IndexedLinkState(InMemoryLinkState):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.waiting: dict[int, dict[str, None]] = {}  # node id -> ids of its messages not handed out, in order
+
+        def store_message_ins(self, message: Any) -> str | None:
+            with self.lock:
+                message_id = super().store_message_ins(message)
+                if message_id is not None:
+                    self.waiting.setdefault(message.metadata.dst_node_id, {})[message_id] = None
+            return message_id  # type: ignore[no-any-return]
+
+        def get_message_ins(self, node_id: int, limit: int | None, *, run_id: int | None = None) -> list[Any]:
+            if limit is not None and limit < 1:
+                raise AssertionError("`limit` must be >= 1")
+            found: list[Any] = []
+            with self.lock:
+                waiting = self.waiting.get(node_id, {})
+                self._check_stored_messages(set(waiting))  # drops this node's expired or invalid messages
+                for message_id in list(waiting):
+                    message = self.message_ins_store.get(message_id)
+                    if message is None or message.metadata.delivered_at != "":
+                        del waiting[message_id]  # gone or handed out: never a candidate again
+                        continue
+                    if run_id is None or message.metadata.run_id == run_id:
+                        found.append(message)
+                        del waiting[message_id]
+                    if limit and len(found) == limit:
+                        break
+            delivered_at = now().isoformat()
+            for message in found:
+                message.metadata.delivered_at = delivered_at
+            return found
+
+    return IndexedLinkState
+
+
+@contextmanager
+def indexed_link_state() -> Iterator[None]:
+    """Within the block, the simulation engine's link state factory makes ``indexed_link_state_class()``
+    states (the engine makes its in-memory state through ``LinkStateFactory``; nothing else changes)."""
+    from flwr.server.superlink.linkstate import linkstate_factory
+
+    original = linkstate_factory.InMemoryLinkState
+    linkstate_factory.InMemoryLinkState = indexed_link_state_class()  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        linkstate_factory.InMemoryLinkState = original  # type: ignore[misc]
+
+
 @dataclass
 class SimResult:
     wall_seconds: float
@@ -343,7 +420,7 @@ def warmed_server_app(warm_nodes: int, record: dict[str, float]) -> Any:
 
 
 def simulate(copy: FleetCopy, run_config: dict[str, Any], *, actors: int = 2, object_store_mb: int = 256,
-             warm_up: bool = True) -> SimResult:
+             warm_up: bool = True, indexed: bool = True) -> SimResult:
     """Run the production ServerApp and ClientApp under Flower's simulation engine with ``copy.size`` virtual
     SuperNodes, ``run_config`` over the pyproject's defaults (as ``flwr run -c`` does; ``run-dir``,
     ``state-root`` and ``num-clients`` are set here). ``actors`` Ray actors run the ClientApps (one CPU each).
@@ -351,6 +428,8 @@ def simulate(copy: FleetCopy, run_config: dict[str, Any], *, actors: int = 2, ob
     The engine is Flower's own (``flwr.simulation.run_simulation._run_simulation``, the function behind both
     ``run_simulation`` and ``flwr run`` on a simulation SuperLink); it is called directly because the public
     wrapper takes no run config. A ServerApp failure is raised here. ``warm_up``: see ``warmed_server_app``.
+    ``indexed``: the engine's link state looks a node's messages up by destination (``indexed_link_state_class``:
+    Flower's stock in-memory state costs O(N^2) per round of N nodes); False runs Flower's stock state.
     """
     from edge_qmul.federated import client_app, server_app
     from flwr.app import Context, RecordDict
@@ -385,7 +464,7 @@ def simulate(copy: FleetCopy, run_config: dict[str, Any], *, actors: int = 2, ob
     record: dict[str, float] = {}
     app = warmed_server_app(min(copy.size, 2 * actors), record) if warm_up else server_app.app
     t = time.perf_counter()
-    with RssSampler(lambda: [os.getpid()]) as rss:
+    with RssSampler(lambda: [os.getpid()]) as rss, indexed_link_state() if indexed else nullcontext():
         _run_simulation(num_supernodes=copy.size, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                         client_app=client_app.app, server_app=app, backend_config=backend_config,
                         server_app_context=context, app_dir=str(_repo()), run=run, is_app=True)
@@ -475,8 +554,8 @@ memory_budget_mb = 1024.0
 """
 
 
-def simulation_runner(copy: FleetCopy, actors: int = 2) -> Runner:
-    return lambda run_config: simulate(copy, run_config, actors=actors)
+def simulation_runner(copy: FleetCopy, actors: int = 2, indexed: bool = True) -> Runner:
+    return lambda run_config: simulate(copy, run_config, actors=actors, indexed=indexed)
 
 
 def make_bundle(copy: FleetCopy, method: str = "qmul") -> Path:
