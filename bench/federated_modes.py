@@ -7,18 +7,25 @@ Every device is its own state (``DeviceState``) over its own ``.npz``; the forge
    the test file (its held-out pool). Each device is set up with ``DeviceState.init``. The server's data is
    the union of the contributions plus the test file; the server trains and quantizes the small CNN on it
    (default recipe, seed 0) with a provenance CSV naming each device's trained samples by content id.
-2. The fleet runs the quantized model: its int8 ONNX and ``features.onnx`` are exported and installed into
-   every device's state dir (``DeviceState.install_model``), as a rollout leaves them.
-3. Each device files ``--requests`` signed requests of ``--samples`` of its trained samples
-   (``DeviceState.forget``); one ``intake`` round of the real ServerApp / ClientApp code through the
-   in-process Grid (Flower's serialization, no SuperLink) records and acknowledges them.
-4. Federated Q-MUL (``strategy.run_fedqmul``: the ``FedQMul`` Flower strategy, one Q-MUL epoch per round)
-   with the devices' own features, forget and retain sets; then, on the same ledger, central Q-MUL (the
-   server's copy of the data) and retrain (the reference).
-5. Print and write the table (FA, RA, TA, MIA, Avg Gap to retrain, seconds), the federated round log and the
-   provenance of the numbers (commit, package versions, seed, date).
+   The fleet runs the quantized model: its int8 ONNX and ``features.onnx`` are installed into every device's
+   state dir (``DeviceState.install_model``), as a rollout leaves them. All of this is WORK/base (``prepare``;
+   ``--reuse`` takes an earlier one made with the same setting).
+2. A forget set is a copy of the base's run and device states where each device files ``--requests`` signed
+   requests of ``--samples`` of its trained samples (``DeviceState.forget``) and one ``intake`` round of the
+   real ServerApp / ClientApp code through the in-process Grid (Flower's serialization, no SuperLink) records
+   and acknowledges them.
+3. Tuning (DESIGN.md §4.4): on ``--tuning-sets`` forget sets disjoint from the reported one, with their own
+   retrain references and the validation split in place of the test split, every configuration of
+   ``FED_GRID`` (federated: lr, rounds, local epochs) and ``CENTRAL_GRID`` (central: lr, epochs; as many) is
+   scored by its mean Avg Gap; each mode's best is its tuned configuration. ``--tuning-only`` stops there
+   (OUT/federated_modes_tuning.json); ``--tuning FILE`` takes that file instead of tuning again.
+4. On the reported forget set: retrain (the reference), central Q-MUL at its default and tuned configuration,
+   federated Q-MUL (``strategy.run_fedqmul``: the ``FedQMul`` Flower strategy) as it was before
+   (``FED_BEFORE``), at the shipped defaults and tuned; FA, RA, TA, MIA and Avg Gap on the test split.
+5. Write the tables, the federated round logs and the provenance of the numbers (commit, package versions,
+   seed, date, command).
 
-    python bench/federated_modes.py          # ~10 min on 2 cores; writes bench/results/federated_modes.*
+    python bench/federated_modes.py --threads 1        # ~1 h on 2 busy cores; writes bench/results/federated_modes.*
 
 The devices run one after another in this process, so the federated wall time is the sum of every
 device's work plus the server's, not what a fleet running in parallel would see.
@@ -35,6 +42,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -46,11 +55,11 @@ from edge_qmul.devices.state import DataSpec, DeviceState
 from edge_qmul.export.onnx_export import export_models
 from edge_qmul.federated.config import FederatedConfig
 from edge_qmul.federated.coordinator import run_round
-from edge_qmul.federated.strategy import run_fedqmul
+from edge_qmul.federated.strategy import FEDERATED_RECIPE, LOCAL_EPOCHS, run_fedqmul
 
 from edge_qmul import data, pipeline, quant
-from edge_qmul.config import DataConfig, QuantConfig, method_config
-from edge_qmul.demo import format_table
+from edge_qmul.config import DataConfig, QMul, QuantConfig, method_config
+from edge_qmul.metrics import EvalSets, avg_gap, evaluate_model
 from edge_qmul.run import model_version, sha256_file
 from edge_qmul.train import TrainConfig
 
@@ -126,31 +135,39 @@ def provenance_info() -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=Path("runs/bench-fed"), help="fleet, states and run (recreated)")
-    parser.add_argument("--clients", type=int, default=3)
-    parser.add_argument("--requests", type=int, default=6, help="requests per device")
-    parser.add_argument("--samples", type=int, default=300, help="samples per request")
-    parser.add_argument("--held-out", type=int, default=1000, help="held-out test images per device")
-    parser.add_argument("--server-lr", type=float, default=1.0, help="server step towards the average (1 = FedAvg)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a machine busy with other work)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    act_as_flower_process()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("flwr", "edge_qmul.federated.receive"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    seconds: dict[str, float] = {}
-    prov = provenance_info()  # of the code as it starts
+@dataclass
+class Base:
+    """The fleet and the server's trained, quantized run, before any request (``prepare``)."""
 
-    if args.work.exists():
-        shutil.rmtree(args.work)
+    root: Path
+    device_ids: list[str]
+    trained: list[list[str]]  # per device: its samples in the server's training split (provenance order)
+    version: str  # the installed quantized model
+    seconds: dict[str, float]
+    made: dict[str, Any]  # commit and date of the code that made it (``provenance_info``)
+
+
+def prepare(root: Path, clients: int, held_out: int, reuse: bool) -> Base:
+    """Fleet data, device states, the trained and quantized run, the model installed on every device. With
+    ``reuse``, an earlier ``root`` made with the same setting is taken as it is (``base.json`` is written last,
+    so a half-made one is never reused)."""
+    setting = {"clients": clients, "held_out": held_out, "seed": SEED, "dataset": "fashion-mnist",
+               "recipe": "small_cnn default TrainConfig, default QuantConfig"}
+    meta = root / "base.json"
+    if reuse and meta.exists():
+        info = json.loads(meta.read_text())
+        if info["setting"] == setting:
+            logging.getLogger(__name__).info("reusing the trained fleet in %s", root)
+            return Base(root, info["device_ids"], info["trained"], info["version"], info["seconds"],
+                        info.get("made", {}))
+    if root.exists():
+        shutil.rmtree(root)
+    seconds: dict[str, float] = {}
+    made = provenance_info()
     t = time.perf_counter()
-    files, server = fleet_data(args.work / "data", args.clients, args.held_out)
-    fleet_key = "".join(f"{b:02x}" for b in _fleet_public_key(args.work))
-    states = [args.work / "states" / f"device-{k}" for k in range(args.clients)]
+    files, server = fleet_data(root / "data", clients, held_out)
+    fleet_key = "".join(f"{b:02x}" for b in _fleet_public_key(root))
+    states = [root / "states" / f"device-{k}" for k in range(clients)]
     device_ids = []
     for state, f in zip(states, files, strict=True):
         with DeviceState.init(state, DataSpec("npz", f), fleet_key) as d:
@@ -165,100 +182,357 @@ def main(argv: list[str] | None = None) -> int:
         mine = [h for h in data.content_ids(data.load_dataset("npz", f).train) if h in in_train]
         trained.append(mine)
         rows += [f"{device},{h}" for h in mine]
-    (args.work / "provenance.csv").write_text("\n".join(rows) + "\n")
+    (root / "provenance.csv").write_text("\n".join(rows) + "\n")
     seconds["fleet"] = time.perf_counter() - t
-
-    run = args.work / "run"
+    run = root / "run"
     t = time.perf_counter()
     pipeline.train(run, DataConfig(dataset="npz", root=str(server), seed=SEED), TrainConfig(seed=SEED),
-                   provenance=args.work / "provenance.csv", quiet=True)
+                   provenance=root / "provenance.csv", quiet=True)
     pipeline.quantize(run, QuantConfig(), quiet=True)
     seconds["train_quantize"] = time.perf_counter() - t
-    version = install_quantized_model(run, states, args.work / "shipped")
+    version = install_quantized_model(run, states, root / "shipped")
+    meta.write_text(json.dumps({"setting": setting, "device_ids": device_ids, "trained": trained, "version": version,
+                                "seconds": seconds, "made": made}))
+    return Base(root, device_ids, trained, version, seconds, made)
 
-    rng = np.random.default_rng(SEED)
-    for state, mine in zip(states, trained, strict=True):
-        chosen = rng.permutation(len(mine))[: args.requests * args.samples]
+
+def choose(trained: list[list[str]], count: int, seed: int, exclude: list[np.ndarray] | None = None
+           ) -> list[np.ndarray]:
+    """Per device, ``count`` positions in its trained samples drawn with one generator (``seed``), none of
+    ``exclude``'s. Seed 0 without exclusions is the draw the reported forget set has always used."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k, mine in enumerate(trained):
+        order = rng.permutation(len(mine))
+        if exclude is not None:
+            order = order[~np.isin(order, exclude[k])]
+        out.append(order[:count])
+    return out
+
+
+@dataclass
+class Session:
+    """One forget set on a copy of the base: the run, its devices and the in-process Grid to them."""
+
+    run: Path
+    grid: Any
+    cfg: FederatedConfig
+    participants: dict[int, str]
+    intake: Any
+    intake_seconds: float
+
+
+def forget_set(base: Base, dest: Path, chosen: list[np.ndarray], requests: int, samples: int) -> Session:
+    """Copy the base's run and device states to ``dest``; every device files ``requests`` requests of ``samples``
+    of its chosen samples; one intake round records and acknowledges them."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    shutil.copytree(base.root / "run", dest / "run")
+    shutil.copytree(base.root / "states", dest / "states")
+    states = [dest / "states" / f"device-{k}" for k in range(len(base.device_ids))]
+    for state, mine, idx in zip(states, base.trained, chosen, strict=True):
         with DeviceState.open(state) as d:
-            for r in range(args.requests):
-                d.forget(hashes=[mine[i] for i in chosen[r * args.samples:(r + 1) * args.samples]])
-    config: dict[str, object] = {"mode": "intake", "server-lr": args.server_lr, "reply-timeout": 3600.0}
-    grid = local_grid(run.resolve(), [s.resolve() for s in states], config)
+            for r in range(requests):
+                d.forget(hashes=[mine[i] for i in idx[r * samples:(r + 1) * samples]])
+    config: dict[str, object] = {"mode": "intake", "reply-timeout": 3600.0}
+    run = (dest / "run").resolve()
+    grid = local_grid(run, [s.resolve() for s in states], config)
     cfg = FederatedConfig.from_run_config(grid.contexts[NODE].run_config)
     t = time.perf_counter()
     intake = run_round(grid, cfg)
-    seconds["intake"] = time.perf_counter() - t
-    if intake.accepted != args.clients * args.requests:
-        print(f"intake recorded {intake.accepted} of {args.clients * args.requests} requests; see the log above",
-              file=sys.stderr)
-        return 1
+    seconds = time.perf_counter() - t
+    if intake.accepted != len(states) * requests:
+        raise SystemExit(f"intake recorded {intake.accepted} of {len(states) * requests} requests; see the log above")
+    return Session(run, grid, cfg, {NODE + k: d for k, d in enumerate(base.device_ids)}, intake, seconds)
 
-    participants = {NODE + k: device for k, device in enumerate(device_ids)}
-    t = time.perf_counter()
-    record = run_fedqmul(grid, cfg, participants, model_version=version)
-    seconds["federated"] = time.perf_counter() - t
-    if record is None:
-        print("federated mode made no model; see the log above", file=sys.stderr)
-        return 1
-    pipeline.run_unlearn(run, method_config("qmul"), quiet=True)
-    pipeline.run_unlearn(run, method_config("retrain"), quiet=True)
-    report = pipeline.evaluate(run, ["retrain", "qmul", "fedqmul"])
-    table = format_table(report)
-    fed_log = json.loads((run / "unlearn" / "fedqmul" / "log.json").read_text())["log"]
+
+class Evaluator:
+    """FA, RA, MIA and the held-out accuracy (``holdout``: "test", or "val" standing in for it while tuning) of a
+    run's results; Avg Gap to its retrain result."""
+
+    def __init__(self, run: Path, holdout: str) -> None:
+        self.run = run
+        self.q = pipeline.load_quantized(run)
+        rd = pipeline.load_run_data(run)
+        self.forget_ids = rd.split.forget
+        self.sets = EvalSets(*rd.tensors("forget"), *rd.tensors("retain"), *rd.tensors(holdout))
+        self.rows: dict[str, dict[str, float]] = {"none": {**evaluate_model(self.q.int8, self.sets), "seconds": 0.0}}
+
+    def measure(self, method: str, name: str | None = None) -> dict[str, float]:
+        model, meta = pipeline.load_result(self.run, method, self.q, self.forget_ids)
+        row = {**evaluate_model(model, self.sets), "seconds": float(meta["seconds"])}
+        self.rows[name or method] = row
+        return row
+
+    def gap(self, name: str) -> float:
+        return avg_gap(self.rows[name], self.rows["retrain"])
+
+    def table(self) -> str:
+        header = f"{'method':<22}{'FA':>8}{'RA':>8}{'TA':>8}{'MIA':>8}{'AvgGap':>9}{'seconds':>10}"
+        lines = [header, "-" * len(header)]
+        for name, r in self.rows.items():
+            lines.append(f"{name:<22}{r['FA']:8.2f}{r['RA']:8.2f}{r['TA']:8.2f}{r['MIA']:8.2f}{self.gap(name):9.2f}"
+                         f"{r['seconds']:10.2f}")
+        return "\n".join(lines)
+
+
+# Tuning grids (DESIGN.md §4.4: the same number of configurations for both, chosen on the tuning forget set with
+# the validation split standing in for the test split). Both see the same learning rates and the same numbers of
+# passes over the data: federated rounds x local epochs per round = central epochs.
+FED_GRID: list[dict[str, Any]] = [{"lr": lr, "epochs": e, "local_epochs": le}
+                                  for lr in (0.3, 0.1) for e, le in ((5, 1), (10, 1), (5, 3), (10, 3))]
+CENTRAL_GRID: list[dict[str, Any]] = [{"lr": lr, "epochs": e} for lr in (0.3, 0.1) for e in (5, 10, 15, 30)]
+
+
+def fed_options(c: Mapping[str, Any]) -> dict[str, Any]:
+    return {"unlearn": {"lr": c["lr"], "epochs": c["epochs"]}, "local_epochs": c["local_epochs"],
+            "retain": c.get("retain", "trained")}
+
+
+def label(c: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in c.items())
+
+
+def tune_set(base: Base, dest: Path, chosen: list[np.ndarray], args: argparse.Namespace) -> dict[str, Any]:
+    """Every grid point of both modes on one tuning forget set, scored by Avg Gap to its retrain with the validation
+    split in place of the test split."""
+    s = forget_set(base, dest, chosen, args.requests, args.samples)
+    pipeline.run_unlearn(s.run, method_config("retrain"), quiet=True)
+    ev = Evaluator(s.run, "val")
+    ev.measure("retrain")
+    out: dict[str, Any] = {"none": ev.rows["none"], "retrain": ev.rows["retrain"], "none_gap": ev.gap("none"),
+                           "forget_count": len(ev.forget_ids), "fedqmul": [], "qmul": []}
+    for c in FED_GRID:
+        if run_fedqmul(s.grid, s.cfg, s.participants, model_version=base.version, **fed_options(c)) is None:
+            raise SystemExit("federated mode made no model; see the log above")
+        row = ev.measure("fedqmul", f"fedqmul {label(c)}")
+        out["fedqmul"].append({**c, **row, "avg_gap": ev.gap(f"fedqmul {label(c)}")})
+        print(f"tune {dest.name} fedqmul {label(c)}: Avg Gap (val) {out['fedqmul'][-1]['avg_gap']:.2f}", flush=True)
+    for c in CENTRAL_GRID:
+        pipeline.run_unlearn(s.run, method_config("qmul", c), quiet=True)
+        row = ev.measure("qmul", f"qmul {label(c)}")
+        out["qmul"].append({**c, **row, "avg_gap": ev.gap(f"qmul {label(c)}")})
+        print(f"tune {dest.name} qmul {label(c)}: Avg Gap (val) {out['qmul'][-1]['avg_gap']:.2f}", flush=True)
+    return out
+
+
+def tune(base: Base, work: Path, reported: list[np.ndarray], args: argparse.Namespace) -> dict[str, Any]:
+    """``--tuning-sets`` tuning forget sets (each drawn like the reported one, disjoint from it and from each other);
+    every grid point scored by its mean Avg Gap (val) over them; the best of each mode."""
+    taken = [np.asarray(r) for r in reported]
+    sets = []
+    for i in range(args.tuning_sets):
+        chosen = choose(base.trained, args.requests * args.samples, SEED + 1 + i, exclude=taken)
+        taken = [np.concatenate([t, c]) for t, c in zip(taken, chosen, strict=True)]
+        sets.append(tune_set(base, work / f"tune-{i + 1}", chosen, args))
+    mean = {mode: [float(np.mean([t[mode][j]["avg_gap"] for t in sets])) for j in range(len(grid))]
+            for mode, grid in (("fedqmul", FED_GRID), ("qmul", CENTRAL_GRID))}
+    chosen_cfg = {mode: dict(grid[int(np.argmin(mean[mode]))])
+                  for mode, grid in (("fedqmul", FED_GRID), ("qmul", CENTRAL_GRID))}
+    return {"sets": sets, "mean_gap": mean, "best": chosen_cfg,
+            "grids": {"fedqmul": FED_GRID, "qmul": CENTRAL_GRID}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-fed"), help="fleet, states and runs")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse the trained fleet in WORK/base if it was made with the same setting")
+    parser.add_argument("--clients", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=6, help="requests per device")
+    parser.add_argument("--samples", type=int, default=300, help="samples per request")
+    parser.add_argument("--held-out", type=int, default=1000, help="held-out test images per device")
+    parser.add_argument("--tuning-sets", type=int, default=2, help="tuning forget sets (0: report the defaults only)")
+    parser.add_argument("--tuning-only", action="store_true",
+                        help="stop after the tuning; write OUT/federated_modes_tuning.json")
+    parser.add_argument("--tuning", type=Path, help="take the tuning from this federated_modes_tuning.json")
+    parser.add_argument("--note", default="", help="a paragraph for the report (how the run was made)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a machine busy with other work)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    act_as_flower_process()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("flwr", "edge_qmul.federated.receive", "edge_qmul.federated.coordinator"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    prov = provenance_info()  # of the code as it starts
+    prov["command"] = " ".join(["python", "bench/federated_modes.py", *(argv if argv is not None else sys.argv[1:])])
+    t0 = time.perf_counter()
+    base = prepare(args.work / "base", args.clients, args.held_out, args.reuse)
+    seconds: dict[str, float] = dict(base.seconds)
+    reported = choose(base.trained, args.requests * args.samples, SEED)
+    tuning: dict[str, Any] | None = None
+    if args.tuning is not None:
+        tuning = json.loads(args.tuning.read_text())
+    elif args.tuning_sets > 0:
+        t = time.perf_counter()
+        tuning = {**tune(base, args.work, reported, args), "provenance": prov, "base_made": base.made}
+        seconds["tuning"] = time.perf_counter() - t
+        tuning["seconds"] = seconds["tuning"]
+    if args.tuning_only:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "federated_modes_tuning.json").write_text(json.dumps(tuning, indent=2, default=_jsonable) + "\n")
+        print(json.dumps(tuning["best"] if tuning else None))
+        return 0
+
+    s = forget_set(base, args.work / "report", reported, args.requests, args.samples)
+    seconds["intake"] = s.intake_seconds
+    pipeline.run_unlearn(s.run, method_config("retrain"), quiet=True)
+    ev = Evaluator(s.run, "test")
+    ev.measure("retrain")
+    central_rows = {"qmul": dict(CENTRAL_DEFAULT)}
+    if tuning and tuning["best"]["qmul"] != CENTRAL_DEFAULT:
+        central_rows["qmul tuned"] = tuning["best"]["qmul"]
+    for name, c in central_rows.items():
+        pipeline.run_unlearn(s.run, method_config("qmul", c), quiet=True)
+        ev.measure("qmul", name)
+    fed_rows = {"fedqmul before": dict(FED_BEFORE), "fedqmul": dict(FED_DEFAULT)}
+    if tuning and tuning["best"]["fedqmul"] != FED_DEFAULT:
+        fed_rows["fedqmul tuned"] = tuning["best"]["fedqmul"]
+    fed_logs = {}
+    for name, c in fed_rows.items():
+        t = time.perf_counter()
+        if run_fedqmul(s.grid, s.cfg, s.participants, model_version=base.version, **fed_options(c)) is None:
+            print("federated mode made no model; see the log above", file=sys.stderr)
+            return 1
+        seconds[name] = time.perf_counter() - t
+        ev.measure("fedqmul", name)
+        fed_logs[name] = json.loads((s.run / "unlearn" / "fedqmul" / "log.json").read_text())["log"]
+    table = ev.table()
     print(table)
-    rows_ = report.methods
-    print(f"Avg Gap to retrain: central qmul {rows_['qmul']['avg_gap']:.2f}, "
-          f"federated {rows_['fedqmul']['avg_gap']:.2f}")
+    seconds["total"] = time.perf_counter() - t0
+    write_results(args, prov, base, s, ev, table, tuning, central_rows, fed_rows, fed_logs, seconds)
+    return 0
 
-    caches = {s.name: sum(p.stat().st_size for p in (s / "fedqmul").glob("*.npz")) for s in states}
+
+# What the reported rows run. CENTRAL_DEFAULT / FED_DEFAULT: the shipped defaults (QMul's and FedQMul's);
+# FED_BEFORE: federated Q-MUL as it was before the tuning (one local epoch, the device's retain set every sample it
+# contributed, the 10% the server kept for validation included).
+CENTRAL_DEFAULT: dict[str, Any] = {"lr": QMul().lr, "epochs": QMul().epochs}
+FED_DEFAULT: dict[str, Any] = {"lr": FEDERATED_RECIPE.get("lr", QMul().lr), "epochs": FEDERATED_RECIPE.get(
+    "epochs", QMul().epochs), "local_epochs": LOCAL_EPOCHS}
+FED_BEFORE: dict[str, Any] = {"lr": 0.3, "epochs": 5, "local_epochs": 1, "retain": "contributed"}
+
+
+def write_results(args: argparse.Namespace, prov: dict[str, Any], base: Base, s: Session, ev: Evaluator, table: str,
+                  tuning: dict[str, Any] | None, central_rows: dict[str, dict[str, Any]],
+                  fed_rows: dict[str, dict[str, Any]], fed_logs: dict[str, Any], seconds: dict[str, float]) -> None:
+    gaps = {name: ev.gap(name) for name in ev.rows}
+    caches = {p.name: sum(f.stat().st_size for f in (p / "fedqmul").glob("*.npz"))
+              for p in sorted((args.work / "report" / "states").iterdir())}
     result: dict[str, Any] = {
         "provenance": prov,
+        "base_made": base.made,
         "clients": args.clients,
-        "requests": intake.accepted,
-        "forget_count": report.forget_count,
-        "device_samples": [len(t_) for t_ in trained],
-        "features_version": version,
+        "requests": s.intake.accepted,
+        "forget_count": len(ev.forget_ids),
+        "device_samples": [len(t_) for t_ in base.trained],
+        "features_version": base.version,
         "seconds": seconds,
-        "intake": {k: v for k, v in vars(intake).items() if k != "seconds"},
-        "report": report,
-        "federated_rounds": fed_log["rounds"],
-        "federated_final": fed_log["final"],
+        "intake": {k: v for k, v in vars(s.intake).items() if k != "seconds"},
+        "rows": ev.rows,
+        "avg_gap": gaps,
+        "configs": {**central_rows, **fed_rows},
+        "tuning": tuning,
+        "federated_logs": fed_logs,
         "device_feature_cache_bytes": caches,
-        "qmul_config": fed_log["config"],
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "federated_modes.json").write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")
-    rounds_md = "\n".join(
-        f"| {r['epoch']} | {r['lr']:.4f} | {r['server_lr']:.0f} | {r['w_f']:.3f} | {r['w_r']:.3f} | "
-        f"{r['forget_acc']:.2f} | {r['retain_acc']:.2f} |"
-        for r in fed_log["rounds"]
-    )
-    final = fed_log["final"]
-    versions = ", ".join(f"{k} {v}" for k, v in prov["versions"].items())
-    (args.out / "federated_modes.md").write_text(
-        f"# Central vs federated Q-MUL, Fashion-MNIST, {args.clients} devices, small CNN, int8 (x86)\n\n"
+    md = [f"# Central vs federated Q-MUL, Fashion-MNIST, {args.clients} devices, small CNN, int8 (x86)\n"]
+    md.append(
         f"Each device is a `DeviceState` over its own `.npz` (an IID share of the Fashion-MNIST training file, "
         f"exact duplicates dropped; {args.held_out} test images as its held-out pool); the server trained the "
         "small CNN (default recipe) on the union with a provenance CSV by content id. The devices run the "
-        f"quantized model ({version}), installed with its `features.onnx` in their state dirs. "
-        f"{intake.accepted} device-filed requests ({report.forget_count} samples) were recorded in one intake "
+        f"quantized model ({base.version}), installed with its `features.onnx` in their state dirs. "
+        f"{s.intake.accepted} device-filed requests ({len(ev.forget_ids)} samples) were recorded in one intake "
         "round through the in-process Grid (the real app code and Flower serialization; no SuperLink). "
         "Federated Q-MUL ran as the `FedQMul` strategy: each device resolved its request ids to its own samples "
         "and computed their features with `features.onnx` on its own pixels; only the classifier head's QAT "
         "state and statistics travelled. Central Q-MUL and retrain ran on the same ledger. Federated seconds: "
-        "the devices ran one after another in one process.\n\n"
-        f"```\n{table}\n```\n\n"
-        f"Avg Gap to retrain: central Q-MUL {rows_['qmul']['avg_gap']:.2f}, federated Q-MUL "
-        f"{rows_['fedqmul']['avg_gap']:.2f}.\n\n"
-        "Federated rounds (statistics measured by the devices at the round's broadcast weights; the last row is "
-        "the devices' look after the final round):\n\n"
-        "| round | lr | server lr | w_f | w_r | forget acc | retain acc |\n|---|---|---|---|---|---|---|\n"
-        f"{rounds_md}\n| final | | | | | {final['forget_acc']:.2f} | {final['retain_acc']:.2f} |\n\n"
+        "the devices ran one after another in one process.\n")
+    md.append("Rows (configurations: lr, epochs = rounds for federated, local epochs per round):\n")
+    for name, c in {**central_rows, **fed_rows}.items():
+        md.append(f"- `{name}`: {label(c)}")
+    md.append(f"\n```\n{table}\n```\n")
+    md.append("Avg Gap to retrain (test split): " + ", ".join(f"{n} {g:.2f}" for n, g in gaps.items()) + ".\n")
+    if args.note:
+        md.append(args.note + "\n")
+    if tuning is not None:
+        md.append(tuning_md(tuning))
+    for name, log_ in fed_logs.items():
+        md.append(rounds_md(name, log_))
+    versions = ", ".join(f"{k} {v}" for k, v in prov["versions"].items())
+    md.append(
         f"Provenance: commit {prov['commit'][:12]}{' (+ uncommitted changes)' if prov['dirty'] else ''}, "
         f"{versions}; Python {prov['python']}, {prov['machine']}; seed {SEED}; {prov['date']}. "
-        "`python bench/federated_modes.py` regenerates this file.\n"
-    )
-    return 0
+        f"Command: `{prov['command']}`. The trained fleet (data, device states, trained and quantized run) was made "
+        f"by the same script at commit {str(base.made.get('commit', '?'))[:12]} on {base.made.get('date', '?')} "
+        f"(`--reuse` takes it when the setting matches; {base_changes(base)}).\n")
+    (args.out / "federated_modes.md").write_text("\n".join(md))
+
+
+def base_changes(base: Base) -> str:
+    """Whether the code that trains, quantizes and exports changed between the base's commit and this one."""
+    made = str(base.made.get("commit", ""))
+    if not made:
+        return "its commit is unknown"
+    out = subprocess.run(["git", "diff", "--name-only", made, "HEAD", "--", "edge_qmul", "export", "devices"],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        return "its commit is not in this repository"
+    files = out.stdout.split()
+    return (f"files of edge_qmul/, export/ and devices/ changed since: {', '.join(files)}" if files else
+            "edge_qmul/, export/ and devices/ are unchanged since")
+
+
+def tuning_md(t: dict[str, Any]) -> str:
+    sets = t["sets"]
+    prov = t.get("provenance", {})
+    dirty = " + uncommitted changes" if prov.get("dirty") else ""
+    where = (f" (run at commit {str(prov.get('commit', '?'))[:12]}{dirty}, {prov.get('date', '?')}: "
+             f"`{prov.get('command', '?')}`)") if prov else ""
+    lines = [
+        f"Tuning (DESIGN.md §4.4){where}: {len(sets)} separate forget sets of the same shape (each "
+        f"{sets[0]['forget_count']} samples in 18 other requests, drawn like the reported one, disjoint from it and "
+        "from each other, on copies of the same trained run), each with its own retrain reference, and the "
+        "validation split in place of the test split; the test split chose nothing. Each mode had "
+        f"{len(t['grids']['fedqmul'])} configurations with the same learning rates and the same numbers of passes "
+        "over the data (federated rounds x local epochs = central epochs); each mode's configuration with the "
+        "smallest mean Avg Gap (val) over the tuning sets is its tuned one. Untouched Avg Gap (val): "
+        + ", ".join(f"{x['none_gap']:.2f}" for x in sets) + ".\n",
+        "| tuning set | row | FA | RA | VA | MIA |",
+        "|---|---|---|---|---|---|",
+    ]
+    for i, x in enumerate(sets):
+        for name in ("none", "retrain"):
+            r = x[name]
+            lines.append(f"| {i + 1} | {name} | {r['FA']:.2f} | {r['RA']:.2f} | {r['TA']:.2f} | {r['MIA']:.2f} |")
+    lines += ["", "| mode | lr | epochs | local epochs | " + " | ".join(
+        f"set {i + 1}: FA / RA / VA / MIA | set {i + 1} Avg Gap" for i in range(len(sets))) + " | mean Avg Gap |",
+        "|---|---|---|---|" + "---|---|" * len(sets) + "---|"]
+    for mode in ("qmul", "fedqmul"):
+        for j, c in enumerate(t["grids"][mode]):
+            cells = []
+            for x in sets:
+                r = x[mode][j]
+                cells += [f"{r['FA']:.2f} / {r['RA']:.2f} / {r['TA']:.2f} / {r['MIA']:.2f}", f"{r['avg_gap']:.2f}"]
+            mark = " (chosen)" if dict(c) == t["best"][mode] else ""
+            lines.append(f"| {mode} | {c['lr']} | {c['epochs']} | {c.get('local_epochs', '')} | " + " | ".join(cells)
+                         + f" | {t['mean_gap'][mode][j]:.2f}{mark} |")
+    return "\n".join(lines) + "\n"
+
+
+def rounds_md(name: str, log_: dict[str, Any]) -> str:
+    rows = "\n".join(
+        f"| {r['epoch']} | {r['lr']:.4f} | {r['server_lr']:g} | {r['w_f']:.3f} | {r['w_r']:.3f} | "
+        f"{r['forget_acc']:.2f} | {r['retain_acc']:.2f} |" for r in log_["rounds"])
+    final = log_["final"]
+    return (f"Federated rounds of `{name}` (statistics measured by the devices at the round's broadcast weights, on "
+            "their own forget and retain sets; the last row is the devices' look after the final round):\n\n"
+            "| round | lr | server lr | w_f | w_r | forget acc | retain acc |\n|---|---|---|---|---|---|---|\n"
+            f"{rows}\n| final | | | | | {final['forget_acc']:.2f} | {final['retain_acc']:.2f} |\n")
 
 
 def _fleet_public_key(work: Path) -> bytes:

@@ -8,26 +8,28 @@ every step after that costs only the head. One epoch of central Q-MUL becomes on
 
 1. ``evaluate``: the server sends the head's QAT state and, to each device, the ids of its acknowledged
    requests the round honours (request ids, never sample ids or contents). The device resolves them to
-   its own content ids from its own request records (``DeviceState.request_hashes``); its other contributed
-   samples are its retain set (never its held-out pool). At the broadcast weights it computes its forget
-   samples' similar labels and the gradient-norm sums g(B) over up to ``norm_batches`` forget batches
-   (similar labels) and retain batches, and replies the sums weighted by batch size, the sample counts and
-   its forget / retain accuracy (``local_stats``).
+   its own content ids from its own request records (``DeviceState.request_hashes``). Its retain set is its
+   other samples that the server's training split holds, which the message names (8-byte prefixes of their
+   content ids, from the server's provenance and split: ``prefixes``), so a device does not train on what the
+   server kept for validation, as central Q-MUL does not; never its held-out pool. At the broadcast weights
+   it computes its forget samples' similar labels and the gradient-norm sums g(B) over up to
+   ``norm_batches`` forget batches (similar labels) and retain batches, and replies the sums weighted by
+   batch size, the sample counts and its forget / retain accuracy (``local_stats``).
 2. The server pools the sums into fleet-wide means ḡ_f, ḡ_r and forms w_f = ḡ_r / (ḡ_f + ḡ_r),
    w_r = ḡ_f / (ḡ_f + ḡ_r) (``adaptive_weights``): the weights central Q-MUL computes, from batches spread
    over the fleet. Each batch counts by its size: a device holding 10 forget samples has one 10-sample
    batch, whose gradient norm is inflated by noise; counted as one batch like a full 256-sample one, it
    doubled ḡ_f on digits (8.2 vs central's 4.5 at the same weights; 4.8 when counted by size).
-3. ``train``: the same state plus (w_f, w_r, lr); each device runs one local epoch of Q-MUL steps over its
-   forget (similar labels) and retain samples (``local_update``: central Q-MUL's own step code) and
-   replies its new head state and sample count.
+3. ``train``: the same state plus (w_f, w_r, lr, local epochs); each device runs that many local epochs of
+   Q-MUL steps over its forget (similar labels) and retain samples (``local_update``: central Q-MUL's own step
+   code, one optimizer for the round) and replies its new head state and sample count.
 4. The server averages the states weighted by sample count and steps towards the average with a server
    step size (``average_states``; default 1 = plain FedAvg), then sets each weight fake-quant's range and
    scale from the new weights.
 
 The learning rate follows central Q-MUL's cosine schedule over the rounds. Differences from central
 Q-MUL, by construction: the optimizer's momentum restarts every round on every device, and a device's
-local epoch sees only its own samples.
+local epochs see only its own samples.
 
 What a device needs (``DeviceRound``): its state dir (samples, request records, installed models) and the
 message. It rebuilds the head's structure from the model config in the message (a built-in model by name;
@@ -101,6 +103,11 @@ class RoundSpec:
     w_r: float = 0.0
     lr: float = 0.0
     norms: bool = True  # evaluate: compute the gradient-norm sums (False: accuracies only, the final look)
+    local_epochs: int = 1  # train: passes over the device's forget and retain samples in this round
+    # The device's samples the server's training split holds, as 8-byte prefixes of their content ids (``prefixes``):
+    # the retain set is drawn from these only (the samples the server kept for validation or never trained on are
+    # not the model's to retain). None: every contributed sample (a server without provenance).
+    trained: bytes | None = None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -227,13 +234,26 @@ def _save_cache(path: Path, digest: str, hashes: list[str], values: np.ndarray, 
             os.unlink(tmp)
 
 
+PREFIX = 8  # bytes of a content id the server names a device's trained samples by (``prefixes``)
+
+
+def prefixes(hashes: Sequence[str]) -> bytes:
+    """The first ``PREFIX`` bytes of each content id, concatenated (how a round names the trained samples: 8 bytes
+    instead of 64 hex digits each; a collision can only add one of the device's own samples to its retain set)."""
+    return b"".join(bytes.fromhex(h[:2 * PREFIX]) for h in hashes)
+
+
 def device_data(state: DeviceState, spec: RoundSpec) -> LocalData:
     """The device's forget set (what the named requests cover, among the samples it contributed) and retain
-    set (its other contributed samples), as the int8 model's features. Held-out samples are never in either."""
+    set (its other contributed samples that the server trained on: ``spec.trained``, when the server names them),
+    as the int8 model's features. Held-out samples are never in either."""
     contributed = state.contributed_pool()  # every sample outside the held-out pool
     covered = set(forget_hashes(state, spec.request_ids))
     forget = [h for h in contributed if h in covered]
     retain = [h for h in contributed if h not in covered]
+    if spec.trained is not None:
+        trained = {spec.trained[i:i + PREFIX] for i in range(0, len(spec.trained), PREFIX)}
+        retain = [h for h in retain if bytes.fromhex(h[:2 * PREFIX]) in trained]
     x, y = own_features(state, forget + retain, spec.model_version, spec.model)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     n = len(forget)
@@ -253,7 +273,7 @@ def device_round(state: DeviceState, head_state: Mapping[str, torch.Tensor], spe
     local = device_data(state, spec)
     if not train:
         return local_stats(head, local, cfg, spec.seed, norms=spec.norms), None
-    metrics = local_update(head, model_cfg, local, cfg, spec.w_f, spec.w_r, spec.lr, spec.seed)
+    metrics = local_update(head, model_cfg, local, cfg, spec.w_f, spec.w_r, spec.lr, spec.seed, spec.local_epochs)
     return metrics, state_of(head)
 
 
@@ -307,13 +327,17 @@ class _RoundQMul(QMulMethod):
 
 
 def local_update(head: nn.Module, model_cfg: ModelConfig, local: LocalData, cfg: QMul, w_f: float, w_r: float,
-                 lr: float, seed: int) -> dict[str, float]:
-    """One local epoch of Q-MUL steps on the device's samples (step 3 of a round); trains ``head`` in place."""
+                 lr: float, seed: int, local_epochs: int = 1) -> dict[str, float]:
+    """``local_epochs`` local epochs of Q-MUL steps on the device's samples (step 3 of a round), one optimizer
+    (its momentum carries over between them) at the round's lr; each epoch takes its similar labels at its start,
+    as central Q-MUL's do. Trains ``head`` in place."""
     method = _RoundQMul(replace(cfg, seed=seed), w_f, w_r)
     ctx = _context(head, model_cfg, local)
-    method.begin_epoch(ctx, 0)
     opt = sgd(head, lr, cfg.momentum, cfg.weight_decay)
-    losses = method.train_steps(ctx, opt, method.steps(ctx, 0))
+    losses: dict[str, float] = {}
+    for epoch in range(local_epochs):
+        method.begin_epoch(ctx, epoch)
+        losses = method.train_steps(ctx, opt, method.steps(ctx, epoch))
     return {"num-examples": float(local.size), **{k.replace("_", "-"): v for k, v in losses.items()}}
 
 
@@ -408,7 +432,7 @@ def summary_of(stats: list[dict[str, float]]) -> dict[str, Any]:
 # Messages (Flower's record names: "arrays", "config", "metrics"; plus "device", who replied)
 # ---------------------------------------------------------------------------------------------------
 
-ARRAYS, CONFIG, METRICS, DEVICE = "arrays", "config", "metrics", "device"
+ARRAYS, CONFIG, METRICS, DEVICE, TRAINED = "arrays", "config", "metrics", "device", "trained"
 
 
 def _bad(what: str) -> ConfigError:
@@ -417,17 +441,20 @@ def _bad(what: str) -> ConfigError:
 
 def round_content(arrays: Any, spec: RoundSpec, server_round: int) -> Any:
     """A round message: the head's QAT state (an ``ArrayRecord``) and ``spec`` as a ConfigRecord."""
-    from flwr.app import ConfigRecord, RecordDict
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
     record: dict[str, Any] = {
         "server-round": server_round, "device-id": spec.device_id, "model-version": spec.model_version,
         "model-config": json.dumps(spec.model, sort_keys=True), "unlearn-config": spec.unlearn_config,
         "epoch": spec.epoch, "seed": spec.seed, "w-f": float(spec.w_f), "w-r": float(spec.w_r),
-        "lr": float(spec.lr), "norms": spec.norms,
+        "lr": float(spec.lr), "norms": spec.norms, "local-epochs": spec.local_epochs,
     }
     if spec.request_ids:  # an empty list has no element type in a ConfigRecord: absent means none
         record["request-ids"] = list(spec.request_ids)
-    return RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(record)})
+    records: dict[str, Any] = {ARRAYS: arrays, CONFIG: ConfigRecord(record)}
+    if spec.trained is not None:  # absent: the server names no trained samples (every contributed one is retained)
+        records[TRAINED] = ArrayRecord(numpy_ndarrays=[np.frombuffer(spec.trained, np.uint8).reshape(-1, PREFIX)])
+    return RecordDict(records)
 
 
 def read_round(content: Any) -> tuple[dict[str, torch.Tensor], RoundSpec]:
@@ -439,7 +466,7 @@ def read_round(content: Any) -> tuple[dict[str, torch.Tensor], RoundSpec]:
         raise _bad(f"no {ARRAYS!r} array record or {CONFIG!r} config record")
     kinds: dict[str, type | tuple[type, ...]] = {
         "device-id": str, "model-version": str, "model-config": str, "unlearn-config": str, "epoch": int,
-        "seed": int, "w-f": float, "w-r": float, "lr": float, "norms": bool}
+        "seed": int, "w-f": float, "w-r": float, "lr": float, "norms": bool, "local-epochs": int}
     for key, kind in kinds.items():
         if key not in record or not isinstance(record[key], kind) or (kind is int and isinstance(record[key], bool)):
             raise _bad(f"{key!r} missing or not {getattr(kind, '__name__', kind)}")
@@ -452,12 +479,22 @@ def read_round(content: Any) -> tuple[dict[str, torch.Tensor], RoundSpec]:
         raise _bad(f"'model-config' is not JSON ({err})") from err
     if not isinstance(model, dict):
         raise _bad("'model-config' is not an object")
+    if int(record["local-epochs"]) < 1:  # type: ignore[arg-type]
+        raise _bad("'local-epochs' must be at least 1")
+    trained = None
+    if TRAINED in content:
+        ta = content.get(TRAINED)
+        arrays_ = ta.to_numpy_ndarrays() if isinstance(ta, ArrayRecord) else []
+        if len(arrays_) != 1 or arrays_[0].dtype != np.uint8 or arrays_[0].ndim != 2 or arrays_[0].shape[1] != PREFIX:
+            raise _bad(f"{TRAINED!r} must be one uint8 array of {PREFIX}-byte content id prefixes")
+        trained = arrays_[0].tobytes()
     spec = RoundSpec(
         device_id=str(record["device-id"]), request_ids=tuple(str(i) for i in ids),
         model_version=str(record["model-version"]),
         model=model, unlearn_config=str(record["unlearn-config"]), epoch=int(record["epoch"]),  # type: ignore[arg-type]
         seed=int(record["seed"]), w_f=float(record["w-f"]), w_r=float(record["w-r"]),  # type: ignore[arg-type]
         lr=float(record["lr"]), norms=bool(record["norms"]),  # type: ignore[arg-type]
+        local_epochs=int(record["local-epochs"]), trained=trained,  # type: ignore[arg-type]
     )
     return arrays.to_torch_state_dict(), spec
 

@@ -1,4 +1,4 @@
-"""Federated Q-MUL as a Flower ``Strategy``: one epoch of Q-MUL per round, the forget samples staying on the devices.
+"""Federated Q-MUL as a Flower ``Strategy``: one round per epoch of Q-MUL, the forget samples staying on the devices.
 
 ``FedQMul(...).start(grid=..., initial_arrays=<the head's QAT state>, num_rounds=strategy.num_rounds)`` runs
 ``epochs + 1`` rounds of Flower's own loop (train, then evaluate, in every round; ``fedqmul`` has the maths):
@@ -7,13 +7,15 @@
   the initial weights (``configure_evaluate``), which ``aggregate_evaluate`` pools into ḡ_f, ḡ_r and the
   weights w_f, w_r of epoch 0;
 - round k + 1 (k = 1..epochs): ``configure_train`` sends the state with (w_f, w_r, lr) of epoch k - 1 (lr on
-  central Q-MUL's cosine schedule), ``aggregate_train`` averages the devices' head states by sample count,
-  steps towards the average with the server step size and refreshes the weight fake-quant ranges
-  (``fedqmul.average_states``); its ``evaluate`` measures the statistics at the new weights for the next
-  epoch, and after the last epoch only the accuracies (``final``).
+  central Q-MUL's cosine schedule) and the local epochs each device runs on it (``LOCAL_EPOCHS``);
+  ``aggregate_train`` averages the devices' head states by sample count, steps towards the average with the
+  server step size and refreshes the weight fake-quant ranges (``fedqmul.average_states``); its ``evaluate``
+  measures the statistics at the new weights for the next epoch, and after the last epoch only the accuracies
+  (``final``).
 
 Each message names, for its device, the requests it honours this round (request ids; the device resolves
-them to its own samples) and the installed model whose ``features.onnx`` gives the features. A device
+them to its own samples), its samples in the server's training split (its retain set is drawn from them:
+``trained_by_device``) and the installed model whose ``features.onnx`` gives the features. A device
 holding forget samples (``holders``) that errs or does not answer stops the unlearning: ``failed`` says
 why, the remaining rounds send nothing, and the caller makes no model, so the requests stay pending. A
 retain-only device that drops out is left out of later rounds.
@@ -37,6 +39,16 @@ from edge_qmul.errors import EdgeQmulError, UnlearningError
 
 log = logging.getLogger(__name__)
 
+# Federated Q-MUL's recipe: Q-MUL fields over QMul's defaults (the operator's unlearn-* settings override them),
+# and the local epochs each device runs per round. Chosen on bench/federated_modes.py's tuning forget set (its
+# own requests, the validation split in place of the test split; bench/results/federated_modes.md): of lr
+# {0.3, 0.1} x (rounds, local epochs) {(5, 1), (10, 1), (5, 3), (10, 3)}, QMul's lr 0.3 and 5 rounds with 3 local
+# epochs had the smallest Avg Gap to retrain (0.37; 1.03 with one local epoch, 0.67 with one over 10 rounds).
+# With one local epoch a round moves the head by about a third of a central epoch (each of 3 devices takes a
+# third of the steps, and averaging does not add their steps up): 5 such rounds under-train it.
+FEDERATED_RECIPE: dict[str, Any] = {}
+LOCAL_EPOCHS = 3
+
 
 @dataclass(frozen=True)
 class Participant:
@@ -44,6 +56,7 @@ class Participant:
 
     device_id: str
     request_ids: tuple[str, ...] = ()
+    trained: bytes | None = None  # its samples in the server's training split (``fedqmul.prefixes``); None: unknown
 
 
 @dataclass
@@ -64,6 +77,7 @@ class FedQMul(Strategy):
     model: dict[str, Any]
     model_version: str
     server_lr: float = 1.0
+    local_epochs: int = LOCAL_EPOCHS
     rounds: list[dict[str, Any]] = field(default_factory=list)  # one per epoch: weights, norms, accuracies, lr
     final: dict[str, Any] | None = None  # the devices' forget / retain accuracy after the last epoch
     failed: str | None = None
@@ -79,9 +93,9 @@ class FedQMul(Strategy):
         return self.cfg.epochs + 1
 
     def summary(self) -> None:
-        log.info("FedQMul: %d device(s), %d holding forget samples; %d epochs, lr %.4g, server lr %.3g, features "
-                 "of %s", len(self.participants), len(self.holders), self.cfg.epochs, self.cfg.lr, self.server_lr,
-                 self.model_version)
+        log.info("FedQMul: %d device(s), %d holding forget samples; %d epochs of %d local epoch(s), lr %.4g, server "
+                 "lr %.3g, features of %s", len(self.participants), len(self.holders), self.cfg.epochs,
+                 self.local_epochs, self.cfg.lr, self.server_lr, self.model_version)
 
     # -- messages ------------------------------------------------------------------------------------
 
@@ -93,7 +107,8 @@ class FedQMul(Strategy):
             spec = fedqmul.RoundSpec(
                 device_id=p.device_id, request_ids=p.request_ids, model_version=self.model_version, model=self.model,
                 unlearn_config=fedqmul.config_json(self.cfg), epoch=epoch,
-                seed=self.cfg.seed + 1000 * epoch + order.index(p.device_id), w_f=w_f, w_r=w_r, lr=lr, norms=norms)
+                seed=self.cfg.seed + 1000 * epoch + order.index(p.device_id), w_f=w_f, w_r=w_r, lr=lr, norms=norms,
+                local_epochs=self.local_epochs, trained=p.trained)
             out.append(Message(fedqmul.round_content(arrays, spec, server_round), node, message_type))
         return out
 
@@ -257,14 +272,34 @@ def features_version(run: Any, q: Any) -> str:
     return version
 
 
-def run_fedqmul(grid: Grid, cfg: Any, participants: Mapping[int, str], model_version: str | None = None
+def trained_by_device(run: Any, devices: Iterable[str]) -> dict[str, bytes]:
+    """Per device, the content ids (``fedqmul.prefixes``) of its contributed samples in the run's training split:
+    the server's own records (provenance and split), which a round sends each device so that its retain set is
+    what the model was trained on. Empty when the run has no provenance."""
+    from edge_qmul import data
+    from edge_qmul.store import SampleStore
+
+    if not run.exists("samples"):
+        return {}
+    split = data.Split.load(run.verified("split"))
+    with SampleStore(run.path("samples")) as store:
+        if not store.has_provenance():
+            return {}
+        in_train = set(store.hashes(split.train).values())
+        return {d: fedqmul.prefixes([h for h in store.contributed_by(d) if h in in_train]) for d in devices}
+
+
+def run_fedqmul(grid: Grid, cfg: Any, participants: Mapping[int, str], model_version: str | None = None, *,
+                unlearn: Mapping[str, Any] | None = None, local_epochs: int = LOCAL_EPOCHS, retain: str = "trained"
                 ) -> Any | None:
     """Federated Q-MUL over the whole ledger with the devices of ``participants`` (node id -> device id, as
     they answered this round): the result is saved in the run (``pipeline.save_result`` as ``fedqmul``) and
     its record returned; None, with the reason logged, if it could not run (the requests stay pending).
 
     ``model_version``: the installed model whose features.onnx the devices run (default ``features_version``:
-    the run's exported model)."""
+    the run's exported model). ``unlearn``: Q-MUL fields over ``cfg``'s (the benchmark's tuning); ``local_epochs``
+    per round; ``retain``: "trained" (a device retains its samples in the server's training split) or
+    "contributed" (every sample it contributed: the behaviour before, for comparison)."""
     import time
 
     from edge_qmul import pipeline, quant
@@ -283,22 +318,26 @@ def run_fedqmul(grid: Grid, cfg: Any, participants: Mapping[int, str], model_ver
                     "on no device; unlearn them in central mode. Nothing unlearned, the requests stay pending",
                     len(orphans), orphans[0])
         return None
+    if retain not in ("trained", "contributed"):
+        raise UnlearningError(f"retain={retain!r} is not a retain set", "use 'trained' or 'contributed'")
+    run = Run(cfg.run_path)
+    trained = trained_by_device(run, set(participants.values())) if retain == "trained" else {}
     nodes: dict[int, Participant] = {}
     for node, device in sorted(participants.items()):
         if device in {p.device_id for p in nodes.values()}:
             log.warning("node %d answered as device %s..., which another node already is; left out", node, device[:16])
             continue
-        nodes[node] = Participant(device, tuple(by_device.get(device, [])))
-    run = Run(cfg.run_path)
+        nodes[node] = Participant(device, tuple(by_device.get(device, [])), trained.get(device))
     q = pipeline.load_quantized(run)
     head = quant.split_at_classifier(q.qat, q.model_cfg.head)[1]
-    ucfg = build(QMul, {**cfg.unlearn_overrides, "layers": "classifier"}, "[tool.flwr.app.config] unlearn-*")
+    ucfg = build(QMul, {**FEDERATED_RECIPE, **cfg.unlearn_overrides, **(unlearn or {}), "layers": "classifier"},
+                 "[tool.flwr.app.config] unlearn-*")
     try:
         version = model_version or features_version(run, q)
     except UnlearningError as err:
         log.warning("federated unlearning cannot start: %s (%s); the requests stay pending", err.message, err.fix)
         return None
-    strategy = FedQMul(head, ucfg, nodes, set(by_device), model_spec(run, q), version, cfg.server_lr)
+    strategy = FedQMul(head, ucfg, nodes, set(by_device), model_spec(run, q), version, cfg.server_lr, local_epochs)
     if strategy.failed:
         return None
     strategy.start(grid=grid, initial_arrays=ArrayRecord(torch_state_dict=fedqmul.state_of(head)),
@@ -306,7 +345,8 @@ def run_fedqmul(grid: Grid, cfg: Any, participants: Mapping[int, str], model_ver
     if strategy.failed:
         return None
     int8 = quant.convert(q.qat)
-    log_ = {"seconds": time.perf_counter() - t0, "config": ucfg.to_dict(), "rounds": strategy.rounds,
+    log_ = {"seconds": time.perf_counter() - t0, "config": ucfg.to_dict(), "local_epochs": local_epochs,
+            "retain": retain, "rounds": strategy.rounds,
             "final": strategy.final, "features_version": version, "devices": len(strategy.participants)}
     result = UnlearnResult("fedqmul", q.qat, int8, log_)
     return pipeline.save_result(run, "fedqmul", q, result, [r.request_id for r in requests], forget_ids)

@@ -15,13 +15,14 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from edge_qmul.devices.state import DeviceState
 from edge_qmul.federated import fedqmul
 from edge_qmul.federated.config import FederatedConfig
 from edge_qmul.federated.coordinator import unlearn_federated
 from edge_qmul.federated.receive import receive
-from edge_qmul.federated.strategy import model_spec
+from edge_qmul.federated.strategy import LOCAL_EPOCHS, model_spec, trained_by_device
 from fleet.devices import Fleet, copy_fleet, make_fleet
 from fleet.inprocess import NODE, LocalGrid
 from flwr.app import ArrayRecord, Message, MessageType
@@ -131,6 +132,12 @@ def test_a_federated_round_forgets_on_the_devices_without_the_run_dir(fleet: tup
     report = pipeline.evaluate(f.run, ["fedqmul"])
     none, fed = report.methods["none"], report.methods["fedqmul"]
     assert fed["FA"] < none["FA"] - 50 and fed["RA"] > none["RA"] - 5 and fed["TA"] > none["TA"] - 15
+    # each device retained only its samples in the server's training split (not the 10% the server validates on)
+    retained = 0
+    for state, trained in zip(f.states, f.trained, strict=True):
+        with DeviceState.open(state) as d:
+            retained += len(set(trained) - set(d.covered()))
+    assert log["final"]["n_retain"] == retained and log["retain"] == "trained" and log["local_epochs"] == LOCAL_EPOCHS
     # each device cached the features of its own samples, keyed by the features.onnx it ran
     for state in f.states:
         (cache,) = (state / fedqmul.CACHE_DIR).glob("features-*.npz")
@@ -171,6 +178,53 @@ def test_a_device_refuses_a_round_about_requests_models_or_devices_not_its_own(f
     assert not reply.has_error()
     _, stats, _ = fedqmul.read_reply(reply.content, fedqmul.STAT_KEYS, train=False)
     assert stats["n-forget"] == 2 and stats["n-retain"] > 300 and stats["f-samples"] == 2
+
+
+def test_a_device_retains_only_what_the_server_trained_on(fleet: tuple[Fleet, str], tmp_path: Path) -> None:
+    """The server names each device's samples in its training split (8-byte content id prefixes, from its own
+    provenance and split); the device's retain set is those minus its forget set. Without them (a server with no
+    provenance, or retain="contributed") it is every contributed sample."""
+    f, v1 = copy_fleet(fleet[0], tmp_path), fleet[1]
+    named = trained_by_device(Run(f.run), f.device_ids)
+    for device, trained in zip(f.device_ids, f.trained, strict=True):
+        chunks = {named[device][i:i + fedqmul.PREFIX] for i in range(0, len(named[device]), fedqmul.PREFIX)}
+        assert chunks == {bytes.fromhex(h[:16]) for h in trained} and len(named[device]) == 8 * len(trained)
+    mine = _file(f.states[0], f.run, hashes=f.trained[0][:2])
+    with DeviceState.open(f.states[0]) as d:
+        contributed = len(d.contributed_pool())
+    assert contributed > len(f.trained[0])  # the server kept some of them for validation
+    grid = _grid(f)
+    for trained, retained in ((None, contributed - 2), (named[f.device_ids[0]], len(f.trained[0]) - 2)):
+        (reply,) = grid.send_and_receive([_evaluate_message(f, v1, NODE, request_ids=(mine,), trained=trained)])
+        assert not reply.has_error(), reply.error.reason
+        _, stats, _ = fedqmul.read_reply(reply.content, fedqmul.STAT_KEYS, train=False)
+        assert stats["n-forget"] == 2 and stats["n-retain"] == retained
+    # a malformed list of trained samples, or no local epoch, is refused
+    bad = _evaluate_message(f, v1, NODE, request_ids=(mine,), trained=b"\x00" * 8)
+    bad.content[fedqmul.TRAINED] = ArrayRecord(numpy_ndarrays=[np.zeros(5, np.uint8)])
+    for message, expected in ((bad, "trained"), (_evaluate_message(f, v1, NODE, local_epochs=0), "local-epochs")):
+        (reply,) = grid.send_and_receive([message])
+        assert reply.has_error() and expected in reply.error.reason, reply.error.reason
+
+
+def test_a_device_runs_the_local_epochs_a_round_asks_for(fleet: tuple[Fleet, str], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """local_epochs passes over the device's samples in one train round, each starting with its similar labels."""
+    f, v1 = copy_fleet(fleet[0], tmp_path), fleet[1]
+    mine = _file(f.states[0], f.run, hashes=f.trained[0][:4])
+    epochs: list[int] = []
+    begin = fedqmul._RoundQMul.begin_epoch
+
+    def counting(self: fedqmul._RoundQMul, ctx: object, epoch: int) -> dict[str, float]:
+        epochs.append(epoch)
+        return begin(self, ctx, epoch)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fedqmul._RoundQMul, "begin_epoch", counting)
+    message = _evaluate_message(f, v1, NODE, request_ids=(mine,), w_f=0.1, w_r=0.9, lr=0.1, local_epochs=3)
+    state, spec = fedqmul.read_round(message.content)
+    with DeviceState.open(f.states[0]) as d:
+        metrics, new = fedqmul.device_round(d, state, spec, train=True)
+    assert epochs == [0, 1, 2] and new is not None and metrics["num-examples"] > 300
 
 
 def test_the_requests_stay_pending_when_a_device_holding_forget_samples_is_missing(fleet: tuple[Fleet, str],
