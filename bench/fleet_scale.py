@@ -200,6 +200,15 @@ def _provenance(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "command": command, "per_device": args.per_device, "waves": WAVES, "actors": args.actors}
 
 
+def _commit_of(r: dict[str, Any]) -> str:
+    """The commit a fleet's run started from, as the report shows it."""
+    commit = str(r.get("commit", ""))
+    if not commit:
+        return "(not recorded)"
+    shown = f"`{commit[:12]}`" + (" + uncommitted changes of other work" if commit.endswith("+modified") else "")
+    return shown + (f" ({r['commit_note']})" if r.get("commit_note") else "")
+
+
 def _kind(r: dict[str, Any]) -> str:
     """``virtual`` (the rows the growth figures compare), ``virtual, stock link state`` or ``real SuperNodes``."""
     if r["kind"] != "simulation":
@@ -266,6 +275,9 @@ def write_report(args: argparse.Namespace, results: list[dict[str, Any]], comman
         f"Commit `{prov['commit'][:12]}`{dirty}, "
         f"{prov['date']}, {prov['machine']}, Python {prov['python']}; "
         + ", ".join(f"{k} {v}" for k, v in prov["packages"].items()) + f". Seed {prov['seed']}.",
+        "",
+        "Each row was measured at the commit its run started from (HEAD can move while a long benchmark runs): "
+        + "; ".join(f"{row['fleet']} {_commit_of(r)}" for row, r in zip(rows, results, strict=True)) + ".",
         "",
         f"Command: `{command}`",
         "",
@@ -356,8 +368,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.child:
         kind, n = args.child.split(":")
+        commit = _provenance(args, command)  # the code this child runs, taken before it starts
         result = (child_loopback(args, int(n)) if kind == "loopback"
                   else child_simulation(args, int(n), indexed=kind == "sim"))
+        result["commit"] = commit["commit"] + ("+modified" if commit["worktree_modified"] else "")
         (args.workdir / f"result-{kind}-{n}.json").write_text(json.dumps(result, indent=1, default=str))
         return 0
     jobs = ([f"sim:{n}" for n in args.sizes] + [f"simstock:{n}" for n in args.stock_sizes]
