@@ -357,7 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("flwr", "edge_qmul.federated.receive", "edge_qmul.federated.coordinator"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     prov = provenance_info()  # of the code as it starts
-    prov["command"] = " ".join(["python", "bench/federated_modes.py", *(argv if argv is not None else sys.argv[1:])])
+    words = list(argv if argv is not None else sys.argv[1:])
+    if args.note:  # the note is printed in the report; the command names it only
+        words = [w if w != args.note else "NOTE" for w in words]
+    prov["command"] = " ".join(["python", "bench/federated_modes.py", *words])
     t0 = time.perf_counter()
     base = prepare(args.work / "base", args.clients, args.held_out, args.reuse)
     seconds: dict[str, float] = dict(base.seconds)
