@@ -4,9 +4,10 @@ grow no worse than linearly with the fleet).
 Two measurements, each fleet size in its own child process, on a fresh copy of the fleet-scale template
 (tests/fleet/simulation.py; every device its own state dir):
 
-1. engine: the production apps under Flower's simulation engine; after a warm-up, ``--rounds`` rounds of the
-   rollout ``status`` query (read-only on the device) to every node through the coordinator's ``_exchange``, once
-   on flwr 1.41's stock in-memory link state and once on the indexed one the fleet-scale benchmark uses. Per round:
+1. engine: the production apps under Flower's simulation engine; after a warm-up, ``--rounds`` times two rounds to
+   every node through the coordinator's ``_exchange``: the rollout ``status`` query (read-only on the device) and
+   an acknowledgement with nothing to settle (the fleet-scale benchmark's "empty round"), once on flwr 1.41's stock
+   in-memory link state and once on the indexed one the fleet-scale benchmark uses. Per round:
    wall seconds, the CPU seconds of each thread of the server process (``/proc/self/task``), named by the Flower
    function it runs (``add_messages_to_queue``: the engine's dispatcher, which polls every node every 0.1 s;
    ``put_message_into_state``: its reply thread; the ServerApp thread; the Ray worker threads), and where the
@@ -46,7 +47,7 @@ RESULTS = REPO / "bench" / "results"
 def thread_cpu() -> dict[str, float]:
     """CPU seconds so far of each thread of this process, by the name of the function it runs."""
     names = {t.native_id: _short(t.name) for t in threading.enumerate()}
-    out: collections.Counter[str] = collections.Counter()
+    out: dict[str, float] = collections.defaultdict(float)
     tick = os.sysconf("SC_CLK_TCK")
     for tid in os.listdir("/proc/self/task"):
         try:
@@ -93,7 +94,7 @@ class StackSampler:
 
 
 def child_engine(args: argparse.Namespace, size: int, indexed: bool) -> dict[str, Any]:
-    from edge_qmul.federated import coordinator, rollout
+    from edge_qmul.federated import coordinator, messages, rollout
     from flwr.app import ConfigRecord, RecordDict
     from flwr.serverapp import ServerApp
 
@@ -114,20 +115,24 @@ def child_engine(args: argparse.Namespace, size: int, indexed: bool) -> dict[str
             status = {n: RecordDict({"rollout": ConfigRecord({"phase": "status"})}) for n in nodes[:warm_nodes]}
             coordinator._exchange(grid, status, rollout.QUERY_ROLLOUT, 600)
             record["warmup"] = time.perf_counter() - t
-            for _ in range(args.rounds):
-                status = {n: RecordDict({"rollout": ConfigRecord({"phase": "status"})}) for n in nodes}
+            for _, query in [(r, q) for r in range(args.rounds) for q in ("status", "empty ack")]:
+                if query == "status":
+                    contents = {n: RecordDict({"rollout": ConfigRecord({"phase": "status"})}) for n in nodes}
+                else:
+                    contents = {n: messages.answers_to_content([]) for n in nodes}
+                kind = rollout.QUERY_ROLLOUT if query == "status" else messages.QUERY_ACK
                 before = thread_cpu()
                 with StackSampler(watch) as sampler:
                     t = time.perf_counter()
-                    replies = coordinator._exchange(grid, status, rollout.QUERY_ROLLOUT, 3600)
+                    replies = coordinator._exchange(grid, contents, kind, 3600)
                     wall = time.perf_counter() - t
                 after = thread_cpu()
                 cpu = {k: round(v - before.get(k, 0.0), 2) for k, v in after.items() if v - before.get(k, 0.0) >= 0.01}
                 where = {k: {f: round(c / sum(v.values()), 2) for f, c in v.most_common(4)}
                          for k, v in sampler.counts.items()}
-                rounds.append({"wall_seconds": wall, "replies": len(replies), "thread_cpu_seconds": cpu,
-                               "sampled": where})
-                print(f"{size} nodes, {'indexed' if indexed else 'stock'}: {wall:.2f}s {cpu}", flush=True)
+                rounds.append({"query": query, "wall_seconds": wall, "replies": len(replies),
+                               "thread_cpu_seconds": cpu, "sampled": where})
+                print(f"{size} nodes, {'indexed' if indexed else 'stock'}, {query}: {wall:.2f}s {cpu}", flush=True)
 
         return app
 
@@ -190,17 +195,31 @@ def write_report(results: dict[str, Any], command: str) -> None:
     lines = ["# Fleet profile: where a fleet-wide round's time goes at 100 and 1,000 virtual devices", "",
              f"Commit `{prov['commit'][:12]}`{dirty}, {prov['date']}, {prov['machine']}; "
              + ", ".join(f"{k} {v}" for k, v in prov["packages"].items()) + ".", "", f"Command: `{command}`", "",
-             "## 1. The message round (rollout status query to every node; the device only reads its state)", "",
-             "| nodes | link state | round s (each) | mean s | CPU s per round, by server thread (mean) |",
-             "|---:|---|---|---:|---|"]
+             "## 1. A message round to every node (rollout status query: the device only reads its state; "
+             "empty ack: an acknowledgement with nothing to settle)", "",
+             "| nodes | link state | round | s (each) | mean s | CPU s per round, by server thread (mean) |",
+             "|---:|---|---|---|---:|---|"]
     for e in results["engine"]:
-        walls = [r["wall_seconds"] for r in e["rounds"]]
-        cpu: collections.Counter[str] = collections.Counter()
-        for r in e["rounds"]:
-            cpu.update(r["thread_cpu_seconds"])
-        shown = "; ".join(f"{k} {v / len(walls):.2f}" for k, v in cpu.most_common(4))
-        lines.append(f"| {e['size']:,} | {e['link_state']} | {' / '.join(f'{w:.2f}' for w in walls)} | "
-                     f"{sum(walls) / len(walls):.2f} | {shown} |")
+        for query in dict.fromkeys(r["query"] for r in e["rounds"]):
+            rounds = [r for r in e["rounds"] if r["query"] == query]
+            walls = [r["wall_seconds"] for r in rounds]
+            cpu: collections.Counter[str] = collections.Counter()
+            for r in rounds:
+                cpu.update(r["thread_cpu_seconds"])
+            shown = "; ".join(f"{k} {v / len(walls):.2f}" for k, v in cpu.most_common(4))
+            lines.append(f"| {e['size']:,} | {e['link_state']} | {query} | {' / '.join(f'{w:.2f}' for w in walls)} | "
+                         f"{sum(walls) / len(walls):.2f} | {shown} |")
+    lines += ["", "Growth of the mean round time between the smallest and the largest fleet (1.00 of linear = linear):",
+              ""]
+    means = {(e["size"], e["link_state"], q): sum(r["wall_seconds"] for r in e["rounds"] if r["query"] == q)
+             / sum(r["query"] == q for r in e["rounds"]) for e in results["engine"] for q in {r["query"] for r in
+                                                                                         e["rounds"]}}
+    sizes = sorted({k[0] for k in means})
+    for state, query in sorted({k[1:] for k in means}):
+        if len(sizes) > 1 and (sizes[0], state, query) in means and (sizes[-1], state, query) in means:
+            grew = means[sizes[-1], state, query] / means[sizes[0], state, query]
+            lines.append(f"- {state}, {query}: x{grew:.1f} for x{sizes[-1] / sizes[0]:.0f} nodes "
+                         f"({grew / (sizes[-1] / sizes[0]):.2f} of linear)")
     lines += ["", "Where the engine's dispatcher and reply threads were (share of 10 ms samples, last round):", ""]
     for e in results["engine"]:
         for thread, where in e["rounds"][-1]["sampled"].items():
