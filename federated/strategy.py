@@ -40,12 +40,12 @@ from edge_qmul.errors import EdgeQmulError, UnlearningError
 log = logging.getLogger(__name__)
 
 # Federated Q-MUL's recipe: Q-MUL fields over QMul's defaults (the operator's unlearn-* settings override them),
-# and the local epochs each device runs per round. Chosen on bench/federated_modes.py's tuning forget set (its
-# own requests, the validation split in place of the test split; bench/results/federated_modes.md): of lr
-# {0.3, 0.1} x (rounds, local epochs) {(5, 1), (10, 1), (5, 3), (10, 3)}, QMul's lr 0.3 and 5 rounds with 3 local
-# epochs had the smallest Avg Gap to retrain (0.37; 1.03 with one local epoch, 0.67 with one over 10 rounds).
-# With one local epoch a round moves the head by about a third of a central epoch (each of 3 devices takes a
-# third of the steps, and averaging does not add their steps up): 5 such rounds under-train it.
+# and the local epochs each device runs per round. Chosen on bench/federated_modes.py's two tuning forget sets
+# (their own requests and retrain references, the validation split in place of the test split;
+# bench/results/federated_modes_tuning.json): of lr {0.3, 0.1} x (rounds, local epochs) {(5, 1), (10, 1), (5, 3),
+# (10, 3)}, QMul's lr 0.3 and 5 rounds with 3 local epochs had the smallest mean Avg Gap to retrain (0.52; 1.07
+# with one local epoch, 0.80 with one over 10 rounds). With one local epoch a round moves the head by about a third
+# of a central epoch (each of 3 devices takes a third of the steps, and averaging does not add their steps up).
 FEDERATED_RECIPE: dict[str, Any] = {}
 LOCAL_EPOCHS = 3
 
