@@ -327,6 +327,10 @@ def write_report(args: argparse.Namespace, results: list[dict[str, Any]], comman
         "the AUC is mostly sampling noise, and a protocol load test must not stop on it.",
         "- `empty round`: the central run's acknowledgement round, where no device has anything to settle: the "
         "message round trip alone.",
+        "- Resolution: under the simulation engine a round lasts a whole number of ~0.1 s ticks (the engine "
+        "dispatches and Flower's grid collects replies every 0.1 s), so the 100-device fleet-wide rounds (0.3-0.5 s) "
+        "are 3-5 ticks and a growth ratio from them carries about one tick (20-30%) of uncertainty; "
+        "bench/results/fleet_profile.md repeats the status and empty rounds at 100 and 1,000 devices.",
         "- Link state: the simulation engine polls every virtual node every 0.1 s for its next message "
         "(`vce_api.add_messages_to_queue`), and flwr 1.41's in-memory link state answers each poll by checking "
         "every stored message (`InMemoryLinkState.get_message_ins`), under the lock the reply thread needs: O(N^2) "
