@@ -175,7 +175,8 @@ def child_intake(args: argparse.Namespace, size: int) -> dict[str, Any]:
             "top_own_seconds": [{"function": f, "seconds": round(s, 2), "share": round(s / total, 3)} for s, f in top]}
 
 
-def _provenance(command: str) -> dict[str, Any]:
+def _provenance(command: str, measured: bool = True) -> dict[str, Any]:
+    """Commit, date, packages; ``measured=False`` (a rewritten report): the date is the rewrite's, no load figure."""
     from importlib import metadata
 
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
@@ -184,12 +185,13 @@ def _provenance(command: str) -> dict[str, Any]:
     return {"commit": commit, "worktree_modified": bool(dirty),
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "packages": {p: metadata.version(p) for p in ("flwr", "ray", "torch")},
-            "machine": f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end",
+            "machine": f"{os.cpu_count()} cores" + (f", load average {os.getloadavg()[0]:.1f} at the end" if measured
+                                                    else " (report rewritten from the saved results; see the command)"),
             "command": command, "seed": 0}
 
 
-def write_report(results: dict[str, Any], command: str) -> None:
-    prov = _provenance(command)
+def write_report(results: dict[str, Any], command: str, measured: bool = True) -> None:
+    prov = _provenance(command, measured)
     (RESULTS / "fleet_profile.json").write_text(json.dumps({"provenance": prov, **results}, indent=1) + "\n")
     dirty = " (+ uncommitted changes of other work in the tree)" if prov["worktree_modified"] else ""
     lines = ["# Fleet profile: where a fleet-wide round's time goes at 100 and 1,000 virtual devices", "",
@@ -295,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"=== {kind} {n}", flush=True)
                 subprocess.run([sys.executable, __file__, *forwarded, "--child", f"{kind}:{n}"], check=True)
             results["intake" if kind == "intake" else "engine"].append(json.loads(path.read_text()))
-    write_report(results, args.command or "python bench/fleet_profile.py " + " ".join(forwarded))
+    write_report(results, args.command or "python bench/fleet_profile.py " + " ".join(forwarded), not args.report_only)
     return 0
 
 
