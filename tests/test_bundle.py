@@ -11,12 +11,14 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from conftest import copy_run
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from edge_qmul.devices import ed25519, runtime
+from edge_qmul.devices.state import verify_signature
 from edge_qmul.export.bundle import read_manifest
 
 from edge_qmul.cli import main
@@ -74,20 +76,34 @@ def members(path: Path) -> dict[str, bytes]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_pure_python_ed25519_agrees_with_cryptography() -> None:
+@pytest.mark.parametrize("check", [ed25519.verify, verify_signature])
+def test_pure_python_ed25519_agrees_with_cryptography(check: Any) -> None:
     for i in range(12):
         key = Ed25519PrivateKey.generate()
         pub = key.public_key().public_bytes_raw()
         message = os.urandom(3 * i)
         signature = key.sign(message)
-        assert ed25519.verify(pub, message, signature)
-        assert not ed25519.verify(pub, message + b"!", signature)
+        assert check(pub, message, signature)
+        assert not check(pub, message + b"!", signature)
         flipped = bytearray(signature)
         flipped[i % 64] ^= 0x01
-        assert not ed25519.verify(pub, message, bytes(flipped))
+        assert not check(pub, message, bytes(flipped))
         other = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
-        assert not ed25519.verify(other, message, signature)
-    assert not ed25519.verify(b"\x00" * 31, b"", b"\x00" * 64)  # wrong sizes are simply invalid
+        assert not check(other, message, signature)
+        s = int.from_bytes(signature[32:], "little") + ed25519.L  # the same signature with s + L: malleated
+        if s < 2**256:
+            assert not check(pub, message, signature[:32] + s.to_bytes(32, "little"))
+    assert not check(b"\x00" * 31, b"", b"\x00" * 64)  # wrong sizes are simply invalid
+    assert not check(b"\x00" * 32, b"", b"\x00" * 64)
+
+
+def test_request_signatures_verify_in_pure_python_without_cryptography(monkeypatch: pytest.MonkeyPatch) -> None:
+    key = Ed25519PrivateKey.generate()
+    pub, signature = key.public_key().public_bytes_raw(), key.sign(b"forget")
+    for name in ("cryptography.exceptions", "cryptography.hazmat.primitives.asymmetric.ed25519"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    assert verify_signature(pub, b"forget", signature)
+    assert not verify_signature(pub, b"forgot", signature)
 
 
 def test_keygen_writes_a_private_key_and_refuses_to_overwrite(keys: Path, capsys: pytest.CaptureFixture[str]) -> None:
