@@ -61,6 +61,7 @@ class FederatedConfig:
     unlearn_epochs: int = 0
     unlearn_lr: float = 0.0
     server_lr: float = 1.0  # federated mode: server step towards the devices' average (1 = plain FedAvg)
+    local_epochs: int = 0  # federated mode: Q-MUL epochs each device runs per round (0 = the recommended default)
     # rollout mode
     bundle: str = ""  # absolute path of the signed bundle to roll out
     waves: str = "5,25,100"  # cumulative percentages of the fleet per wave
@@ -84,8 +85,9 @@ class FederatedConfig:
             raise ConfigError(f"mode={self.mode!r} is not supported", f"choose one of: {', '.join(MODES)}")
         if self.num_clients < 1:
             raise ConfigError(f"num-clients={self.num_clients} must be >= 1")
-        if self.unlearn_epochs < 0:
-            raise ConfigError(f"unlearn-epochs={self.unlearn_epochs} must be >= 0", "use 0 for the default")
+        for key in ("unlearn_epochs", "local_epochs"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{_field_key(key)}={getattr(self, key)} must be >= 0", "use 0 for the default")
         if self.state_root and not Path(self.state_root).is_absolute():
             raise ConfigError(f"state-root={self.state_root!r} must be an absolute path",
                               "pass -c 'state-root=\"/abs/path/to/device/states\"'")

@@ -290,7 +290,7 @@ def trained_by_device(run: Any, devices: Iterable[str]) -> dict[str, bytes]:
 
 
 def run_fedqmul(grid: Grid, cfg: Any, participants: Mapping[int, str], model_version: str | None = None, *,
-                unlearn: Mapping[str, Any] | None = None, local_epochs: int = LOCAL_EPOCHS, retain: str = "trained"
+                unlearn: Mapping[str, Any] | None = None, local_epochs: int = 0, retain: str = "trained"
                 ) -> Any | None:
     """Federated Q-MUL over the whole ledger with the devices of ``participants`` (node id -> device id, as
     they answered this round): the result is saved in the run (``pipeline.save_result`` as ``fedqmul``) and
@@ -298,8 +298,9 @@ def run_fedqmul(grid: Grid, cfg: Any, participants: Mapping[int, str], model_ver
 
     ``model_version``: the installed model whose features.onnx the devices run (default ``features_version``:
     the run's exported model). ``unlearn``: Q-MUL fields over ``cfg``'s (the benchmark's tuning); ``local_epochs``
-    per round; ``retain``: "trained" (a device retains its samples in the server's training split) or
-    "contributed" (every sample it contributed: the behaviour before, for comparison)."""
+    per round (0: the run config's ``local-epochs``, whose 0 means ``LOCAL_EPOCHS``); ``retain``: "trained" (a
+    device retains its samples in the server's training split) or "contributed" (every sample it contributed:
+    the behaviour before, for comparison)."""
     import time
 
     from edge_qmul import pipeline, quant
@@ -307,6 +308,8 @@ def run_fedqmul(grid: Grid, cfg: Any, participants: Mapping[int, str], model_ver
     from edge_qmul.ledger import Ledger
     from edge_qmul.methods import UnlearnResult
     from edge_qmul.run import Run
+
+    local_epochs = local_epochs or int(getattr(cfg, "local_epochs", 0)) or LOCAL_EPOCHS
 
     t0 = time.perf_counter()
     with Ledger(cfg.ledger_path) as ledger:

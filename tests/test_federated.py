@@ -124,6 +124,9 @@ def test_run_and_node_config_reject_unknown_keys_and_bad_values(tmp_path: Path) 
         FederatedConfig.from_run_config({"run-dir": run, "mode": "gossip"})
     with pytest.raises(ConfigError, match="must be of type int"):
         FederatedConfig.from_run_config({"run-dir": run, "num-clients": True})
+    assert FederatedConfig.from_run_config({"run-dir": run, "local-epochs": 2}).local_epochs == 2
+    with pytest.raises(ConfigError, match="local-epochs=-1 must be >= 0"):
+        FederatedConfig.from_run_config({"run-dir": run, "local-epochs": -1})
     # the keys of the old generated-request flow are gone
     for old in ("leave-partitions", "requests-per-client", "key-file", "max-request-age"):
         with pytest.raises(ConfigError, match="unknown key"):
