@@ -444,9 +444,15 @@ def scenario(
 
     chosen = tune(b, deployed, tuning, candidates, log, untouched_gap=untouched, done=prior.get("chosen"),
                   progress=progress)
+    out = {"chosen": chosen, "tuned": True, "rows": rows, "summary": summarise(rows) if reported else {},
+           "sets": [fs.name for fs in reported],
+           "tuning_sets": [fs.name for fs in tuning], "tuning_retrain": [fs.refs for fs in tuning],
+           "complete": len(reported) == len(report_masks)}  # what is returned when nothing is left to run here
+    ran = False
     for name, mask in report_masks:
-        if any(fs.name == name for fs in reported):
+        if any(fs.name == name for fs in reported) or (args.only_sets and name not in args.only_sets):
             continue
+        ran = True
         fs = references(b, name, mask, list(range(args.refs)), "test")
         reported.append(fs)
         log(f"  {fs.name}: {len(fs.refs)} references, retrain {np.mean([r['seconds'] for r in fs.refs]):.0f} s")
@@ -475,6 +481,8 @@ def scenario(
                "complete": len(reported) == len(report_masks)}
         if save is not None:
             save(out)
+    if save is not None and not ran:
+        save(out)  # nothing left to run (a merge of --only-sets runs): the merged result is written as it is
     return out
 
 
@@ -546,6 +554,9 @@ def markdown(result: dict[str, Any]) -> str:
         *([f"Resumed (`--resume`) from a run at commit {prov['resumed_from']['commit'][:12]}, "
            f"{prov['resumed_from']['date']}: its tuning and finished reported sets are kept as measured."]
           if prov.get("resumed_from") else []),
+        *([f"Merged from {len(prov['merged_from'])} runs measured side by side ("
+           + "; ".join(f"{p['commit'][:12]} {p['date']} `{' '.join(p['argv'])}`" for p in prov["merged_from"])
+           + ")."] if prov.get("merged_from") else []),
         "",
         f"Deployed model: {orig['model']} ({orig['params']:,} weights; head {orig['head_params']:,} = "
         f"{orig['head_share']:.2f}%), float training accuracy {orig['train_acc']:.2f}%, int8 test accuracy "
@@ -672,6 +683,17 @@ def recipe_study(b: Bench, deployed: Deployed, args: argparse.Namespace, result:
     return 0
 
 
+def merge_prior(into: dict[str, Any], part: dict[str, Any]) -> None:
+    """Fold one resumed scenario into ``into``: the tuning of the first file that finished it, and each
+    reported set's rows from the first file that has them (runs of --only-sets hold disjoint sets)."""
+    if len(part.get("chosen", {})) > len(into.get("chosen", {})):
+        into["chosen"] = part["chosen"]
+    rows = into.setdefault("rows", {})
+    for label, by_set in part.get("rows", {}).items():
+        for name, rs in by_set.items():
+            rows.setdefault(label, {}).setdefault(name, rs)
+
+
 def supplement(b: Bench, deployed: Deployed, args: argparse.Namespace, stem: str, log: Any) -> int:
     """Add rows to a finished random-scenario result: ``--supplement 'LABEL=METHOD:JSON'`` runs that fixed
     configuration on the same reported sets, seeds and references (for a configuration the selection rule
@@ -719,9 +741,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="only train and cache the retrain references (run it beside the main run)")
     parser.add_argument("--study", action="store_true",
                         help="Q-MUL's recipe study instead (extra budget, tuning sets only; see recipe_study)")
-    parser.add_argument("--resume", type=Path, default=None, metavar="JSON",
+    parser.add_argument("--resume", type=Path, nargs="+", default=None, metavar="JSON",
                         help="continue a run that stopped: take its tuning and finished reported sets from its "
-                        "results JSON (same setting and deployed model), run the rest")
+                        "results JSON (same setting and deployed model), run the rest; several files (runs of "
+                        "--only-sets side by side) are merged, each set taken from the first file that finished it")
+    parser.add_argument("--only-sets", nargs="+", default=[], metavar="SET",
+                        help="measure only these reported sets (names as in the results, e.g. random-r1) and skip "
+                        "the scenarios that have none of them: two processes with disjoint sets and their own "
+                        "--out use both cores; a last --resume of both files merges them")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: retrain and the methods are timed alike, and a busy 2-core machine "
                         "is not oversubscribed)")
@@ -765,15 +792,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.supplement:
         return supplement(b, deployed, args, stem, log)
     if args.resume:
-        prior = json.loads(args.resume.read_text())
-        same = {k: prior["original"][k] for k in ("model", "params", "train_acc", "int8_test_acc")}
-        if same != {k: original[k] for k in same}:
-            raise SystemExit(f"{args.resume} was measured on another deployed model ({same}); it cannot be resumed "
-                             "here: run without --resume")
-        result["provenance"]["resumed_from"] = prior["provenance"]
-        args.prior = {("random" if label == "random 10%" else "class"): part
-                      for label, part in prior["scenarios"].items()}
+        args.prior = {}
+        for path in args.resume:
+            prior = json.loads(path.read_text())
+            same = {k: prior["original"][k] for k in ("model", "params", "train_acc", "int8_test_acc")}
+            if same != {k: original[k] for k in same}:
+                raise SystemExit(f"{path} was measured on another deployed model ({same}); it cannot be resumed "
+                                 "here: run without --resume")
+            result["provenance"].setdefault("resumed_from", prior["provenance"])
+            if len(args.resume) > 1:
+                result["provenance"].setdefault("merged_from", []).append(prior["provenance"])
+            for label, part in prior["scenarios"].items():
+                merge_prior(args.prior.setdefault("random" if label == "random 10%" else "class", {}), part)
     for kind in args.scenarios.split(","):
+        if args.only_sets and not any(name.startswith(kind) for name in args.only_sets):
+            continue
         label = "random 10%" if kind == "random" else "one class"
 
         def save(partial: dict[str, Any], label: str = label) -> None:

@@ -138,3 +138,33 @@ def test_quick_run_writes_results_with_provenance(tmp_path: Path, memorize) -> N
     assert sc2["rows"]["qmul all"]["random-r0"] == sc["rows"]["qmul all"]["random-r0"]  # kept as measured
     assert len(sc2["rows"]["qmul all"]["random-r1"]) == 1 and len(sc2["rows"]["retrain"]["random-r1"]) == 2
     assert "Resumed" in (tmp_path / "resumed" / "memorize-random-quick.md").read_text()
+    # --only-sets: two processes measure disjoint reported sets, each into its own --out (the tuning resumed
+    # from the stopped run); a last --resume of both files merges them without measuring anything again.
+    tuned = json.loads(json.dumps(partial))
+    for by_set in tuned["scenarios"]["random 10%"]["rows"].values():
+        by_set.pop("random-r0", None)
+    tuned["scenarios"]["random 10%"]["sets"] = []
+    only_tuned = tmp_path / "tuned.json"
+    only_tuned.write_text(json.dumps(tuned))
+    parts = []
+    for name in ("random-r0", "random-r1"):
+        code = memorize.main(["--quick", "--methods", "qmul classifier", "qmul all", "--out", str(tmp_path / name),
+                              "--cache", str(tmp_path / "cache"), "--threads", "2", "--resume", str(only_tuned),
+                              "--only-sets", name])
+        assert code == 0
+        parts.append(tmp_path / name / "memorize-quick.json")
+        part = json.loads(parts[-1].read_text())
+        assert list(part["scenarios"]) == ["random 10%"]  # the class scenario has none of the sets: skipped
+        assert part["scenarios"]["random 10%"]["sets"] == [name]
+    code = memorize.main(["--quick", "--scenarios", "random", "--methods", "qmul classifier", "qmul all",
+                          "--out", str(tmp_path / "merged"), "--cache", str(tmp_path / "cache"), "--threads", "2",
+                          "--resume", *map(str, parts)])
+    assert code == 0
+    merged = json.loads((tmp_path / "merged" / "memorize-random-quick.json").read_text())
+    sc3 = merged["scenarios"]["random 10%"]
+    assert sc3["complete"] and sc3["sets"] == ["random-r0", "random-r1"]
+    assert len(merged["provenance"]["merged_from"]) == 2
+    for name, path in zip(("random-r0", "random-r1"), parts, strict=True):
+        one = json.loads(path.read_text())["scenarios"]["random 10%"]
+        assert sc3["rows"]["qmul all"][name] == one["rows"]["qmul all"][name]  # kept as measured
+    assert "Merged from 2 runs" in (tmp_path / "merged" / "memorize-random-quick.md").read_text()

@@ -178,6 +178,7 @@ def test_still_remembered_random_forgetting() -> None:
     model, ctx = _lookup_ctx(fy, torch.ones(200, dtype=torch.bool), vy, vok, ry)  # 100% vs ~80%
     verdict = still_remembered(model, ctx)
     assert verdict["remembered"] and verdict["forget_acc"] == 100.0
+    assert verdict["excess"] == pytest.approx(100.0 - verdict["val_acc"])  # points above unseen samples
     fok = torch.rand(200, generator=torch.Generator().manual_seed(1)) < 0.8  # like unseen data
     model, ctx = _lookup_ctx(fy, fok, vy, vok, ry)
     assert not still_remembered(model, ctx)["remembered"]
@@ -190,6 +191,7 @@ def test_still_remembered_class_forgetting() -> None:
     model, ctx = _lookup_ctx(fy, torch.arange(100) < 30, vy, vok, ry)
     verdict = still_remembered(model, ctx)
     assert verdict["remembered"] and verdict["forgotten_class_acc"] == pytest.approx(30.0)
+    assert verdict["excess"] == pytest.approx(30.0)
     model, ctx = _lookup_ctx(fy, torch.zeros(100, dtype=torch.bool), vy, vok, ry)
     assert not still_remembered(model, ctx)["remembered"]
 
@@ -207,6 +209,35 @@ def test_escalation_widens_the_scope_while_remembered(resnet: dict, monkeypatch:
     result = escalate(_ctx(resnet), Auto(epochs=1))
     assert [t["scope"] for t in result.log["escalation"]] == ["classifier", "last-1-blocks"]
     assert result.log["scope"] == "last-1-blocks"
+
+
+def test_escalation_stops_when_widening_leaves_more_remembered(resnet: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    # still remembered after the head (excess 2 points), more so after the last block (5): the wider scopes
+    # do not help, so the escalation stops and keeps the head's result, not the last tried
+    verdicts = iter([{"remembered": True, "excess": 2.0}, {"remembered": True, "excess": 5.0}])
+    results: list[methods.UnlearnResult] = []
+    real = methods.QMulMethod.run
+
+    def keep(self, ctx):  # type: ignore[no-untyped-def]
+        results.append(real(self, ctx))
+        return results[-1]
+
+    monkeypatch.setattr(methods.QMulMethod, "run", keep)
+    monkeypatch.setattr(methods, "still_remembered", lambda m, c: next(verdicts))
+    result = escalate(_ctx(resnet), Auto(epochs=1))
+    tried = result.log["escalation"]
+    assert [t["scope"] for t in tried] == ["classifier", "last-1-blocks"]  # "all" is never tried
+    assert result.log["scope"] == "classifier" and result is results[0]
+    assert "remembers no less than classifier" in tried[1]["note"]
+
+
+def test_escalation_keeps_a_wider_scope_that_helps(resnet: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    verdicts = iter([{"remembered": True, "excess": 5.0}, {"remembered": True, "excess": 3.0},
+                     {"remembered": True, "excess": 1.5}])
+    monkeypatch.setattr(methods, "still_remembered", lambda m, c: next(verdicts))
+    result = escalate(_ctx(resnet), Auto(epochs=1))
+    assert [t["scope"] for t in result.log["escalation"]] == ["classifier", "last-1-blocks", "all"]
+    assert result.log["scope"] == "all"  # still remembered, but the least: the widest scope is kept
 
 
 def test_escalation_restarts_each_scope_from_the_deployed_model(resnet: dict, monkeypatch: pytest.MonkeyPatch) -> None:
