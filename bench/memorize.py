@@ -352,17 +352,21 @@ def tune(b: Bench, deployed: Deployed, tuning: list[ForgetSet], candidates: list
             trial["within_budget"] = trial["cpu_seconds"] <= 0.1 * retrain_s
             trials.append(trial)
             log(f"  tune {label} {point}: gap {trial['avg_gap']:.2f} in {trial['cpu_seconds']:.1f} s CPU")
-        # failed runs give NaN and are never chosen; if no configuration fits the budget, the closest one is
-        # chosen anyway and the table shows its time ratio
-        finite = [t for t in trials if np.isfinite(t["avg_gap"])] or trials
-        sane = [t for t in finite if t["avg_gap"] <= untouched_gap] or finite
-        ok = [t for t in sane if t["within_budget"]] or sane
-        best = min(ok, key=lambda t: t["avg_gap"] if np.isfinite(t["avg_gap"]) else np.inf)
-        chosen[label] = {"method": method, "fixed": fixed, "point": best["point"], "trials": trials,
-                         "retrain_seconds": retrain_s}
+        chosen[label] = {"method": method, "fixed": fixed, "point": select(trials, untouched_gap)["point"],
+                         "trials": trials, "retrain_seconds": retrain_s}
         if progress is not None:
             progress(chosen)
     return chosen
+
+
+def select(trials: list[dict[str, Any]], untouched_gap: float) -> dict[str, Any]:
+    """The selection rule of ``tune`` on one candidate's measured grid. Failed runs give NaN and are never
+    chosen; if no configuration fits the budget, the closest one is chosen anyway and the table shows its
+    time ratio."""
+    finite = [t for t in trials if np.isfinite(t["avg_gap"])] or trials
+    sane = [t for t in finite if t["avg_gap"] <= untouched_gap] or finite
+    ok = [t for t in sane if t["within_budget"]] or sane
+    return min(ok, key=lambda t: t["avg_gap"] if np.isfinite(t["avg_gap"]) else np.inf)
 
 
 def bootstrap_diff(
@@ -554,6 +558,7 @@ def markdown(result: dict[str, Any]) -> str:
         *([f"Resumed (`--resume`) from a run at commit {prov['resumed_from']['commit'][:12]}, "
            f"{prov['resumed_from']['date']}: its tuning and finished reported sets are kept as measured."]
           if prov.get("resumed_from") else []),
+        *[refreshed_line(r) for r in prov.get("refreshed", [])],
         *([f"Merged from {len(prov['merged_from'])} runs measured side by side ("
            + "; ".join(f"{p['commit'][:12]} {p['date']} `{' '.join(p['argv'])}`" for p in prov["merged_from"])
            + ")."] if prov.get("merged_from") else []),
@@ -604,10 +609,18 @@ def markdown(result: dict[str, Any]) -> str:
         auto = sc["rows"].get("auto (escalating)")
         if auto:
             scopes = [r.get("scope") for rs in auto.values() for r in rs]
-            lines += ["", "Auto's escalation (scope where the validation split stopped saying 'remembered'): "
-                      + ", ".join(f"{k}: {scopes.count(k)}" for k in sorted(set(map(str, scopes))))]
+            widest = [str(r["escalation"][-1]["scope"]) for rs in auto.values() for r in rs if r.get("escalation")]
+            lines += ["", "Auto's escalation, scope whose result it kept: "
+                      + ", ".join(f"{k}: {scopes.count(k)}" for k in sorted(set(map(str, scopes))))
+                      + "; widest scope it tried: " + ", ".join(f"{k}: {widest.count(k)}" for k in sorted(set(widest)))]
         lines.append("")
     return "\n".join(lines)
+
+
+def refreshed_line(r: dict[str, Any]) -> str:
+    what = "; ".join(f"{d['scenario']}: {', '.join(d['rows']) or 'nothing'} measured again" for d in r["refreshed"])
+    dirty = " (+ uncommitted changes)" if r["uncommitted_changes"] else ""
+    return f"Refreshed (`--refresh`) at {r['commit'][:12]}{dirty}, {r['date']}: {what}; the rest as first measured."
 
 
 def tuning_table(sc: dict[str, Any]) -> list[str]:
@@ -625,7 +638,9 @@ def tuning_table(sc: dict[str, Any]) -> list[str]:
         budget = 0.1 * c["retrain_seconds"]
         grid = "; ".join(f"{t['point']}: {t['avg_gap']:.2f} / {cpu(t):.1f}{'*' if cpu(t) > budget else ''}"
                          for t in c["trials"])
-        lines.append(f"| {label} | {c['fixed'] | c['point']} | {t['avg_gap']:.2f} | {cpu(t):.1f} | {grid} |")
+        before = (f" (re-selected by `--refresh`; first run: {c['point_before_refresh']})"
+                  if "point_before_refresh" in c else "")
+        lines.append(f"| {label} | {c['fixed'] | c['point']}{before} | {t['avg_gap']:.2f} | {cpu(t):.1f} | {grid} |")
     if sc["chosen"]:
         budget = 0.1 * next(iter(sc["chosen"].values()))["retrain_seconds"]
         lines += ["", f"Budget: 1/10 of retrain's CPU time on the tuning sets = {budget:.1f} s."]
@@ -681,6 +696,58 @@ def recipe_study(b: Bench, deployed: Deployed, args: argparse.Namespace, result:
     (args.out / f"{stem}-study.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def refresh(b: Bench, deployed: Deployed, args: argparse.Namespace, stem: str, log: Any) -> int:
+    """Bring a finished results file up to the current code without measuring anything else again: each
+    candidate is re-selected from its stored tuning grid with the current rule (``select``; the untouched
+    model's tuning gap is measured again on the stored tuning references), a candidate whose choice changes
+    is run again on every reported set x seed, and so is ``auto (escalating)``. References, tuning and the
+    other rows are kept as measured; the file records what was refreshed, at which commit."""
+    path = args.out / f"{stem}.json"
+    result = json.loads(path.read_text())
+    check_same_deployed(path, result, args.original)
+    done = []
+    for label, sc in result["scenarios"].items():
+        kind = "random" if label == "random 10%" else "class"
+        tune_masks, report_masks = forget_masks(b, kind, args)
+        tuning = [ForgetSet(name, m, refs) for (name, m), refs in zip(tune_masks, sc["tuning_retrain"], strict=True)]
+        untouched = float(np.mean([avg_gap(metrics_torch(deployed.int8, eval_sets(b, fs.mask, "val")),
+                                           mean_metrics(fs.refs)) for fs in tuning]))
+        redo: dict[str, MethodConfig | None] = {}
+        for cand, c in sc["chosen"].items():
+            point = select(c["trials"], untouched)["point"]
+            if point != c["point"]:
+                log(f"  [{kind}] {cand}: re-selected {c['point']} -> {point}")
+                c["point_before_refresh"], c["point"] = c["point"], point
+                redo[cand] = None
+        if "auto (escalating)" in sc["rows"]:
+            redo["auto (escalating)"] = None
+        masks = dict(report_masks)
+        for name in sc["sets"]:
+            fs = ForgetSet(name, masks[name], [r for r in sc["rows"]["retrain"][name]])
+            for cand in redo:
+                rows = []
+                for seed in range(args.seeds):
+                    cfg = Auto(seed=seed) if cand == "auto (escalating)" else config_of(
+                        sc["chosen"][cand]["method"], sc["chosen"][cand]["fixed"], sc["chosen"][cand]["point"], seed)
+                    rows.append(run_method(b, deployed, fs, cfg, "test"))
+                sc["rows"][cand][name] = rows
+                log(f"  [{kind}] {name} {cand}: gap {np.nanmean([r['avg_gap'] for r in rows]):.2f}")
+        sc["summary"] = summarise(sc["rows"])
+        done.append({"scenario": label, "rows": sorted(redo), "untouched_tuning_gap": untouched})
+    result["provenance"].setdefault("refreshed", []).append({**b.provenance, "refreshed": done})
+    path.write_text(json.dumps(result, indent=1, default=str))
+    (args.out / f"{stem}.md").write_text(markdown(result))
+    log(f"refreshed {path}: {done}")
+    return 0
+
+
+def check_same_deployed(path: Path, prior: dict[str, Any], original: dict[str, Any]) -> None:
+    same = {k: prior["original"][k] for k in ("model", "params", "train_acc", "int8_test_acc")}
+    if same != {k: original[k] for k in same}:
+        raise SystemExit(f"{path} was measured on another deployed model ({same}); it cannot be continued here: "
+                         "run without --resume / --refresh")
 
 
 def merge_prior(into: dict[str, Any], part: dict[str, Any]) -> None:
@@ -745,6 +812,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="continue a run that stopped: take its tuning and finished reported sets from its "
                         "results JSON (same setting and deployed model), run the rest; several files (runs of "
                         "--only-sets side by side) are merged, each set taken from the first file that finished it")
+    parser.add_argument("--refresh", action="store_true",
+                        help="bring the finished results file up to the current code: re-select every candidate "
+                        "from its stored tuning grid with the current rule, run again the rows whose choice "
+                        "changes and the auto row; everything else is kept as measured")
     parser.add_argument("--only-sets", nargs="+", default=[], metavar="SET",
                         help="measure only these reported sets (names as in the results, e.g. random-r1) and skip "
                         "the scenarios that have none of them: two processes with disjoint sets and their own "
@@ -791,14 +862,14 @@ def main(argv: list[str] | None = None) -> int:
         return prefetch(b, args, log)
     if args.supplement:
         return supplement(b, deployed, args, stem, log)
+    if args.refresh:
+        args.original = original
+        return refresh(b, deployed, args, stem, log)
     if args.resume:
         args.prior = {}
         for path in args.resume:
             prior = json.loads(path.read_text())
-            same = {k: prior["original"][k] for k in ("model", "params", "train_acc", "int8_test_acc")}
-            if same != {k: original[k] for k in same}:
-                raise SystemExit(f"{path} was measured on another deployed model ({same}); it cannot be resumed "
-                                 "here: run without --resume")
+            check_same_deployed(path, prior, original)
             result["provenance"].setdefault("resumed_from", prior["provenance"])
             if len(args.resume) > 1:
                 result["provenance"].setdefault("merged_from", []).append(prior["provenance"])

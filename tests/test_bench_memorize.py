@@ -168,3 +168,23 @@ def test_quick_run_writes_results_with_provenance(tmp_path: Path, memorize) -> N
         one = json.loads(path.read_text())["scenarios"]["random 10%"]
         assert sc3["rows"]["qmul all"][name] == one["rows"]["qmul all"][name]  # kept as measured
     assert "Merged from 2 runs" in (tmp_path / "merged" / "memorize-random-quick.md").read_text()
+    # --refresh: a file whose "qmul all" was chosen by another rule is re-selected from its stored grid with the
+    # current rule; that row and auto's are measured again, the rest is kept as measured
+    file = tmp_path / "merged" / "memorize-random-quick.json"
+    stale = json.loads(file.read_text())
+    chosen = stale["scenarios"]["random 10%"]["chosen"]["qmul all"]
+    rule = chosen["point"]
+    chosen["point"] = next(t["point"] for t in chosen["trials"] if t["point"] != rule)
+    file.write_text(json.dumps(stale))
+    code = memorize.main(["--quick", "--scenarios", "random", "--out", str(tmp_path / "merged"),
+                          "--cache", str(tmp_path / "cache"), "--threads", "2", "--refresh"])
+    assert code == 0
+    fresh = json.loads(file.read_text())
+    sc4 = fresh["scenarios"]["random 10%"]
+    assert sc4["chosen"]["qmul all"]["point"] == rule
+    assert sc4["chosen"]["qmul all"]["point_before_refresh"] != rule
+    assert sc4["rows"]["qmul classifier"] == sc3["rows"]["qmul classifier"]  # kept as measured
+    assert sc4["rows"]["retrain"] == sc3["rows"]["retrain"]
+    assert all(len(rs) == 1 for rs in sc4["rows"]["auto (escalating)"].values())
+    assert fresh["provenance"]["refreshed"][0]["refreshed"][0]["rows"] == ["auto (escalating)", "qmul all"]
+    assert "Refreshed (`--refresh`)" in (tmp_path / "merged" / "memorize-random-quick.md").read_text()
