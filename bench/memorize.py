@@ -404,13 +404,23 @@ def forget_masks(b: Bench, kind: str, args: argparse.Namespace) -> tuple[Masks, 
             [(f"class{c}", y == c) for c in FORGET_CLASSES["report"][: args.class_sets]])
 
 
+def wanted(args: argparse.Namespace, name: str) -> bool:
+    """Is reported set ``name`` to be measured here (``--only-sets``: set names, or a whole scenario)?"""
+    return not args.only_sets or any(name == s or s in ("random", "class") and name.startswith(s)
+                                     for s in args.only_sets)
+
+
 def prefetch(b: Bench, args: argparse.Namespace, log: Any) -> int:
     """Train (and cache) every retrain reference the scenarios need, in their order: a second process can do
     this while the first one tunes; each reference is timed in its own process either way (CPU time)."""
     for kind in args.scenarios.split(","):
         tune_masks, report_masks = forget_masks(b, kind, args)
-        todo = [(n, m, s, "val") for n, m in tune_masks for s in range(args.tune_refs)]
-        todo += [(n, m, s, "test") for n, m in report_masks for s in range(args.refs)]
+        report_masks = [(n, m) for n, m in report_masks if wanted(args, n)]
+        if not report_masks:  # --only-sets names none of this scenario's sets
+            continue
+        # the reported sets' first: the main run beside it trains the tuning references it needs first itself
+        todo = [(n, m, s, "test") for n, m in report_masks for s in range(args.refs)]
+        todo += [(n, m, s, "val") for n, m in tune_masks for s in range(args.tune_refs)]
         for name, mask, seed, split in todo:
             ref = references(b, name, mask, [seed], split).refs[0]
             log(f"  {name} seed {seed}: {ref['cpu_seconds']:.0f} s CPU")
@@ -454,7 +464,7 @@ def scenario(
            "complete": len(reported) == len(report_masks)}  # what is returned when nothing is left to run here
     ran = False
     for name, mask in report_masks:
-        if any(fs.name == name for fs in reported) or (args.only_sets and name not in args.only_sets):
+        if any(fs.name == name for fs in reported) or not wanted(args, name):
             continue
         ran = True
         fs = references(b, name, mask, list(range(args.refs)), "test")
@@ -817,7 +827,8 @@ def main(argv: list[str] | None = None) -> int:
                         "from its stored tuning grid with the current rule, run again the rows whose choice "
                         "changes and the auto row; everything else is kept as measured")
     parser.add_argument("--only-sets", nargs="+", default=[], metavar="SET",
-                        help="measure only these reported sets (names as in the results, e.g. random-r1) and skip "
+                        help="measure only these reported sets (names as in the results, e.g. random-r1, or a "
+                        "whole scenario: random, class) and skip "
                         "the scenarios that have none of them: two processes with disjoint sets and their own "
                         "--out use both cores; a last --resume of both files merges them")
     parser.add_argument("--threads", type=int, default=1,
@@ -876,7 +887,7 @@ def main(argv: list[str] | None = None) -> int:
             for label, part in prior["scenarios"].items():
                 merge_prior(args.prior.setdefault("random" if label == "random 10%" else "class", {}), part)
     for kind in args.scenarios.split(","):
-        if args.only_sets and not any(name.startswith(kind) for name in args.only_sets):
+        if args.only_sets and not any(wanted(args, name) for name, _ in forget_masks(b, kind, args)[1]):
             continue
         label = "random 10%" if kind == "random" else "one class"
 

@@ -158,7 +158,7 @@ def test_quick_run_writes_results_with_provenance(tmp_path: Path, memorize) -> N
         assert part["scenarios"]["random 10%"]["sets"] == [name]
     code = memorize.main(["--quick", "--scenarios", "random", "--methods", "qmul classifier", "qmul all",
                           "--out", str(tmp_path / "merged"), "--cache", str(tmp_path / "cache"), "--threads", "2",
-                          "--resume", *map(str, parts)])
+                          "--resume", *map(str, parts), "--only-sets", "random"])  # a whole scenario
     assert code == 0
     merged = json.loads((tmp_path / "merged" / "memorize-random-quick.json").read_text())
     sc3 = merged["scenarios"]["random 10%"]
