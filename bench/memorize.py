@@ -342,21 +342,25 @@ def tune(b: Bench, deployed: Deployed, tuning: list[ForgetSet], candidates: list
         if done and label in done:  # --resume: this candidate's grid was run and chosen from before
             chosen[label] = done[label]
             continue
-        trials = []
-        for point in grid:
-            rows = [run_method(b, deployed, fs, config_of(method, fixed, point, 0), "val") for fs in tuning]
-            trial = {"point": point, "avg_gap": float(np.mean([r["avg_gap"] for r in rows])),
-                     "seconds": float(np.mean([r["seconds"] for r in rows])),
-                     "cpu_seconds": float(np.mean([r["cpu_seconds"] for r in rows])),
-                     "per_set": [r["avg_gap"] for r in rows]}
-            trial["within_budget"] = trial["cpu_seconds"] <= 0.1 * retrain_s
-            trials.append(trial)
-            log(f"  tune {label} {point}: gap {trial['avg_gap']:.2f} in {trial['cpu_seconds']:.1f} s CPU")
+        trials = [tuning_trial(b, deployed, tuning, label, method, fixed, point, retrain_s, log) for point in grid]
         chosen[label] = {"method": method, "fixed": fixed, "point": select(trials, untouched_gap)["point"],
                          "trials": trials, "retrain_seconds": retrain_s}
         if progress is not None:
             progress(chosen)
     return chosen
+
+
+def tuning_trial(b: Bench, deployed: Deployed, tuning: list[ForgetSet], label: str, method: str,
+                 fixed: dict[str, Any], point: dict[str, Any], retrain_s: float, log: Any) -> dict[str, Any]:
+    """One grid point on the tuning sets (validation split, seed 0): mean Avg Gap, seconds, CPU seconds."""
+    rows = [run_method(b, deployed, fs, config_of(method, fixed, point, 0), "val") for fs in tuning]
+    trial = {"point": point, "avg_gap": float(np.mean([r["avg_gap"] for r in rows])),
+             "seconds": float(np.mean([r["seconds"] for r in rows])),
+             "cpu_seconds": float(np.mean([r["cpu_seconds"] for r in rows])),
+             "per_set": [r["avg_gap"] for r in rows]}
+    trial["within_budget"] = trial["cpu_seconds"] <= 0.1 * retrain_s
+    log(f"  tune {label} {point}: gap {trial['avg_gap']:.2f} in {trial['cpu_seconds']:.1f} s CPU")
+    return trial
 
 
 def select(trials: list[dict[str, Any]], untouched_gap: float) -> dict[str, Any]:
@@ -616,6 +620,10 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [""] + tuning_table(sc)
         for extra in sc.get("supplements", []):
             lines.append(f"Supplementary row (not chosen by the rule, same sets, seeds and references): `{extra}`.")
+        if sc.get("supplement_tuning"):
+            lines += ["", "Supplementary ladders (extra tuning budget beyond the equal one, chosen by the same rule "
+                      "on the same tuning sets; not part of the comparison above):", ""]
+            lines += tuning_table({**sc, "chosen": sc["supplement_tuning"]})[2:]
         auto = sc["rows"].get("auto (escalating)")
         if auto:
             scopes = [r.get("scope") for rs in auto.values() for r in rs]
@@ -774,15 +782,28 @@ def merge_prior(into: dict[str, Any], part: dict[str, Any]) -> None:
 def supplement(b: Bench, deployed: Deployed, args: argparse.Namespace, stem: str, log: Any) -> int:
     """Add rows to a finished random-scenario result: ``--supplement 'LABEL=METHOD:JSON'`` runs that fixed
     configuration on the same reported sets, seeds and references (for a configuration the selection rule
-    passed over, reported apart and labelled as such); the summary and the markdown are rebuilt."""
+    passed over, reported apart and labelled as such); with a JSON list of configurations it is a ladder of
+    its own (extra tuning budget, said so in the table): each point is run on the tuning sets and chosen by
+    the same rule (``select``) before the reported sets. The summary and the markdown are rebuilt."""
     path = args.out / f"{stem}.json"
     result = json.loads(path.read_text())
+    check_same_deployed(path, result, args.original)
     sc = result["scenarios"]["random 10%"]
-    _, report_masks = forget_masks(b, "random", args)
+    tune_masks, report_masks = forget_masks(b, "random", args)
     for spec in args.supplement:
         label, rest = spec.split("=", 1)
         method, point = rest.split(":", 1)
         cfg_values = json.loads(point)
+        if isinstance(cfg_values, list):  # a ladder: chosen on the tuning sets like every candidate
+            tuning = [ForgetSet(n, m, refs) for (n, m), refs in zip(tune_masks, sc["tuning_retrain"], strict=True)]
+            retrain_s = float(np.mean([r["cpu_seconds"] for fs in tuning for r in fs.refs]))
+            untouched = float(np.mean([avg_gap(metrics_torch(deployed.int8, eval_sets(b, fs.mask, "val")),
+                                               mean_metrics(fs.refs)) for fs in tuning]))
+            trials = [tuning_trial(b, deployed, tuning, label, method, {}, p, retrain_s, log) for p in cfg_values]
+            cfg_values = select(trials, untouched)["point"]
+            sc.setdefault("supplement_tuning", {})[label] = {"method": method, "fixed": {}, "point": cfg_values,
+                                                             "trials": trials, "retrain_seconds": retrain_s}
+            log(f"  {label}: chose {cfg_values} on the tuning sets")
         for name, mask in report_masks:
             fs = references(b, name, mask, list(range(args.refs)), "test")
             rows = [run_method(b, deployed, fs, method_config(method, {**cfg_values, "seed": seed}), "test")
@@ -871,10 +892,10 @@ def main(argv: list[str] | None = None) -> int:
         return recipe_study(b, deployed, args, result, stem, log)
     if args.prefetch:
         return prefetch(b, args, log)
+    args.original = original
     if args.supplement:
         return supplement(b, deployed, args, stem, log)
     if args.refresh:
-        args.original = original
         return refresh(b, deployed, args, stem, log)
     if args.resume:
         args.prior = {}

@@ -188,3 +188,15 @@ def test_quick_run_writes_results_with_provenance(tmp_path: Path, memorize) -> N
     assert all(len(rs) == 1 for rs in sc4["rows"]["auto (escalating)"].values())
     assert fresh["provenance"]["refreshed"][0]["refreshed"][0]["rows"] == ["auto (escalating)", "qmul all"]
     assert "Refreshed (`--refresh`)" in (tmp_path / "merged" / "memorize-random-quick.md").read_text()
+    # --supplement with a ladder: chosen on the tuning sets by the same rule, then run on the reported sets
+    ladder = [{"layers": "classifier", "lr": lr, "epochs": 1} for lr in (0.001, 0.01)]
+    code = memorize.main(["--quick", "--scenarios", "random", "--out", str(tmp_path / "merged"),
+                          "--cache", str(tmp_path / "cache"), "--threads", "2",
+                          "--supplement", f"scrub low lr=scrub:{json.dumps(ladder)}"])
+    assert code == 0
+    sc5 = json.loads(file.read_text())["scenarios"]["random 10%"]
+    extra = sc5["supplement_tuning"]["scrub low lr"]
+    assert [t["point"] for t in extra["trials"]] == ladder and extra["point"] in ladder
+    assert set(sc5["rows"]["scrub low lr"]) == {"random-r0", "random-r1"}
+    assert sc5["rows"]["qmul classifier"] == sc3["rows"]["qmul classifier"]
+    assert "Supplementary ladders" in (tmp_path / "merged" / "memorize-random-quick.md").read_text()
