@@ -354,11 +354,10 @@ def tuning_trial(b: Bench, deployed: Deployed, tuning: list[ForgetSet], label: s
                  fixed: dict[str, Any], point: dict[str, Any], retrain_s: float, log: Any) -> dict[str, Any]:
     """One grid point on the tuning sets (validation split, seed 0): mean Avg Gap, seconds, CPU seconds."""
     rows = [run_method(b, deployed, fs, config_of(method, fixed, point, 0), "val") for fs in tuning]
-    trial = {"point": point, "avg_gap": float(np.mean([r["avg_gap"] for r in rows])),
-             "seconds": float(np.mean([r["seconds"] for r in rows])),
-             "cpu_seconds": float(np.mean([r["cpu_seconds"] for r in rows])),
-             "per_set": [r["avg_gap"] for r in rows]}
-    trial["within_budget"] = trial["cpu_seconds"] <= 0.1 * retrain_s
+    cpu = float(np.mean([r["cpu_seconds"] for r in rows]))
+    trial: dict[str, Any] = {"point": point, "avg_gap": float(np.mean([r["avg_gap"] for r in rows])),
+                             "seconds": float(np.mean([r["seconds"] for r in rows])), "cpu_seconds": cpu,
+                             "per_set": [r["avg_gap"] for r in rows], "within_budget": cpu <= 0.1 * retrain_s}
     log(f"  tune {label} {point}: gap {trial['avg_gap']:.2f} in {trial['cpu_seconds']:.1f} s CPU")
     return trial
 
@@ -408,6 +407,18 @@ def forget_masks(b: Bench, kind: str, args: argparse.Namespace) -> tuple[Masks, 
             [(f"class{c}", y == c) for c in FORGET_CLASSES["report"][: args.class_sets]])
 
 
+def untouched_gap(b: Bench, deployed: Deployed, tuning: list[ForgetSet]) -> float:
+    """The deployed model's mean Avg Gap on the tuning sets (validation split): past it, a point collapsed."""
+    return float(np.mean([avg_gap(metrics_torch(deployed.int8, eval_sets(b, fs.mask, "val")),
+                                  mean_metrics(fs.refs)) for fs in tuning]))
+
+
+def stored_tuning(b: Bench, kind: str, sc: dict[str, Any], args: argparse.Namespace) -> list[ForgetSet]:
+    """The tuning sets of a results file's scenario, with the references it measured on them."""
+    tune_masks, _ = forget_masks(b, kind, args)
+    return [ForgetSet(n, m, refs) for (n, m), refs in zip(tune_masks, sc["tuning_retrain"], strict=True)]
+
+
 def wanted(args: argparse.Namespace, name: str) -> bool:
     """Is reported set ``name`` to be measured here (``--only-sets``: set names, or a whole scenario)?"""
     return not args.only_sets or any(name == s or s in ("random", "class") and name.startswith(s)
@@ -450,8 +461,7 @@ def scenario(
     log(f"[{kind}] retrain references for {len(tune_masks)} tuning + {len(report_masks)} reported sets"
         + (f" (resumed: {len(prior.get('chosen', {}))} candidates tuned, {len(reported)} sets done)" if prior else ""))
     tuning = [references(b, name, m, list(range(args.tune_refs)), "val") for name, m in tune_masks]
-    untouched = float(np.mean([avg_gap(metrics_torch(deployed.int8, eval_sets(b, fs.mask, "val")),
-                                       mean_metrics(fs.refs)) for fs in tuning]))
+    untouched = untouched_gap(b, deployed, tuning)
     log(f"  untouched model on the tuning sets: gap {untouched:.2f}")
 
     def progress(chosen: dict[str, Any]) -> None:  # a partial save after every tuned candidate
@@ -728,22 +738,19 @@ def refresh(b: Bench, deployed: Deployed, args: argparse.Namespace, stem: str, l
     done = []
     for label, sc in result["scenarios"].items():
         kind = "random" if label == "random 10%" else "class"
-        tune_masks, report_masks = forget_masks(b, kind, args)
-        tuning = [ForgetSet(name, m, refs) for (name, m), refs in zip(tune_masks, sc["tuning_retrain"], strict=True)]
-        untouched = float(np.mean([avg_gap(metrics_torch(deployed.int8, eval_sets(b, fs.mask, "val")),
-                                           mean_metrics(fs.refs)) for fs in tuning]))
-        redo: dict[str, MethodConfig | None] = {}
+        untouched = untouched_gap(b, deployed, stored_tuning(b, kind, sc, args))
+        redo: list[str] = []
         for cand, c in sc["chosen"].items():
             point = select(c["trials"], untouched)["point"]
             if point != c["point"]:
                 log(f"  [{kind}] {cand}: re-selected {c['point']} -> {point}")
                 c["point_before_refresh"], c["point"] = c["point"], point
-                redo[cand] = None
+                redo.append(cand)
         if "auto (escalating)" in sc["rows"]:
-            redo["auto (escalating)"] = None
-        masks = dict(report_masks)
+            redo.append("auto (escalating)")
+        masks = dict(forget_masks(b, kind, args)[1])
         for name in sc["sets"]:
-            fs = ForgetSet(name, masks[name], [r for r in sc["rows"]["retrain"][name]])
+            fs = ForgetSet(name, masks[name], list(sc["rows"]["retrain"][name]))
             for cand in redo:
                 rows = []
                 for seed in range(args.seeds):
@@ -789,18 +796,16 @@ def supplement(b: Bench, deployed: Deployed, args: argparse.Namespace, stem: str
     result = json.loads(path.read_text())
     check_same_deployed(path, result, args.original)
     sc = result["scenarios"]["random 10%"]
-    tune_masks, report_masks = forget_masks(b, "random", args)
+    _, report_masks = forget_masks(b, "random", args)
     for spec in args.supplement:
         label, rest = spec.split("=", 1)
         method, point = rest.split(":", 1)
         cfg_values = json.loads(point)
         if isinstance(cfg_values, list):  # a ladder: chosen on the tuning sets like every candidate
-            tuning = [ForgetSet(n, m, refs) for (n, m), refs in zip(tune_masks, sc["tuning_retrain"], strict=True)]
+            tuning = stored_tuning(b, "random", sc, args)
             retrain_s = float(np.mean([r["cpu_seconds"] for fs in tuning for r in fs.refs]))
-            untouched = float(np.mean([avg_gap(metrics_torch(deployed.int8, eval_sets(b, fs.mask, "val")),
-                                               mean_metrics(fs.refs)) for fs in tuning]))
             trials = [tuning_trial(b, deployed, tuning, label, method, {}, p, retrain_s, log) for p in cfg_values]
-            cfg_values = select(trials, untouched)["point"]
+            cfg_values = select(trials, untouched_gap(b, deployed, tuning))["point"]
             sc.setdefault("supplement_tuning", {})[label] = {"method": method, "fixed": {}, "point": cfg_values,
                                                              "trials": trials, "retrain_seconds": retrain_s}
             log(f"  {label}: chose {cfg_values} on the tuning sets")
